@@ -1,0 +1,267 @@
+"""The GPTBigCode architecture (StarCoder family) as Flax NNX modules.
+
+Shape letters, used in every einsum and shape comment below:
+  B batch, T query length, S key length (cache length), D model width,
+  N query heads, K kv heads (1 for multi-query), G query heads per kv head,
+  H head dim, F mlp width, V vocab, L layers.
+
+Weights are stored as [in, out] kernels (HF's nn.Linear stores [out, in]), with
+the fused HF `c_attn` split into query / key / value projections so that each
+one carries its own head axes (which the sharding rules name).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from starcoder_jax.config import StarCoderConfig
+from starcoder_jax.kv_cache import KVCache, LayerCache
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def jnp_dtype(name: str):
+    return _DTYPES[name]
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Embedding(nnx.Module):
+    """A lookup table [rows, D]; also the tied LM head."""
+
+    def __init__(self, rows: int, dim: int, *, config: StarCoderConfig, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            _normal(rngs, (rows, dim), config.initializer_range, jnp_dtype(config.param_dtype))
+        )
+        self.dtype = jnp_dtype(config.dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> logits [B, T, V] against the table (tied LM head)."""
+        table = self.embedding[...].astype(self.dtype)
+        return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32, returned in the compute dtype."""
+
+    def __init__(self, dim: int, *, config: StarCoderConfig):
+        pdt = jnp_dtype(config.param_dtype)
+        self.scale = nnx.Param(jnp.ones((dim,), pdt))
+        self.bias = nnx.Param(jnp.zeros((dim,), pdt))
+        self.eps = config.layer_norm_epsilon
+        self.dtype = jnp_dtype(config.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """An einsum projection with a bias: kernel [*in_axes, *out_axes], bias [*out_axes]."""
+
+    def __init__(self, equation: str, in_shape, out_shape, *, std: float,
+                 config: StarCoderConfig, rngs: nnx.Rngs):
+        pdt = jnp_dtype(config.param_dtype)
+        self.equation = equation
+        self.kernel = nnx.Param(_normal(rngs, (*in_shape, *out_shape), std, pdt))
+        self.bias = nnx.Param(jnp.zeros(out_shape, pdt))
+        self.dtype = jnp_dtype(config.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.einsum(self.equation, x, kernel, preferred_element_type=jnp.float32)
+        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
+                   k_valid: jax.Array | None = None) -> jax.Array:
+    """Causal mask [B, T, S]: key s is visible to query t iff pos(s) <= pos(t)."""
+    mask = k_positions[:, None, :] <= q_positions[:, :, None]
+    if k_valid is not None:
+        mask &= k_valid[:, None, :]
+    return mask
+
+
+class Attention(nnx.Module):
+    """Causal self-attention with N query heads sharing K kv heads (K=1: multi-query)."""
+
+    def __init__(self, config: StarCoderConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = config.n_embd, config.n_head, config.kv_heads, config.head_dim
+        std = config.initializer_range
+        self.query = Dense("BTD,DNH->BTNH", (d,), (n, h), std=std, config=config, rngs=rngs)
+        self.key = Dense("BTD,DKH->BTKH", (d,), (k, h), std=std, config=config, rngs=rngs)
+        self.value = Dense("BTD,DKH->BTKH", (d,), (k, h), std=std, config=config, rngs=rngs)
+        # GPT-2's scaled init of the residual projections (std / sqrt(2 L)).
+        self.out = Dense("BTNH,NHD->BTD", (n, h), (d,),
+                         std=std / math.sqrt(2 * config.n_layer), config=config, rngs=rngs)
+        self.scale = 1.0 / math.sqrt(h) if config.scale_attn_weights else 1.0
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_drop = nnx.Dropout(config.resid_pdrop)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
+                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """x [B, T, D], positions [B, T] -> ([B, T, D], updated cache)."""
+        q = self.query(x)  # [B, T, N, H]
+        k = self.key(x)  # [B, T, K, H]
+        v = self.value(x)  # [B, T, K, H]
+        if cache is None:
+            k_positions, k_valid = positions, None
+        else:
+            cache = cache.write(k, v, positions)
+            k, v = cache.keys(), cache.values()  # [B, S, K, H]
+            k_positions, k_valid = cache.positions(), None
+        mask = attention_mask(positions, k_positions, k_valid)
+        out = self._attend(q, k, v, mask, rngs)
+        y = self.out(out)
+        y = self.resid_drop(y, deterministic=rngs is None, rngs=rngs)
+        return y, cache
+
+    def _attend(self, q, k, v, mask, rngs):
+        b, t, n, h = q.shape
+        kv = k.shape[2]
+        q = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        scores = scores * self.scale
+        # A large finite negative keeps rows with no visible key (padding) NaN-free.
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if rngs is not None and self.attn_pdrop > 0:
+            keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.attn_pdrop, probs.shape)
+            probs = jnp.where(keep, probs / (1.0 - self.attn_pdrop), 0.0)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
+                         preferred_element_type=jnp.float32)
+        return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: StarCoderConfig, *, rngs: nnx.Rngs):
+        d, f = config.n_embd, config.mlp_dim
+        std = config.initializer_range
+        self.fc = Dense("BTD,DF->BTF", (d,), (f,), std=std, config=config, rngs=rngs)
+        self.proj = Dense("BTF,FD->BTD", (f,), (d,), std=std / math.sqrt(2 * config.n_layer),
+                          config=config, rngs=rngs)
+        self.approximate = config.gelu_approximate
+        self.drop = nnx.Dropout(config.resid_pdrop)
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        h = self.fc(x)  # [B, T, F]
+        h = jax.nn.gelu(h.astype(jnp.float32), approximate=self.approximate).astype(x.dtype)
+        return self.drop(self.proj(h), deterministic=rngs is None, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(.))."""
+
+    def __init__(self, config: StarCoderConfig, *, rngs: nnx.Rngs):
+        self.ln_1 = LayerNorm(config.n_embd, config=config)
+        self.attn = Attention(config, rngs=rngs)
+        self.ln_2 = LayerNorm(config.n_embd, config=config)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, cache=None, rngs=None):
+        y, cache = self.attn(self.ln_1(x), positions, cache, rngs)
+        x = x + y
+        x = x + self.mlp(self.ln_2(x), rngs)
+        return x, cache
+
+
+class StarCoder(nnx.Module):
+    """GPTBigCodeForCausalLM in NNX.
+
+    `model(input_ids)` maps int32 ids [B, T] to float32 logits [B, T, V].
+    Generation uses `model.hidden(...)` with a `KVCache` and `model.logits(...)`
+    on the positions it needs.
+    """
+
+    def __init__(self, config: StarCoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.wte = Embedding(config.vocab_size, config.n_embd, config=config, rngs=rngs)
+        self.wpe = Embedding(config.n_positions, config.n_embd, config=config, rngs=rngs)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, config=config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(_normal(
+                rngs, (config.n_embd, config.vocab_size), config.initializer_range,
+                jnp_dtype(config.param_dtype)))
+        self.drop = nnx.Dropout(config.embd_pdrop)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, *,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Logits [B, T, V] (float32) for ids [B, T]; `rngs` turns dropout on."""
+        input_ids = jnp.asarray(input_ids)
+        check_input_ids(input_ids, self.config)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        x, _ = self.hidden(input_ids, positions, rngs=rngs)
+        return self.logits(x)
+
+    def hidden(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+               *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final hidden states [B, T, D] (after ln_f) and the updated cache.
+
+        positions [B, T] are absolute token positions; with a cache, the new
+        keys/values are written at those positions and every query sees the
+        cached keys at positions <= its own.
+        """
+        x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
+        x = self.drop(x, deterministic=rngs is None, rngs=rngs)
+        layers = []
+        for i, block in enumerate(self.blocks):
+            x, layer = block(x, positions, None if cache is None else cache.layer(i), rngs)
+            layers.append(layer)
+        x = self.ln_f(x)
+        if cache is not None:
+            cache = cache.replace_layers(layers)
+        return x, cache
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Hidden states [B, T, D] -> float32 logits [B, T, V]."""
+        if self.config.tie_word_embeddings:
+            return self.wte.attend(x)
+        head = self.lm_head[...].astype(x.dtype)
+        return jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
+
+
+def check_input_ids(input_ids, config: StarCoderConfig) -> None:
+    """Raises ValueError for ids JAX would silently clamp (vocab or positions)."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
+    if input_ids.shape[1] > config.n_positions:
+        raise ValueError(
+            f"input_ids has {input_ids.shape[1]} tokens but the model holds "
+            f"{config.n_positions} positions"
+        )
+    if isinstance(input_ids, jax.core.Tracer) or input_ids.size == 0:
+        return
+    lo, hi = int(np.min(input_ids)), int(np.max(input_ids))
+    if lo < 0 or hi >= config.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"input_ids contains token id {bad}, outside the vocabulary [0, {config.vocab_size})"
+        )
+
+
+def init_model(config: StarCoderConfig, seed: int = 0) -> StarCoder:
+    """A randomly initialised model (GPT-2 init: normal(0.02), scaled residual projections)."""
+    return StarCoder(config, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(config: StarCoderConfig) -> StarCoder:
+    """The model's structure with ShapeDtypeStructs instead of arrays (no memory)."""
+    return nnx.eval_shape(lambda: StarCoder(config, rngs=nnx.Rngs(params=0)))

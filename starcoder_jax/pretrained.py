@@ -1,0 +1,63 @@
+"""`load_pretrained`: one entry point for local HF directories, orbax directories and hub ids."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from starcoder_jax import weights
+from starcoder_jax.model import StarCoder
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Only what a GPTBigCode model needs: never the *.bin pickles next to them.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json"]
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
+    """A local directory for `name_or_path`: the path itself, or a hub snapshot.
+
+    Hub ids (`bigcode/starcoderbase-1b`) are downloaded into the huggingface_hub
+    cache; gated repositories read the token from HF_TOKEN or `hf auth login`.
+    """
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"model path {path!r} is a file; expected a model directory")
+    if not _HUB_ID.match(path):
+        raise FileNotFoundError(
+            f"model path {path!r} does not exist (and is not a hub id such as "
+            "'bigcode/starcoderbase-1b')"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=_HUB_PATTERNS,
+                                 token=os.environ.get("HF_TOKEN"))
+    except Exception as err:  # offline, gated, missing: all end here with the reason
+        raise FileNotFoundError(
+            f"could not fetch {path!r} from the Hugging Face hub: {type(err).__name__}: {err}. "
+            "Gated models (bigcode/*) need an accepted licence and HF_TOKEN; offline "
+            "machines need a local directory."
+        ) from None
+
+
+def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
+                    compute_dtype: str | None = None, progress: bool | None = None,
+                    shardings: dict | None = None) -> StarCoder:
+    """Loads a StarCoder-family model.
+
+    name_or_path: an HF-format directory (config.json + safetensors), a
+      directory written by `starcoder-jax convert hf-to-jax` (orbax params),
+      or a hub id.
+    dtype: parameter dtype ("float32", "bfloat16", "float16"); compute_dtype
+      defaults to it.
+    """
+    path = resolve_model_dir(name_or_path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: no config.json (not a model directory)")
+    if weights.is_orbax_dir(path):
+        return weights.load_orbax(path, dtype=dtype, compute_dtype=compute_dtype,
+                                  shardings=shardings)
+    return weights.load_hf(path, dtype=dtype, compute_dtype=compute_dtype,
+                           progress=progress, shardings=shardings)
