@@ -87,13 +87,9 @@ class Dense(nnx.Module):
         return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
-                   k_valid: jax.Array | None = None) -> jax.Array:
+def attention_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
     """Causal mask [B, T, S]: key s is visible to query t iff pos(s) <= pos(t)."""
-    mask = k_positions[:, None, :] <= q_positions[:, :, None]
-    if k_valid is not None:
-        mask &= k_valid[:, None, :]
-    return mask
+    return k_positions[:, None, :] <= q_positions[:, :, None]
 
 
 class Attention(nnx.Module):
@@ -113,18 +109,24 @@ class Attention(nnx.Module):
         self.resid_drop = nnx.Dropout(config.resid_pdrop)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
-                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, LayerCache | None]:
-        """x [B, T, D], positions [B, T] -> ([B, T, D], updated cache)."""
+                 rngs: nnx.Rngs | None = None, *, read_cache: bool = True
+                 ) -> tuple[jax.Array, LayerCache | None]:
+        """x [B, T, D], positions [B, T] -> ([B, T, D], updated cache).
+
+        With a cache, k/v are written at `positions`; `read_cache=False`
+        (a prefill from position 0) attends to the T new keys only instead of
+        all S cache slots.
+        """
         q = self.query(x)  # [B, T, N, H]
         k = self.key(x)  # [B, T, K, H]
         v = self.value(x)  # [B, T, K, H]
-        if cache is None:
-            k_positions, k_valid = positions, None
-        else:
+        k_positions = positions
+        if cache is not None:
             cache = cache.write(k, v, positions)
-            k, v = cache.keys(), cache.values()  # [B, S, K, H]
-            k_positions, k_valid = cache.positions(), None
-        mask = attention_mask(positions, k_positions, k_valid)
+            if read_cache:
+                k, v = cache.keys(), cache.values()  # [B, S, K, H]
+                k_positions = cache.positions()
+        mask = attention_mask(positions, k_positions)
         out = self._attend(q, k, v, mask, rngs)
         y = self.out(out)
         y = self.resid_drop(y, deterministic=rngs is None, rngs=rngs)
@@ -172,8 +174,8 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(config.n_embd, config=config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, cache=None, rngs=None):
-        y, cache = self.attn(self.ln_1(x), positions, cache, rngs)
+    def __call__(self, x, positions, cache=None, rngs=None, *, read_cache=True):
+        y, cache = self.attn(self.ln_1(x), positions, cache, rngs, read_cache=read_cache)
         x = x + y
         x = x + self.mlp(self.ln_2(x), rngs)
         return x, cache
@@ -210,18 +212,22 @@ class StarCoder(nnx.Module):
         return self.logits(x)
 
     def hidden(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-               *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, KVCache | None]:
+               *, rngs: nnx.Rngs | None = None, read_cache: bool = True
+               ) -> tuple[jax.Array, KVCache | None]:
         """Final hidden states [B, T, D] (after ln_f) and the updated cache.
 
         positions [B, T] are absolute token positions; with a cache, the new
         keys/values are written at those positions and every query sees the
-        cached keys at positions <= its own.
+        cached keys at positions <= its own. A prefill that starts at position
+        0 passes read_cache=False: nothing older is cached, so attention reads
+        the T new keys rather than all S slots.
         """
         x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
         layers = []
         for i, block in enumerate(self.blocks):
-            x, layer = block(x, positions, None if cache is None else cache.layer(i), rngs)
+            x, layer = block(x, positions, None if cache is None else cache.layer(i), rngs,
+                             read_cache=read_cache)
             layers.append(layer)
         x = self.ln_f(x)
         if cache is not None:

@@ -1,0 +1,87 @@
+"""Small models and tokenizers the tests make for themselves (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+STARCODER_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
+    "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>",
+    "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>",
+    "<empty_output>", "<commit_before>", "<commit_msg>", "<commit_after>", "<reponame>",
+]
+
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n        self.items.append(x)\n",
+    "import os\nimport sys\n\nfor i in range(10):\n    print(i * 2, os.path.join('a', str(i)))\n",
+    "function greet(name) {\n  return `Hello, ${name}!`;\n}\nconsole.log(greet('world'));\n",
+    "#include <stdio.h>\nint main(void) {\n    printf(\"%d\\n\", 42);\n    return 0;\n}\n",
+    "SELECT id, name FROM users WHERE age > 30 ORDER BY name;\n",
+]
+
+
+def make_tokenizer(out_dir: str, vocab_size: int = 512, *, specials=STARCODER_SPECIAL_TOKENS) -> str:
+    """Trains a StarCoder-style byte-level BPE (digits split, no prefix space)
+    with StarCoder's special tokens at ids 0..18; writes tokenizer.json and
+    tokenizer_config.json into out_dir and returns out_dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": specials[0], "bos_token": specials[0],
+                   "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    return out_dir
+
+
+def make_hf_model(out_dir: str, *, seed: int = 0, weight_std: float = 0.2, **config) -> str:
+    """Saves a random-weight transformers GPTBigCodeForCausalLM with save_pretrained.
+
+    Weights are drawn wider than the default init (and LayerNorm / biases
+    randomised too) so that every parameter visibly moves the logits.
+    """
+    import torch
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    defaults = dict(vocab_size=512, n_positions=512, n_embd=64, n_layer=2, n_head=4, n_inner=None,
+                    multi_query=True, activation_function="gelu_pytorch_tanh",
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    defaults.update(config)
+    torch.manual_seed(seed)
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**defaults)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(weight_std * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def hf_logits(model_dir: str, ids) -> np.ndarray:
+    import torch
+    from transformers import GPTBigCodeForCausalLM
+
+    model = GPTBigCodeForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()

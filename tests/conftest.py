@@ -1,0 +1,24 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from builders import make_hf_model, make_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A StarCoder-style tokenizer (vocab 512, StarCoder's 19 special tokens at 0..18)."""
+    return make_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """A random multi-query HF model with the test tokenizer beside it."""
+    from starcoder_jax.weights import copy_tokenizer_files
+
+    out = make_hf_model(str(tmp_path_factory.mktemp("tiny_mqa")), vocab_size=512, n_positions=512)
+    copy_tokenizer_files(tokenizer_dir, out)
+    return out
