@@ -15,16 +15,20 @@ infilling prompt is the layout up to where the middle starts; the model
 writes the middle and ends it with <|endoftext|>.
 
 Prefix, middle and suffix are always tokenized separately and joined with
-the special-token ids, which are looked up in the tokenizer by name. A string
-that merely contains "<fim_middle>" is never parsed as the special token.
+the special-token ids, which are looked up in the tokenizer by name. Their
+text is encoded literally (`encode_literal`): a source file that contains
+the string "<fim_middle>" or "<|endoftext|>" gets the tokens of that text,
+not the special tokens, so file content can never forge prompt structure.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
+from tokenizers import Tokenizer as _HFTokenizer
 
 from starcoder_jax.tokenizer import EOS, FILE_SEP, FIM_MIDDLE, FIM_PAD, FIM_PREFIX, FIM_SUFFIX, Tokenizer
 
@@ -53,6 +57,27 @@ class FIMTokens:
                 f"{', '.join(missing)}; FIM needs a StarCoder-family tokenizer"
             )
         return cls(*ids)
+
+
+# Tokenizer -> a copy of its backend that reads special-token strings as plain text.
+_LITERAL_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def encode_literal(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, with special-token strings inside it encoded as ordinary text.
+
+    `Tokenizer.encode` turns "<|endoftext|>" written in a file into the
+    special token. The literal encoder is a copy of the backend with
+    `encode_special_tokens` set (made once per tokenizer, ~0.1 s for
+    StarCoder's), so the shared backend is never mutated. On text without
+    special-token strings both give the same ids.
+    """
+    backend = _LITERAL_BACKENDS.get(tokenizer)
+    if backend is None:
+        backend = _HFTokenizer.from_str(tokenizer.backend.to_str())
+        backend.encode_special_tokens = True
+        _LITERAL_BACKENDS[tokenizer] = backend
+    return backend.encode(text, add_special_tokens=False).ids
 
 
 def check_mode(mode: str) -> str:
@@ -112,7 +137,7 @@ def build_prompt(tokenizer: Tokenizer, prefix: str, suffix: str, mode: str = "ps
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a str; got {type(value).__name__}")
     tokens = FIMTokens.from_tokenizer(tokenizer)
-    prefix_ids, suffix_ids = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    prefix_ids, suffix_ids = encode_literal(tokenizer, prefix), encode_literal(tokenizer, suffix)
     if max_prompt_tokens is not None:
         if max_prompt_tokens < PROMPT_SPECIAL_TOKENS:
             raise ValueError(
@@ -207,7 +232,8 @@ class FIMTransform:
     BigCode does: the cut points are characters, so a cut never falls inside
     a token. Byte-level BPE round-trips valid UTF-8 exactly; token ids that
     end inside a multi-byte character decode to U+FFFD, so feed whole
-    documents (one file, without <|endoftext|> inside: split on it first).
+    documents (one file, without <|endoftext|> inside: split on it first;
+    all text is encoded literally, see `encode_literal`).
 
     Fixed length (an explicit `length`, or with truncate_or_pad=True the
     document's own token count, which is what BigCode keeps): a FIM sample
@@ -248,21 +274,21 @@ class FIMTransform:
             text = None
         if length is None and self.truncate_or_pad:
             if doc_ids is None:
-                doc_ids = self.tokenizer.encode(text)
+                doc_ids = encode_literal(self.tokenizer, text)
             length = len(doc_ids)
 
         sample = None
-        if rng.random() < self.fim_rate:
+        if rng.random() < 0.5:
             if text is None:
                 text = self.tokenizer.decode(doc_ids)
             sample = self._permute(text, rng, length)
         if sample is None:  # no FIM, or the FIM sample could not be cut to length
-            sample = doc_ids if doc_ids is not None else self.tokenizer.encode(text)
+            sample = doc_ids if doc_ids is not None else encode_literal(self.tokenizer, text)
         return self._fit(sample, length)
 
     def _permute(self, text: str, rng: np.random.Generator, length: int | None) -> list[int] | None:
         start, end = sorted(int(c) for c in rng.integers(0, len(text) + 1, size=2))
-        prefix, middle, suffix = (self.tokenizer.encode(part)
+        prefix, middle, suffix = (encode_literal(self.tokenizer, part)
                                   for part in (text[:start], text[start:end], text[end:]))
         mode = "spm" if rng.random() < self.fim_spm_rate else "psm"
         if length is not None:

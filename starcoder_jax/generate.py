@@ -270,7 +270,8 @@ class Generator:
     def run(self, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
             stop: Sequence[str] = (), stop_ids: Sequence[int] = (), seed: int = 0,
-            first_row: int = 0, logprobs: bool = False, chunk: int | None = None,
+            first_row: int = 0, logprobs: bool = False, ignore_eos: bool = False,
+            chunk: int | None = None,
             on_event: Callable[[StreamEvent], None] | None = None) -> list[Generation]:
         knobs_host = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
         if isinstance(stop, str):
@@ -295,7 +296,7 @@ class Generator:
         active = np.arange(b) < n
 
         eos = self.tokenizer.eos_id if self.tokenizer is not None else config.eos_token_id
-        stops = [x for x in (eos, *stop_ids) if x is not None]
+        stops = [x for x in ((None if ignore_eos else eos), *stop_ids) if x is not None]
         if len(stops) > STOP_ID_SLOTS:
             raise ValueError(f"at most {STOP_ID_SLOTS - 1} stop_ids are supported, got {len(stop_ids)}")
         stop_arr = np.full((STOP_ID_SLOTS,), -1, np.int32)
@@ -392,7 +393,7 @@ def generate(model: StarCoder, prompts, *, tokenizer: Tokenizer | None = None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, repetition_penalty: float = 1.0, stop: Sequence[str] = (),
              stop_ids: Sequence[int] = (), seed: int = 0, logprobs: bool = False,
-             batch_size: int | None = None,
+             ignore_eos: bool = False, batch_size: int | None = None,
              on_event: Callable[[StreamEvent], None] | None = None) -> list[Generation]:
     """Generates a continuation for each prompt.
 
@@ -404,6 +405,7 @@ def generate(model: StarCoder, prompts, *, tokenizer: Tokenizer | None = None,
       seed gives the same samples.
     stop: strings that end a row (checked between short chunks of decode
       steps); stop_ids: token ids that end a row like eos does.
+    ignore_eos: keep going past eos (benchmarks, fixed-length samples).
     batch_size: prompts per device batch (default: all at once).
     on_event: called with a StreamEvent as text is produced (streaming).
     """
@@ -422,7 +424,7 @@ def generate(model: StarCoder, prompts, *, tokenizer: Tokenizer | None = None,
         results += gen.run(part, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, min_p=min_p,
                            repetition_penalty=repetition_penalty, stop=stop, stop_ids=stop_ids,
-                           seed=seed, first_row=start, logprobs=logprobs,
+                           seed=seed, first_row=start, logprobs=logprobs, ignore_eos=ignore_eos,
                            on_event=shifted if on_event is not None else None)
     return results
 

@@ -1,0 +1,7 @@
+"""`python -m starcoder_jax.eval BENCHMARK ...`: the `starcoder-jax eval` command on its own."""
+
+import sys
+
+from starcoder_jax.eval.cli import main
+
+sys.exit(main())
