@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.set_defaults(func=cmd_generate)
 
+    from starcoder_jax.fim_cli import register_cli as register_infill
+
+    register_infill(sub)
+
     p = sub.add_parser("bench", help="prefill / decode throughput against the memory-bandwidth limit")
     from starcoder_jax.bench import add_arguments
 

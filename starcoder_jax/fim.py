@@ -278,7 +278,7 @@ class FIMTransform:
             length = len(doc_ids)
 
         sample = None
-        if rng.random() < 0.5:
+        if rng.random() < self.fim_rate:
             if text is None:
                 text = self.tokenizer.decode(doc_ids)
             sample = self._permute(text, rng, length)
