@@ -4,6 +4,7 @@ from starcoder_jax.config import PRESETS, StarCoderConfig, preset
 from starcoder_jax.kv_cache import KVCache
 from starcoder_jax.model import StarCoder, abstract_model, init_model
 from starcoder_jax.pretrained import load_pretrained
+from starcoder_jax.tokenizer import load_tokenizer
 from starcoder_jax.weights import CheckpointError, load_hf, save_hf, save_orbax
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "init_model",
     "load_hf",
     "load_pretrained",
+    "load_tokenizer",
     "preset",
     "save_hf",
     "save_orbax",

@@ -97,6 +97,47 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# ---- finetune ----
+
+def cmd_finetune(args) -> int:
+    from starcoder_jax import train
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    if args.mesh:
+        overrides.append(f"train.mesh={args.mesh}")
+    cfg = train.load_config(args.config, overrides)
+    try:
+        result = train.run(cfg, progress=True, export_hf=args.export_hf)
+    except train.TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    summary = train.summarize(result)
+    print(json.dumps(summary))
+    if args.export_hf and not result["terminated"]:
+        print(f"exported the model to {args.export_hf}")
+    return 0
+
+
+# ---- train-tokenizer ----
+
+def cmd_train_tokenizer(args) -> int:
+    from starcoder_jax.data import DataConfig, collect_documents, split_documents
+    from starcoder_jax.tokenizer import train_tokenizer
+
+    config = DataConfig(paths=tuple(args.data), extensions=tuple(args.extensions.split(",")),
+                        eval_fraction=args.eval_fraction)
+    train_docs, held = split_documents(collect_documents(config), args.eval_fraction)
+    print(f"training on {len(train_docs)} documents ({len(held)} held out)")
+    tok = train_tokenizer((text for _, text in train_docs), args.out, vocab_size=args.vocab_size,
+                          progress=True)
+    print(f"wrote {args.out}/tokenizer.json ({tok.vocab_size} tokens)")
+    return 0
+
+
 # ---- bench ----
 
 def cmd_bench(args) -> int:
@@ -135,9 +176,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("finetune", help="fine-tune (or train from scratch) from a YAML config",
+                       description="Runs the config's training; running the same command again "
+                                   "resumes from the newest checkpoint in the output directory.")
+    p.add_argument("--config", required=True, help="YAML file (see configs/finetune/)")
+    p.add_argument("--output-dir", help="overrides train.output_dir")
+    p.add_argument("--steps", type=int, help="overrides train.steps")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (overrides train.mesh)")
+    p.add_argument("--export-hf", metavar="DIR", help="write the final model as an HF directory")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. optim.learning_rate=1e-4 train.batch_size=16")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("train-tokenizer", help="train a StarCoder-style byte-level BPE tokenizer")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="directories / globs / .jsonl files ({stdlib} = this Python's standard library)")
+    p.add_argument("--extensions", default=".py", help="file endings to read, comma separated")
+    p.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="documents held out (by hash of their name) and not trained on")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    from starcoder_jax.eval.cli import register as register_eval
     from starcoder_jax.fim_cli import register_cli as register_infill
 
     register_infill(sub)
+    register_eval(sub)
 
     p = sub.add_parser("bench", help="prefill / decode throughput against the memory-bandwidth limit")
     from starcoder_jax.bench import add_arguments

@@ -6,7 +6,15 @@ imported only when used. See docs/eval.md for the protocol and commands.
 """
 
 from starcoder_jax.eval.passk import mean_pass_at_k, pass_at_k
-from starcoder_jax.eval.sandbox import Limits, Program, RunResult, Step, python_program, run_program, run_programs
+from starcoder_jax.eval.sandbox import (
+    Limits,
+    Program,
+    RunResult,
+    Step,
+    python_program,
+    run_program,
+    run_programs,
+)
 
 __all__ = [
     "Limits",

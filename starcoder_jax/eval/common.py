@@ -48,8 +48,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def write_jsonl(path: str, rows: Iterable[Mapping]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def require_fields(row: Mapping, fields: Sequence[str], where: str) -> None:
@@ -79,7 +78,11 @@ def load_samples(path: str | os.PathLike, known_ids: Iterable[str]) -> dict[str,
     known = set(known_ids)
     grouped: dict[str, list[dict]] = collections.defaultdict(list)
     for number, row in enumerate(read_jsonl(path), 1):
-        require_fields(row, ("task_id", "completion"), f"{os.fspath(path)} record {number}")
+        where = f"{os.fspath(path)} record {number}"
+        require_fields(row, ("task_id", "completion"), where)
+        if not isinstance(row["completion"], str):  # bad file content: a ValueError, like a bad field
+            kind = type(row["completion"]).__name__
+            raise ValueError(f"{where}: completion must be a string, got {kind}")  # noqa: TRY004
         grouped[row["task_id"]].append(row)
     unknown = sorted(set(grouped) - known)
     if unknown:
@@ -141,7 +144,8 @@ def format_summary(summary: Mapping) -> str:
     statuses = ", ".join(f"{name} {count}" for name, count in sorted(metrics["statuses"].items()))
     lines.append(f"  {'status':<12} {statuses}")
     if summary.get("skipped"):
-        lines.append(f"  {'skipped':<12} {len(summary['skipped'])} task(s), scored as failed (see summary.json)")
+        count = len(summary["skipped"])
+        lines.append(f"  {'skipped':<12} {count} task(s): prompt over max_length, scored as failed")
     lines.append(f"  {'seconds':<12} {summary['seconds']}")
     if summary.get("out_dir"):
         lines.append(f"  {'written to':<12} {summary['out_dir']}")

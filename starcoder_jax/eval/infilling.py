@@ -80,8 +80,23 @@ def make_jobs(problems: Sequence[Problem], samples: Mapping[str, Sequence[Mappin
 
 
 def exact_match_rate(sample_rows: Sequence[Mapping]) -> float:
-    """Mean over tasks of the share of a task's samples that match exactly."""
+    """Mean over tasks of the share of a task's samples that match exactly (skipped ones do not)."""
     per_task: dict[str, list[bool]] = {}
     for row in sample_rows:
-        per_task.setdefault(row["task_id"], []).append(bool(row["exact_match"]))
+        per_task.setdefault(row["task_id"], []).append(bool(row.get("exact_match", False)))
     return sum(sum(v) / len(v) for v in per_task.values()) / len(per_task) if per_task else 0.0
+
+
+def extra_metrics(sample_rows: Sequence[Mapping], set_of: Mapping[str, str]) -> dict:
+    """exact_match, and when the problems come from several files, every metric per file.
+
+    set_of: task_id -> the name of the set (file) it came from.
+    """
+    metrics: dict = {"exact_match": exact_match_rate(sample_rows)}
+    names = sorted(set(set_of.values()))
+    if len(names) > 1:
+        metrics["by_set"] = {}
+        for name in names:
+            rows = [row for row in sample_rows if set_of[row["task_id"]] == name]
+            metrics["by_set"][name] = {**common.score(rows)[1], "exact_match": exact_match_rate(rows)}
+    return metrics

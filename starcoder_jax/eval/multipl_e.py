@@ -53,7 +53,7 @@ LANGUAGES = {
     "java": Language("java", "Problem.java", ("javac",), "e.g. `apt-get install default-jdk`", True),
     "js": Language("js", "program.js", ("node",), "e.g. `apt-get install nodejs`", False),
     "lua": Language("lua", "program.lua", ("lua", "lua5.4", "lua5.3"),
-                    "e.g. `apt-get install lua5.3 lua-unit` (MultiPL-E's tests need luaunit)", False),
+                    "e.g. `apt-get install lua5.3 lua-unit`; the tests need luaunit", False),
     "rs": Language("rs", "program.rs", ("rustc",), "e.g. `curl https://sh.rustup.rs -sSf | sh` or "
                    "`apt-get install rustc`", True),
 }
@@ -139,7 +139,8 @@ def _real_rustc(proxy: str) -> str:
 
 
 def _require_luaunit(lua: str, install_hint: str) -> None:
-    probe = subprocess.run([lua, "-e", "require('luaunit')"], capture_output=True, text=True, timeout=30)
+    probe = subprocess.run([lua, "-e", "require('luaunit')"], capture_output=True, text=True, timeout=30,
+                           check=False)
     if probe.returncode != 0:
         raise FileNotFoundError(f"MultiPL-E lua: {lua} cannot load the 'luaunit' module the tests use; "
                                 f"install it ({install_hint}, or `luarocks install luaunit`)")

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -186,7 +187,10 @@ def run_programs(programs: Sequence[Program], *, workers: int | None = None, use
             progress()
         return result
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
+        # JAX, once loaded, warns on every fork that a threaded process may deadlock the
+        # child; ours only calls setrlimit and exec (see _run_step), so the warning is noise.
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
         return list(pool.map(one, programs))
 
 
@@ -238,11 +242,12 @@ def _run_step(step: Step, work: str, root: str, ids: tuple[int, int] | None,
     identity = {} if ids is None else {"user": ids[0], "group": ids[1], "extra_groups": []}
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         try:
-            # preexec_fn and threads: the child only calls setrlimit (C, no locks,
-            # no imports) between fork and exec, which is what makes it safe here.
+            # preexec_fn with threads around (ours, JAX's): between fork and exec the child
+            # runs only Python's own after-fork hooks and setrlimit (C; no imports, no locks
+            # of ours), so it cannot wait on a lock another thread held at fork time.
             proc = subprocess.Popen(step.argv, cwd=work, env=_environment(work), stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=err, start_new_session=True,
-                                    preexec_fn=preexec, **identity)
+                                    preexec_fn=preexec, **identity)  # noqa: PLW1509 (see above)
         except (OSError, subprocess.SubprocessError) as error:
             return "error", None, "", f"could not start {step.argv[0]}: {error}"
         finished = _wait_unreaped(proc.pid, step.limits.timeout_s)
@@ -254,8 +259,10 @@ def _run_step(step: Step, work: str, root: str, ids: tuple[int, int] | None,
         return "timeout", code, stdout, stderr + f"\n[sandbox] killed after {step.limits.timeout_s:g}s"
     if code != 0:
         return "failed", code, stdout, stderr
-    if sentinel is not None and sentinel not in _read_tail(out_path, _SENTINEL_TAIL_BYTES):
-        return "failed", code, stdout, stderr + "\n[sandbox] exited 0 before the end of the program"
+    if sentinel is not None:
+        if sentinel not in _read_tail(out_path, _SENTINEL_TAIL_BYTES):
+            return "failed", code, stdout, stderr + "\n[sandbox] exited 0 before the end of the program"
+        stdout = stdout.replace(sentinel + "\n", "")
     return "passed", code, stdout, stderr
 
 
