@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-DEFAULT_MODEL = None  # set once the project ships its own small model
+from starcoder_jax.pretrained import DEFAULT_MODEL  # the small model shipped in the package
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, dtype_default: str = "float32") -> None:

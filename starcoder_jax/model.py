@@ -21,6 +21,7 @@ from flax import nnx
 
 from starcoder_jax.config import StarCoderConfig
 from starcoder_jax.kv_cache import KVCache, LayerCache
+from starcoder_jax.sharding import ACTIVATION, constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -43,7 +44,9 @@ class Embedding(nnx.Module):
         self.dtype = jnp_dtype(config.dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # sharding: gather the table's fsdp shards before the lookup (no-op without a mesh)
+        table = constrain(self.embedding[...], (jax.P.UNCONSTRAINED, None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> logits [B, T, V] against the table (tied LM head)."""
@@ -200,6 +203,8 @@ class StarCoder(nnx.Module):
                 rngs, (config.n_embd, config.vocab_size), config.initializer_range,
                 jnp_dtype(config.param_dtype)))
         self.drop = nnx.Dropout(config.embd_pdrop)
+        # Recompute block activations in the backward pass (training memory).
+        self.remat = False
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, *,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -226,9 +231,14 @@ class StarCoder(nnx.Module):
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
         layers = []
         for i, block in enumerate(self.blocks):
+            x = constrain(x, ACTIVATION)  # sharding: block boundary (no-op without a mesh)
+            if self.remat and cache is None:
+                x = nnx.remat(_block_without_cache)(block, x, positions, rngs)
+                continue
             x, layer = block(x, positions, None if cache is None else cache.layer(i), rngs,
                              read_cache=read_cache)
             layers.append(layer)
+        x = constrain(x, ACTIVATION)  # sharding: block boundary (no-op without a mesh)
         x = self.ln_f(x)
         if cache is not None:
             cache = cache.replace_layers(layers)
@@ -240,6 +250,10 @@ class StarCoder(nnx.Module):
             return self.wte.attend(x)
         head = self.lm_head[...].astype(x.dtype)
         return jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
+
+
+def _block_without_cache(block: Block, x, positions, rngs):
+    return block(x, positions, None, rngs)[0]
 
 
 def check_input_ids(input_ids, config: StarCoderConfig) -> None:
@@ -255,7 +269,8 @@ def check_input_ids(input_ids, config: StarCoderConfig) -> None:
         )
     if isinstance(input_ids, jax.core.Tracer) or input_ids.size == 0:
         return
-    lo, hi = int(np.min(input_ids)), int(np.max(input_ids))
+    values = np.asarray(input_ids)
+    lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= config.vocab_size:
         bad = lo if lo < 0 else hi
         raise ValueError(

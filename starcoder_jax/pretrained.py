@@ -8,13 +8,18 @@ import re
 from starcoder_jax import weights
 from starcoder_jax.model import StarCoder
 
+# Models shipped inside the package, loadable by name with no download.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+DEFAULT_MODEL = "pystdlib-9m"
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what a GPTBigCode model needs: never the *.bin pickles next to them.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json"]
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
-    """A local directory for `name_or_path`: the path itself, or a hub snapshot.
+    """A local directory for `name_or_path`: the path itself, a model shipped
+    in the package (by name, e.g. "pystdlib-9m"), or a hub snapshot.
 
     Hub ids (`bigcode/starcoderbase-1b`) are downloaded into the huggingface_hub
     cache; gated repositories read the token from HF_TOKEN or `hf auth login`.
@@ -22,6 +27,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
         return path
+    shipped = os.path.join(SHIPPED_DIR, path)
+    if "/" not in path and os.path.isdir(shipped):
+        return shipped
     if os.path.exists(path):
         raise ValueError(f"model path {path!r} is a file; expected a model directory")
     if not _HUB_ID.match(path):
@@ -44,7 +52,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
 
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
                     compute_dtype: str | None = None, progress: bool | None = None,
-                    shardings: dict | None = None) -> StarCoder:
+                    shardings: dict | None = None, mesh=None) -> StarCoder:
     """Loads a StarCoder-family model.
 
     name_or_path: an HF-format directory (config.json + safetensors), a
@@ -52,10 +60,20 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
       or a hub id.
     dtype: parameter dtype ("float32", "bfloat16", "float16"); compute_dtype
       defaults to it.
+    shardings: parameter path -> jax Sharding; each tensor goes straight there.
+    mesh: a jax Mesh or a spec such as "fsdp=4,tensor=2": shardings from the
+      rules in starcoder_jax.sharding (give mesh or shardings, not both).
     """
     path = resolve_model_dir(name_or_path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no config.json (not a model directory)")
+    if mesh is not None:
+        if shardings is not None:
+            raise ValueError("give load_pretrained either mesh or shardings, not both")
+        from starcoder_jax.config import StarCoderConfig
+        from starcoder_jax.sharding import param_shardings
+
+        shardings = param_shardings(StarCoderConfig.from_hf(path), mesh)
     if weights.is_orbax_dir(path):
         return weights.load_orbax(path, dtype=dtype, compute_dtype=compute_dtype,
                                   shardings=shardings)

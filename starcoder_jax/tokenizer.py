@@ -92,3 +92,43 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path}: no tokenizer.json")
     return Tokenizer.from_file(file)
+
+
+# StarCoder's special tokens, in StarCoder's order (ids 0..18).
+STARCODER_SPECIAL_TOKENS = (
+    EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD, "<filename>", "<gh_stars>",
+    "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>",
+    "<jupyter_code>", "<jupyter_output>", "<empty_output>", "<commit_before>", "<commit_msg>",
+    "<commit_after>", "<reponame>",
+)
+
+
+def train_tokenizer(texts, out_dir: str, *, vocab_size: int = 8192, progress: bool = False) -> Tokenizer:
+    """Trains a byte-level BPE the way StarCoder's was built and saves it to out_dir.
+
+    Pipeline: digits split one by one, then GPT-2's byte-level pre-tokenizer
+    without a prefix space; byte-level decoder; StarCoder's 19 special
+    tokens at ids 0..18. Writes tokenizer.json and tokenizer_config.json.
+    """
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(STARCODER_SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be at least {256 + len(STARCODER_SPECIAL_TOKENS)} "
+                         f"(bytes + special tokens), got {vocab_size}")
+    backend = _HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(STARCODER_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+    backend.train_from_iterator(texts, trainer=trainer)
+    os.makedirs(out_dir, exist_ok=True)
+    backend.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS, "eos_token": EOS,
+                   "unk_token": EOS, "add_prefix_space": False, "model_max_length": 1_000_000,
+                   "clean_up_tokenization_spaces": False}, f, indent=2)
+    return Tokenizer(backend, source=os.path.join(out_dir, "tokenizer.json"))
