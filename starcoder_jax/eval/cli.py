@@ -68,6 +68,10 @@ def _add_benchmarks(benchmarks) -> None:
                     help="FIM prompt order (default psm)")
     fi.set_defaults(func=_user_errors_reported(run_infilling))
 
+    from starcoder_jax.eval import heldout
+
+    heldout.register(benchmarks).set_defaults(func=heldout.run)
+
 
 def _add_common(parser: argparse.ArgumentParser, *, n: int, timeout: float) -> None:
     source = parser.add_argument_group("where completions come from")
