@@ -3,8 +3,8 @@
 The batch at step s is a pure function of (seed, s): epoch e visits the
 documents in the order permutation(seed, e), applies the FIM transform with
 a generator seeded by (seed, e, document index), joins them with
-<|endoftext|> and cuts the stream into sequences of seq_len + 1 tokens (the
-+1 gives the target of the last input). The FIM transform keeps each
+<|endoftext|>, cuts the stream into sequences of seq_len + 1 tokens (the
++1 gives the target of the last input) and shuffles those sequences. The FIM transform keeps each
 document's token count, so every epoch has the same number of sequences and
 step s maps to (epoch, offset) by arithmetic. A resumed run therefore sees
 exactly the batches it would have seen.
@@ -184,6 +184,11 @@ class PackedDataset:
         usable = self.sequences_per_epoch * width
         ids = np.concatenate(ids_parts)[:usable].reshape(-1, width)
         mask = np.concatenate(mask_parts)[:usable].reshape(-1, width)
+        if self.shuffle:
+            # Consecutive sequences mostly come from one long file: without this
+            # a batch would often be a single document.
+            rows = np.random.default_rng([self.seed, e, 1]).permutation(len(ids))
+            ids, mask = ids[rows], mask[rows]
         self._epoch_cache = (e, ids, mask)
         return ids, mask
 
