@@ -30,6 +30,7 @@ from flax import nnx
 from starcoder_jax.kv_cache import KVCache
 from starcoder_jax.model import StarCoder
 from starcoder_jax.sampling import SamplingParams, sample
+from starcoder_jax.sharding import MeshRunner
 from starcoder_jax.tokenizer import Tokenizer
 
 MIN_PROMPT_BUCKET = 16
@@ -262,10 +263,20 @@ class Generator:
     compiled programs. `generate()` / `stream()` below are the functional API.
     """
 
-    def __init__(self, model: StarCoder, tokenizer: Tokenizer | None = None):
+    def __init__(self, model: StarCoder, tokenizer: Tokenizer | None = None, *, mesh=None):
         self.model = model
         self.tokenizer = tokenizer
         self.graphdef, self.params = nnx.split(model)
+        # mesh (a jax Mesh or a spec like "data=2,tensor=4"): params resharded per the
+        # rules, a sharded cache, jitted calls with out_shardings. None: one device, as is.
+        self._runner = None if mesh is None else MeshRunner(model.config, mesh)
+        if self._runner is not None:
+            self.params = self._runner.place_params(self.params)
+
+    def _call(self, fn, donate, *args, **kwargs):
+        if self._runner is None:
+            return fn(*args, **kwargs)
+        return self._runner.call(fn, donate, *args, **kwargs)
 
     def run(self, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
@@ -283,7 +294,7 @@ class Generator:
         config = self.model.config
 
         n = len(encoded)
-        b = bucket(n, 1)
+        b = bucket(n, 1) if self._runner is None else self._runner.round_batch(bucket(n, 1))
         longest = max(len(ids) for ids in encoded)
         t = bucket(longest, MIN_PROMPT_BUCKET, config.n_positions)
         m = bucket(max_new_tokens, MIN_NEW_BUCKET)
@@ -308,8 +319,10 @@ class Generator:
         consts = dict(knobs=knobs, seed=jnp.asarray([seed, first_row], jnp.int32),
                       stop_ids=jnp.asarray(stop_arr),
                       max_new=jnp.int32(max_new_tokens), vocab_limit=jnp.int32(vocab_limit))
-        cache = KVCache.init(config, b, s)
-        state = prefill(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(lengths), cache,
+        cache_sharding = None if self._runner is None else self._runner.cache
+        cache = KVCache.init(config, b, s, sharding=cache_sharding)
+        state = self._call(prefill, ("cache",), self.graphdef, self.params, jnp.asarray(ids),
+                           jnp.asarray(lengths), cache,
                         out_len_like=jnp.zeros((m,), jnp.int8), active=jnp.asarray(active), **consts)
 
         trackers = [_TextTracker(self.tokenizer, stop) for _ in range(n)]
@@ -325,7 +338,8 @@ class Generator:
                                                 reported_done, on_event)
             if done[:n].all():
                 break
-            state = decode_loop(self.graphdef, self.params, state, jnp.int32(chunk), **consts)
+            state = self._call(decode_loop, ("state",), self.graphdef, self.params, state,
+                               jnp.int32(chunk), **consts)
 
         return self._collect(state, encoded, trackers, stopped_by_string, eos, stops, logprobs)
 
@@ -394,7 +408,8 @@ def generate(model: StarCoder, prompts, *, tokenizer: Tokenizer | None = None,
              min_p: float = 0.0, repetition_penalty: float = 1.0, stop: Sequence[str] = (),
              stop_ids: Sequence[int] = (), seed: int = 0, logprobs: bool = False,
              ignore_eos: bool = False, batch_size: int | None = None,
-             on_event: Callable[[StreamEvent], None] | None = None) -> list[Generation]:
+             on_event: Callable[[StreamEvent], None] | None = None,
+             mesh=None) -> list[Generation]:
     """Generates a continuation for each prompt.
 
     prompts: strings (with `tokenizer`) or lists of token ids; nothing is
@@ -408,8 +423,10 @@ def generate(model: StarCoder, prompts, *, tokenizer: Tokenizer | None = None,
     ignore_eos: keep going past eos (benchmarks, fixed-length samples).
     batch_size: prompts per device batch (default: all at once).
     on_event: called with a StreamEvent as text is produced (streaming).
+    mesh: run on a device mesh (a jax Mesh or a spec such as "data=2,tensor=4");
+      see starcoder_jax.sharding.
     """
-    gen = Generator(model, tokenizer)
+    gen = Generator(model, tokenizer, mesh=mesh)
     prompts = list(prompts) if not isinstance(prompts, str) else prompts
     size = batch_size or max(1, len(prompts))
     if size < 1:

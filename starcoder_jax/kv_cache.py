@@ -52,8 +52,13 @@ class KVCache:
     layers: tuple[LayerCache, ...]
 
     @classmethod
-    def init(cls, config: StarCoderConfig, batch: int, length: int, dtype=None) -> KVCache:
-        """Zeroed cache for `batch` rows of `length` positions (<= n_positions)."""
+    def init(cls, config: StarCoderConfig, batch: int, length: int, dtype=None,
+             sharding: jax.sharding.Sharding | None = None) -> KVCache:
+        """Zeroed cache for `batch` rows of `length` positions (<= n_positions).
+
+        sharding: where every k / v slab [B, S, K, H] lives (see
+        sharding.cache_sharding); each device allocates only its own shard.
+        """
         if length > config.n_positions:
             raise ValueError(
                 f"cache length {length} exceeds the model's {config.n_positions} positions"
@@ -62,7 +67,8 @@ class KVCache:
             dtype = jnp.dtype(config.dtype)
         shape = (batch, length, config.kv_heads, config.head_dim)
         return cls(tuple(
-            LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            LayerCache(jnp.zeros(shape, dtype, device=sharding),
+                       jnp.zeros(shape, dtype, device=sharding))
             for _ in range(config.n_layer)
         ))
 
