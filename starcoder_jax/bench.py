@@ -76,13 +76,15 @@ def bench_ours(model, args, batch_sizes) -> dict:
 
     config = model.config
     graphdef, params = nnx.split(model)
+    # The same head layout the Generator uses (see Generator.__init__).
+    head = model.output_head() if (config.tie_word_embeddings and jax.default_backend() == "cpu") else None
     rng = np.random.default_rng(0)
     results = {}
 
     def consts(b, max_new):
         return dict(knobs=SamplingParams().arrays(b), seed=jnp.asarray([0, 0], jnp.int32),
                     stop_ids=jnp.full((STOP_ID_SLOTS,), -1, jnp.int32),
-                    max_new=jnp.int32(max_new), vocab_limit=jnp.int32(config.vocab_size))
+                    max_new=jnp.int32(max_new), vocab_limit=jnp.int32(config.vocab_size), head=head)
 
     def run_prefill(b, t, s, max_new):
         ids = jnp.asarray(rng.integers(1, config.vocab_size, (b, t)), jnp.int32)
