@@ -76,7 +76,7 @@ def cmd_generate(args) -> int:
     kwargs = dict(tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                  stop=tuple(args.stop), seed=args.seed)
+                  stop=tuple(args.stop), seed=args.seed, mesh=args.mesh)
     if args.json:
         for r, prompt in zip(generate(model, prompts, **kwargs), prompts):
             print(json.dumps({"prompt": prompt, "prompt_ids": r.prompt_ids, "ids": r.ids,
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: one device)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("finetune", help="fine-tune (or train from scratch) from a YAML config",
@@ -197,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_train_tokenizer)
+
+    from starcoder_jax.sharding import add_shard_plan_parser
+
+    add_shard_plan_parser(sub)
 
     from starcoder_jax.eval.cli import register as register_eval
     from starcoder_jax.fim_cli import register_cli as register_infill

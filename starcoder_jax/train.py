@@ -8,6 +8,7 @@ one bit for bit on the same machine.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -246,15 +247,21 @@ def token_nll_sum(model: StarCoder, ids, mask, rngs=None):
     return jnp.sum(nll * mask[:, 1:])
 
 
-def make_train_step(graphdef, tx, *, seed: int, dropout: bool, skip_nonfinite: bool):
-    """A jitted step over a batch [A, b, T + 1] of A accumulation micro-batches."""
+def make_train_step(graphdef, tx, *, seed: int, dropout: bool, skip_nonfinite: bool,
+                    out_shardings=None):
+    """A jitted step over a batch [A, b, T + 1] of A accumulation micro-batches.
+
+    out_shardings: (params, optimizer state, metrics) shardings under a mesh, so
+    gradients and updates stay split like their params instead of coming
+    back whole on every device.
+    """
 
     def micro_loss(params, ids, mask, key):
         model = nnx.merge(graphdef, params)
         rngs = nnx.Rngs(dropout=key) if dropout else None
         return token_nll_sum(model, ids, mask, rngs)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out_shardings)
     def step_fn(params, opt_state, ids, mask, step):
         count = jnp.maximum(jnp.sum(mask[:, :, 1:]), 1).astype(jnp.float32)
         base = jax.random.fold_in(jax.random.key(seed), step)
@@ -385,9 +392,29 @@ def run(cfg: FinetuneConfig, *, progress: bool | None = None, export_hf: str | N
         params, opt_state = restored["params"], restored["opt_state"]
     config = model.config
     dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) > 0
+    out_shardings, place_batch = None, jnp.asarray
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from starcoder_jax import sharding
+
+        replicated = NamedSharding(mesh, PartitionSpec())
+        out_shardings = (
+            sharding.state_shardings(config, params, mesh),
+            jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,
+                         opt_state),
+            replicated)
+
+        def place_batch(x):  # [A, b, T + 1]: rows of each micro-batch over data and fsdp
+            spec = sharding.logical_spec((None, "batch", None), mesh, x.shape)
+            return jax.device_put(x, NamedSharding(mesh, spec))
+
     step_fn = make_train_step(graphdef, tx, seed=loop.seed, dropout=dropout,
-                              skip_nonfinite=loop.nan_policy == "skip")
+                              skip_nonfinite=loop.nan_policy == "skip", out_shardings=out_shardings)
     eval_fn = make_eval_fn(graphdef)
+
+    def mesh_context():
+        return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
     with open(os.path.join(out_dir, "config.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
@@ -424,9 +451,10 @@ def run(cfg: FinetuneConfig, *, progress: bool | None = None, export_hf: str | N
                 bar.write(f"SIGTERM: saved step {step} to {ckpts.directory}; run the same command to resume")
                 break
             ids, mask = train_set.batch(step, loop.batch_size)
-            ids = jnp.asarray(ids.reshape(loop.grad_accum, micro, -1))
-            mask = jnp.asarray(mask.reshape(loop.grad_accum, micro, -1))
-            params, opt_state, out = step_fn(params, opt_state, ids, mask, jnp.int32(step))
+            ids = place_batch(ids.reshape(loop.grad_accum, micro, -1))
+            mask = place_batch(mask.reshape(loop.grad_accum, micro, -1))
+            with mesh_context():
+                params, opt_state, out = step_fn(params, opt_state, ids, mask, jnp.int32(step))
             step += 1
             ran += 1
             window_tokens += tokens_per_step

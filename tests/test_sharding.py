@@ -506,3 +506,47 @@ def test_mesh8_batch_feeding_on_one_process():
     np.testing.assert_array_equal(np.asarray(batch), ids)
     with pytest.raises(ValueError, match="global batch 6 is not divisible by the 4 row shards"):
         distributed.make_global_batch(ids[:6], mesh, 6)
+
+
+@mesh8
+def test_mesh8_train_step_and_restore_onto_a_mesh(tmp_path):
+    """Fine-tuning on a (2,2,2) mesh gives the single-device losses, and a checkpoint
+    written on one device restores onto the mesh and continues with the same losses."""
+    import json
+
+    import yaml
+    from builders import CORPUS, make_tokenizer
+
+    from starcoder_jax import train
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"f{i}.py").write_text("\n".join(CORPUS[j % len(CORPUS)] for j in range(i, i + 4)))
+    tokenizer = make_tokenizer(str(tmp_path / "tok"))
+
+    def config(out, steps, mesh=None):
+        raw = {"model": {"config": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}},
+               "tokenizer": tokenizer,
+               "data": {"paths": [str(corpus)], "seq_len": 32, "eval_fraction": 0.0},
+               "optim": {"learning_rate": 3e-3, "warmup_steps": 2},
+               "train": {"steps": 6, "batch_size": 8, "save_every": 3, "log_every": 1, "eval_every": 100,
+                         "output_dir": str(out), "async_checkpoints": False, "mesh": mesh}}
+        return train.parse_config(yaml.safe_load(yaml.safe_dump(raw)))
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+
+    with jax.default_device(jax.devices()[0]):
+        train.run(config(tmp_path / "one", 6), progress=False)
+    reference = losses(tmp_path / "one")
+    result = train.run(config(tmp_path / "mesh", 6, "data=2,fsdp=2,tensor=2"), progress=False)
+    np.testing.assert_allclose(losses(tmp_path / "mesh"), reference, rtol=1e-5)
+    kernel = result["model"].blocks[0].mlp.fc.kernel[...]
+    assert len(kernel.sharding.device_set) == 8 and kernel.sharding.spec != P()
+
+    # 3 steps on one device, then resume the same run directory on the mesh.
+    with jax.default_device(jax.devices()[0]):
+        train.run(config(tmp_path / "moved", 6), progress=False, stop_after=3)
+    train.run(config(tmp_path / "moved", 6, "data=2,fsdp=2,tensor=2"), progress=False)
+    np.testing.assert_allclose(losses(tmp_path / "moved"), reference, rtol=1e-5)
