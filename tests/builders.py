@@ -82,6 +82,7 @@ def hf_logits(model_dir: str, ids) -> np.ndarray:
     import torch
     from transformers import GPTBigCodeForCausalLM
 
-    model = GPTBigCodeForCausalLM.from_pretrained(model_dir).eval()
+    # float32 whatever the checkpoint's dtype (transformers would otherwise compute in it)
+    model = GPTBigCodeForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
