@@ -136,7 +136,7 @@ def parse_config(raw: dict, overrides: list[str] = ()) -> FinetuneConfig:
         key, sep, value = item.partition("=")
         if not sep or "." not in key and key != "tokenizer":
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. optim.learning_rate=1e-4)")
-        parsed = yaml.safe_load(value)
+        parsed = _parse_value(value)
         if key == "tokenizer":
             raw["tokenizer"] = parsed
             continue
@@ -153,6 +153,17 @@ def parse_config(raw: dict, overrides: list[str] = ()) -> FinetuneConfig:
                          f"{', '.join(sorted([*_SECTIONS, 'tokenizer']))}")
     sections = {name: _build_section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}
     return FinetuneConfig(tokenizer=raw.get("tokenizer"), **sections)
+
+
+def _parse_value(text: str):
+    """A YAML scalar, with numbers like 1e-4 read as floats (YAML 1.1 wants 1.0e-4)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_config(path: str, overrides: list[str] = ()) -> FinetuneConfig:
@@ -399,11 +410,11 @@ def run(cfg: FinetuneConfig, *, progress: bool | None = None, export_hf: str | N
         from starcoder_jax import sharding
 
         replicated = NamedSharding(mesh, PartitionSpec())
-        out_shardings = (
-            sharding.state_shardings(config, params, mesh),
-            jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,
-                         opt_state),
-            replicated)
+        # Moments follow their params; scalars (step counts) live on every device.
+        opt_shardings = jax.tree.map(
+            lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, opt_state)
+        opt_state = jax.device_put(opt_state, opt_shardings)
+        out_shardings = (sharding.state_shardings(config, params, mesh), opt_shardings, replicated)
 
         def place_batch(x):  # [A, b, T + 1]: rows of each micro-batch over data and fsdp
             spec = sharding.logical_spec((None, "batch", None), mesh, x.shape)
@@ -447,7 +458,9 @@ def run(cfg: FinetuneConfig, *, progress: bool | None = None, export_hf: str | N
     try:
         while step < loop.steps:
             if terminated:
-                ckpts.save(step, {"params": params, "opt_state": opt_state}, meta(step), wait=True)
+                ckpts.wait()
+                if ckpts.latest_step() != step:
+                    ckpts.save(step, {"params": params, "opt_state": opt_state}, meta(step), wait=True)
                 bar.write(f"SIGTERM: saved step {step} to {ckpts.directory}; run the same command to resume")
                 break
             ids, mask = train_set.batch(step, loop.batch_size)
