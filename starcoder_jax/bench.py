@@ -141,7 +141,7 @@ def bench_transformers(config, args, batch_sizes) -> dict:
         with torch.inference_mode():
             ids = torch.randint(1, config.vocab_size, (1, args.prompt_len))
             model(ids)
-            seconds = _median_time(lambda: model(ids), args.repeats)
+            seconds = _median_time(lambda m=model, x=ids: m(x), args.repeats)
             res["prefill"] = {"tokens_per_s": args.prompt_len / seconds, "seconds": seconds}
             for b in batch_sizes:
                 ctx = torch.randint(1, config.vocab_size, (b, args.decode_context))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from starcoder_jax.pretrained import DEFAULT_MODEL  # the small model shipped in the package

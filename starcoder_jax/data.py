@@ -24,7 +24,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from starcoder_jax.fim import FIMTransform, encode_literal
 from starcoder_jax.tokenizer import Tokenizer

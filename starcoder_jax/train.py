@@ -20,11 +20,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import yaml
 from flax import nnx
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from starcoder_jax.checkpoint import Checkpoints, abstract_like
 from starcoder_jax.config import StarCoderConfig, preset

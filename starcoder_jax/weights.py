@@ -19,7 +19,7 @@ import glob
 import json
 import os
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from starcoder_jax.config import StarCoderConfig
 from starcoder_jax.model import StarCoder, abstract_model

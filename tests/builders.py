@@ -17,7 +17,8 @@ STARCODER_SPECIAL_TOKENS = [
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n        self.items.append(x)\n",
+    ("class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+     "    def push(self, x):\n        self.items.append(x)\n"),
     "import os\nimport sys\n\nfor i in range(10):\n    print(i * 2, os.path.join('a', str(i)))\n",
     "function greet(name) {\n  return `Hello, ${name}!`;\n}\nconsole.log(greet('world'));\n",
     "#include <stdio.h>\nint main(void) {\n    printf(\"%d\\n\", 42);\n    return 0;\n}\n",

@@ -93,7 +93,7 @@ def load_samples(path: str | os.PathLike, known_ids: Iterable[str]) -> dict[str,
 
 def execute(jobs: Sequence[Job], *, workers: int | None, user: str | None, desc: str) -> list[dict]:
     """Runs every job in the sandbox; one sample record per job (input order)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     with tqdm(total=len(jobs), desc=desc, unit="sample") as bar:
         results = sandbox.run_programs([job.program for job in jobs], workers=workers, user=user,

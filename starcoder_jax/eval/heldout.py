@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from starcoder_jax.data import DataConfig, collect_documents, split_documents
 from starcoder_jax.fim import encode_literal, infill_batch

@@ -118,7 +118,7 @@ def _rows(tasks: Mapping[str, object], measure: Callable, settings: SamplingSett
 
 def _run_batches(rows: list[_Row], call: Callable, tokenizer, settings: SamplingSettings,
                  desc: str) -> dict[str, list[str]]:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     texts: dict[str, list[str]] = {}
     size = settings.rows_per_call

@@ -222,7 +222,7 @@ def _write_files(work: str, files: Mapping[str, str]) -> None:
 def _hand_over(root: str, work: str, uid: int, gid: int) -> None:
     # The user must traverse root (absolute paths to its cwd) but not list or write it.
     os.chmod(root, 0o711)
-    for parent, dirs, files in os.walk(work):
+    for parent, _dirs, files in os.walk(work):
         os.chown(parent, uid, gid)
         for name in files:
             os.chown(os.path.join(parent, name), uid, gid)
