@@ -103,17 +103,18 @@ STARCODER_SPECIAL_TOKENS = (
 )
 
 
-def train_tokenizer(texts, out_dir: str, *, vocab_size: int = 8192, progress: bool = False) -> Tokenizer:
+def train_tokenizer(texts, out_dir: str, *, vocab_size: int = 8192, progress: bool = False,
+                    special_tokens=STARCODER_SPECIAL_TOKENS) -> Tokenizer:
     """Trains a byte-level BPE the way StarCoder's was built and saves it to out_dir.
 
     Pipeline: digits split one by one, then GPT-2's byte-level pre-tokenizer
-    without a prefix space; byte-level decoder; StarCoder's 19 special
-    tokens at ids 0..18. Writes tokenizer.json and tokenizer_config.json.
+    without a prefix space; byte-level decoder; `special_tokens` at ids 0..
+    (StarCoder's 19 by default). Writes tokenizer.json and tokenizer_config.json.
     """
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 256 + len(STARCODER_SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(STARCODER_SPECIAL_TOKENS)} "
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(f"vocab_size must be at least {256 + len(special_tokens)} "
                          f"(bytes + special tokens), got {vocab_size}")
     backend = _HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -122,7 +123,7 @@ def train_tokenizer(texts, out_dir: str, *, vocab_size: int = 8192, progress: bo
     ])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(STARCODER_SPECIAL_TOKENS),
+        vocab_size=vocab_size, special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
     backend.train_from_iterator(texts, trainer=trainer)
     os.makedirs(out_dir, exist_ok=True)

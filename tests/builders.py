@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
 STARCODER_SPECIAL_TOKENS = [
@@ -27,27 +24,11 @@ CORPUS = [
 
 
 def make_tokenizer(out_dir: str, vocab_size: int = 512, *, specials=STARCODER_SPECIAL_TOKENS) -> str:
-    """Trains a StarCoder-style byte-level BPE (digits split, no prefix space)
-    with StarCoder's special tokens at ids 0..18; writes tokenizer.json and
-    tokenizer_config.json into out_dir and returns out_dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A StarCoder-style byte-level BPE trained on CORPUS (the library's own
+    `train_tokenizer`), with `specials` at ids 0.. (StarCoder's 19 by default)."""
+    from starcoder_jax.tokenizer import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(specials),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": specials[0], "bos_token": specials[0],
-                   "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    train_tokenizer(CORPUS * 20, out_dir, vocab_size=vocab_size, special_tokens=specials)
     return out_dir
 
 
