@@ -40,6 +40,7 @@ from tqdm import tqdm
 from starcoder_jax.data import DataConfig, collect_documents, split_documents
 from starcoder_jax.fim import encode_literal, infill_batch
 from starcoder_jax.generate import generate
+from starcoder_jax.train import token_nll_sum
 
 PARSE_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif")
 
@@ -93,10 +94,7 @@ def bits_per_byte(model, tokenizer, texts, *, batch_size: int = 8, progress=None
 
 
 def _nll_sum(graphdef, params, ids, mask):
-    logits = nnx.merge(graphdef, params)(ids[:, :-1])
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask[:, 1:])
+    return token_nll_sum(nnx.merge(graphdef, params), ids, mask)
 
 
 def function_prompts(texts, rng: np.random.Generator, limit: int) -> list[str]:
