@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="starcoderbase-1b", help="shape to benchmark with random weights")
     p.add_argument("--layers", type=int, help="override the number of layers (quick runs)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--quantize", default="none",
+                   help="our variants, comma separated, run one after the other: none (the --dtype "
+                        "weights) and/or int8 (weight-only int8), e.g. none,int8")
     p.add_argument("--batch-sizes", default="1,8", help="decode batch sizes, comma separated")
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length (tokens)")
     p.add_argument("--decode-context", type=int, default=128, help="prompt length before decoding")
@@ -58,13 +61,22 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def decode_bytes_per_step(config, batch: int, cache_len: int, dtype_bytes: int) -> int:
-    """Bytes a decode step must read: all weights but the unused embedding rows,
-    plus the whole static cache (every slot is read by the attention)."""
-    wpe = config.n_positions * config.n_embd
-    weights = (config.param_count() - wpe) * dtype_bytes  # wte is read whole as the LM head
-    cache = 2 * config.n_layer * batch * cache_len * config.kv_heads * config.head_dim * dtype_bytes
-    return weights + cache
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights a decode step reads: every array of the model (int8
+    weights, their scales, float biases and norms) but the position table, of
+    which a step reads one row; the token table is read whole as the LM head."""
+    from flax import nnx
+
+    _, state = nnx.split(model)
+    return sum(v.get_value().nbytes for path, v in nnx.to_flat_state(state) if path[0] != "wpe")
+
+
+def decode_bytes_per_step(config, batch: int, cache_len: int, weight_bytes: int) -> int:
+    """Bytes a decode step must read: the weights plus the whole static cache
+    (every slot is read by the attention)."""
+    cache_bytes = jnp.dtype(config.dtype).itemsize
+    cache = 2 * config.n_layer * batch * cache_len * config.kv_heads * config.head_dim * cache_bytes
+    return weight_bytes + cache
 
 
 def bench_ours(model, args, batch_sizes) -> dict:
@@ -77,7 +89,9 @@ def bench_ours(model, args, batch_sizes) -> dict:
     config = model.config
     graphdef, params = nnx.split(model)
     # The same head layout the Generator uses (see Generator.__init__).
-    head = model.output_head() if (config.tie_word_embeddings and jax.default_backend() == "cpu") else None
+    head = model.output_head() if (config.tie_word_embeddings and config.quantization is None
+                                   and jax.default_backend() == "cpu") else None
+    weight_bytes = weight_bytes_per_step(model)
     rng = np.random.default_rng(0)
     results = {}
 
@@ -117,10 +131,9 @@ def bench_ours(model, args, batch_sizes) -> dict:
             jax.block_until_ready(state)
             times.append(time.perf_counter() - t0)
         seconds = statistics.median(times) / steps
-        dtype_bytes = jnp.dtype(config.param_dtype).itemsize
         results[f"decode_b{b}"] = {
             "batch": b, "seconds_per_step": seconds, "tokens_per_s": b / seconds,
-            "cache_len": s, "bytes_per_step": decode_bytes_per_step(config, b, s, dtype_bytes),
+            "cache_len": s, "bytes_per_step": decode_bytes_per_step(config, b, s, weight_bytes),
         }
     return results
 
@@ -168,6 +181,12 @@ def main(args) -> int:
     from starcoder_jax.pretrained import load_pretrained
 
     batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x]
+    variants = [v.strip() for v in args.quantize.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in ("none", "int8")]
+    if unknown or not variants or len(set(variants)) != len(variants):
+        raise ValueError(f"--quantize takes none and/or int8, comma separated, each once; got {args.quantize!r}")
+    # unquantized first: quantizing is done in place on the same weights
+    variants.sort(key=lambda v: v != "none")
     if args.model:
         model = load_pretrained(args.model, dtype=args.dtype)
         config = model.config
@@ -180,7 +199,8 @@ def main(args) -> int:
         model = init_model(config)
         name = args.preset + (f" ({args.layers} layers)" if args.layers else "")
     device = jax.devices()[0]
-    print(f"model: {name}  params: {config.param_count():,}  dtype: {args.dtype}")
+    print(f"model: {name}  params: {config.param_count():,}  dtype: {args.dtype}  "
+          f"variants: {', '.join(variants)}")
     print(f"device: {device.platform} {device.device_kind}  jax {jax.__version__}  "
           f"host: {platform.machine()} {platform.processor() or ''}".rstrip())
     report = {"model": name, "dtype": args.dtype, "params": config.param_count(),
@@ -191,7 +211,11 @@ def main(args) -> int:
         print(f"host read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     else:
         bandwidth = None
-    ours = bench_ours(model, args, batch_sizes)
+    ours = {}
+    for variant in variants:
+        if variant == "int8":
+            model.quantize_("int8")
+        ours[variant] = bench_ours(model, args, batch_sizes)
     report["ours"] = ours
     del model
     theirs = bench_transformers(config, args, batch_sizes) if args.compare_transformers else None
@@ -199,28 +223,35 @@ def main(args) -> int:
 
     rows = [("prefill", f"prefill {args.prompt_len} tok")] + [
         (f"decode_b{b}", f"decode batch {b}") for b in batch_sizes]
-    header = f"{'':20s} {'ours tok/s':>11s}"
-    if bandwidth:
-        header += f" {'% of limit':>11s}"
-    if theirs:
-        header += f" {'hf f32':>9s} {'hf bf16':>9s} {'vs best':>8s}"
-    print(header)
-    for key, label in rows:
-        line = f"{label:20s} {ours[key]['tokens_per_s']:11.2f}"
+    label = {"none": args.dtype, "int8": "int8"}
+    header = f"{'':20s}"
+    for v in variants:
+        header += f" {label[v] + ' tok/s':>12s}"
         if bandwidth:
-            if key.startswith("decode"):
-                limit = ours[key]["batch"] * bandwidth / ours[key]["bytes_per_step"]
-                ours[key]["bandwidth_limit_tokens_per_s"] = limit
-                ours[key]["fraction_of_limit"] = ours[key]["tokens_per_s"] / limit
-                line += f" {100 * ours[key]['fraction_of_limit']:10.0f}%"
-            else:
-                line += f" {'':>11s}"
+            header += f" {'% limit':>8s}"
+    if theirs:
+        header += f" {'hf f32':>9s} {'hf bf16':>9s}" + "".join(f" {label[v] + ' vs best':>14s}" for v in variants)
+    print(header)
+    for key, text in rows:
+        line = f"{text:20s}"
+        for v in variants:
+            r = ours[v][key]
+            line += f" {r['tokens_per_s']:12.2f}"
+            if bandwidth and key.startswith("decode"):
+                limit = r["batch"] * bandwidth / r["bytes_per_step"]
+                r["bandwidth_limit_tokens_per_s"] = limit
+                r["fraction_of_limit"] = r["tokens_per_s"] / limit
+                line += f" {100 * r['fraction_of_limit']:7.0f}%"
+            elif bandwidth:
+                line += f" {'':>8s}"
         if theirs:
             f32 = theirs["float32"][key]["tokens_per_s"]
             b16 = theirs["bfloat16"][key]["tokens_per_s"]
-            ratio = ours[key]["tokens_per_s"] / max(f32, b16)
-            ours[key]["vs_transformers_best"] = ratio
-            line += f" {f32:9.2f} {b16:9.2f} {ratio:7.2f}x"
+            line += f" {f32:9.2f} {b16:9.2f}"
+            for v in variants:
+                ratio = ours[v][key]["tokens_per_s"] / max(f32, b16)
+                ours[v][key]["vs_transformers_best"] = ratio
+                line += f" {ratio:13.2f}x"
         print(line)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -15,6 +15,8 @@ def _add_model_args(p: argparse.ArgumentParser, *, dtype_default: str = "float32
                         + (f" (default: {DEFAULT_MODEL})" if DEFAULT_MODEL else ""))
     p.add_argument("--dtype", default=dtype_default, choices=("float32", "bfloat16", "float16"),
                    help="parameter and compute dtype (float32 is the fast one on CPU)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8: weight-only int8 matmul weights (per-output-channel scales); a quantized orbax directory needs no flag")
 
 
 def _model_path(args) -> str:
@@ -31,7 +33,7 @@ def _load(args):
     from starcoder_jax.tokenizer import load_tokenizer
 
     path = resolve_model_dir(_model_path(args))
-    return load_pretrained(path, dtype=args.dtype), load_tokenizer(path)
+    return load_pretrained(path, dtype=args.dtype, quantize=args.quantize), load_tokenizer(path)
 
 
 # ---- convert ----
@@ -41,7 +43,7 @@ def cmd_convert(args) -> int:
     from starcoder_jax.pretrained import load_pretrained, resolve_model_dir
 
     src = resolve_model_dir(args.src)
-    model = load_pretrained(src, dtype=args.dtype, progress=True)
+    model = load_pretrained(src, dtype=args.dtype, progress=True, quantize=args.quantize)
     if args.direction == "hf-to-jax":
         weights.save_orbax(model, args.dst, tokenizer_from=src)
     else:
@@ -155,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="source model directory (or hub id for hf-to-jax)")
     p.add_argument("dst", help="output directory")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="hf-to-jax: store int8 matmul weights (per-output-channel scales), "
+                        "so loading the directory needs no quantization step")
     p.add_argument("--max-shard-gb", type=float, default=5.0,
                    help="largest safetensors shard written by jax-to-hf (GiB)")
     p.set_defaults(func=cmd_convert)

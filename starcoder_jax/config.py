@@ -23,6 +23,7 @@ ACTIVATIONS = {
 }
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATION_KEY = "starcoder_jax_quantization"  # config.json key of quantized orbax dirs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,10 @@ class StarCoderConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # "int8": matmul weights stored as int8 with per-output-channel scales
+    # (starcoder_jax.quant). Not a transformers field: our own orbax
+    # directories record it as "starcoder_jax_quantization".
+    quantization: str | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -77,6 +82,8 @@ class StarCoderConfig:
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
 
     # Derived shapes: computed, never stored.
     @property
@@ -133,7 +140,10 @@ class StarCoderConfig:
             # different (less exact) model, so refuse rather than silently differ.
             raise ValueError(f"{where}: attention_softmax_in_fp32=False is not supported")
         fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in hf.items() if k in fields and k not in ("dtype", "param_dtype")}
+        kwargs = {k: v for k, v in hf.items()
+                  if k in fields and k not in ("dtype", "param_dtype", "quantization")}
+        if hf.get(QUANTIZATION_KEY) is not None:
+            kwargs["quantization"] = hf[QUANTIZATION_KEY]
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if isinstance(kwargs.get(key), list):
                 kwargs[key] = kwargs[key][0] if kwargs[key] else None
@@ -154,9 +164,11 @@ class StarCoderConfig:
             "use_cache": True,
         }
         for f in dataclasses.fields(self):
-            if f.name in ("dtype", "param_dtype"):
+            if f.name in ("dtype", "param_dtype", "quantization"):
                 continue
             out[f.name] = getattr(self, f.name)
+        if self.quantization is not None:
+            out[QUANTIZATION_KEY] = self.quantization
         out["torch_dtype"] = self.param_dtype
         return dict(sorted(out.items()))
 

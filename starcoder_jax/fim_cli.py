@@ -34,6 +34,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                    help="model directory or hub id (default: the CLI's default model, if it has one)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="parameter and compute dtype (float32 is the fast one on CPU)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8: weight-only int8 matmul weights (per-output-channel scales)")
     p.add_argument("--prefix", default=None, help="the text before the cursor")
     p.add_argument("--suffix", default=None, help="the text after the cursor")
     p.add_argument("--file", default=None, metavar="PATH", help="a UTF-8 source file to infill")
@@ -59,7 +61,7 @@ def run_infill(args: argparse.Namespace) -> int:
         prefix, suffix = _prefix_suffix(args)
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
-        model, tokenizer = _load(model_name, args.dtype)
+        model, tokenizer = _load(model_name, args.dtype, args.quantize)
         from starcoder_jax.fim import infill_generations
 
         gen = infill_generations(model, tokenizer, [(prefix, suffix)], mode=args.mode,
@@ -143,10 +145,10 @@ def cursor_offset(text: str, cursor: str, *, source: str = "the file") -> int:
     return sum(len(s) + 1 for s in lines[:line - 1]) + col - 1
 
 
-def _load(model_name: str, dtype: str):
+def _load(model_name: str, dtype: str, quantize: str | None = None):
     from starcoder_jax import load_pretrained
     from starcoder_jax.pretrained import resolve_model_dir
     from starcoder_jax.tokenizer import load_tokenizer
 
     path = resolve_model_dir(model_name)
-    return load_pretrained(path, dtype=dtype), load_tokenizer(path)
+    return load_pretrained(path, dtype=dtype, quantize=quantize), load_tokenizer(path)

@@ -277,7 +277,7 @@ class Generator:
         # a matrix-vector product, so on CPU decode uses a transposed copy (one more
         # V x D array in memory). Elsewhere, and on meshes, the model's own head.
         tied_cpu = (model.config.tie_word_embeddings and self._runner is None
-                    and jax.default_backend() == "cpu")
+                    and model.config.quantization is None and jax.default_backend() == "cpu")
         self.head = jax.block_until_ready(model.output_head()) if tied_cpu else None
 
     def _call(self, fn, donate, *args, **kwargs):

@@ -52,7 +52,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
 
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
                     compute_dtype: str | None = None, progress: bool | None = None,
-                    shardings: dict | None = None, mesh=None) -> StarCoder:
+                    shardings: dict | None = None, mesh=None,
+                    quantize: str | None = None) -> StarCoder:
     """Loads a StarCoder-family model.
 
     name_or_path: an HF-format directory (config.json + safetensors), a
@@ -63,7 +64,14 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
     shardings: parameter path -> jax Sharding; each tensor goes straight there.
     mesh: a jax Mesh or a spec such as "fsdp=4,tensor=2": shardings from the
       rules in starcoder_jax.sharding (give mesh or shardings, not both).
+    quantize: "int8" quantizes every matmul weight after loading (weight-only,
+      per-output-channel scales; see starcoder_jax.quant). A directory written
+      by `starcoder-jax convert hf-to-jax --quantize int8` is int8 already and
+      loads as such without it.
     """
+    from starcoder_jax.quant import check_mode
+
+    check_mode(quantize)
     path = resolve_model_dir(name_or_path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no config.json (not a model directory)")
@@ -74,8 +82,19 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
         from starcoder_jax.sharding import param_shardings
 
         shardings = param_shardings(StarCoderConfig.from_hf(path), mesh)
+    elif shardings is not None and quantize is not None:
+        raise ValueError("quantize with shardings= is not supported: pass mesh= so the int8 "
+                         "weights and scales are placed by the sharding rules")
     if weights.is_orbax_dir(path):
-        return weights.load_orbax(path, dtype=dtype, compute_dtype=compute_dtype,
-                                  shardings=shardings)
-    return weights.load_hf(path, dtype=dtype, compute_dtype=compute_dtype,
-                           progress=progress, shardings=shardings)
+        model = weights.load_orbax(path, dtype=dtype, compute_dtype=compute_dtype,
+                                   shardings=shardings)
+    else:
+        model = weights.load_hf(path, dtype=dtype, compute_dtype=compute_dtype,
+                                progress=progress, shardings=shardings)
+    if quantize is not None and model.config.quantization is None:
+        model.quantize_(quantize)
+        if mesh is not None:  # the int8 weights and scales go where the rules put them
+            from starcoder_jax.sharding import shard_model
+
+            shard_model(model, mesh)
+    return model

@@ -102,12 +102,24 @@ def param_axes_table(config: StarCoderConfig) -> dict[tuple[str, ...], tuple[str
         ("mlp", "proj", "kernel"): ("mlp", "embed"),  # [F, D]
         ("mlp", "proj", "bias"): ("norm",),
     }
+    # int8 models (starcoder_jax.quant): kernels are stored output-major, and
+    # each scale is split like its kernel's output axes.
+    for (*module, name), axes in list(block.items()):
+        if name == "kernel":
+            n_in = 2 if module == ["attn", "out"] else 1
+            out_axes = axes[n_in:]
+            block[(*module, "qkernel")] = out_axes + axes[:n_in]
+            block[(*module, "kernel_scale")] = out_axes
     table = {("blocks", *k): v for k, v in block.items()}
     table.update({
         ("wte", "embedding"): ("vocab", "embed"),
         ("wpe", "embedding"): ("positions", "embed"),
         ("lm_head",): ("embed", "vocab"),
         ("ln_f", "scale"): ("norm",), ("ln_f", "bias"): ("norm",),
+        ("wte", "qembedding"): ("vocab", "embed"),  # int8 models
+        ("wte", "embedding_scale"): ("vocab",),
+        ("lm_head_q",): ("vocab", "embed"),
+        ("lm_head_scale",): ("vocab",),
     })
     return table
 

@@ -198,6 +198,9 @@ def build_model(cfg: FinetuneConfig, tokenizer) -> StarCoder:
         from starcoder_jax.pretrained import load_pretrained
 
         model = load_pretrained(m.path, dtype="float32", compute_dtype=m.compute_dtype)
+        if model.config.quantization is not None:
+            raise ValueError(f"model.path {m.path!r} holds a {model.config.quantization}-quantized "
+                             "model (inference only); train from its float checkpoint")
         if m.config:
             raise ValueError("model.config applies to from-scratch models; drop it when model.path is set")
     else:

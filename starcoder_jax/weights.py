@@ -292,7 +292,6 @@ def model_from_arrays(config: StarCoderConfig, arrays, *, total: int | None = No
     straight onto its devices; absent paths go to the default device.
     """
     graphdef, state, flat = _variables(abstract_model(config))
-    dtype = jnp.dtype(config.param_dtype)
     filled = set()
     for path, array in tqdm(arrays, total=total, desc=desc, unit="tensor",
                             disable=(not progress) if progress is not None else None):
@@ -300,7 +299,8 @@ def model_from_arrays(config: StarCoderConfig, arrays, *, total: int | None = No
         want = var.get_value()
         if tuple(array.shape) != tuple(want.shape):
             raise CheckpointError(f"{'.'.join(map(str, path))}: shape {array.shape}, expected {want.shape}")
-        value = np.asarray(array).astype(dtype, copy=False)
+        # float params take the config's param dtype; int8 weights and their scales stay as they are
+        value = np.asarray(array).astype(want.dtype, copy=False)
         sharding = (shardings or {}).get(path)
         var.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
         filled.add(path)
@@ -349,6 +349,9 @@ def save_hf(model: StarCoder, out_dir: str, *, max_shard_bytes: int = 5 * 2**30,
     found in `tokenizer_from` are copied alongside.
     """
     config = model.config
+    if config.quantization is not None:
+        raise ValueError(f"this model is {config.quantization}-quantized; HF safetensors hold float "
+                         "weights: export the model before quantizing it (or load the float checkpoint)")
     dtype = dtype or config.param_dtype
     np_dtype = jnp.dtype(dtype)
     os.makedirs(out_dir, exist_ok=True)

@@ -460,6 +460,50 @@ def test_mesh8_arrays_are_sharded_as_the_rules_say(references, kind):
     assert sh.cache_sharding(model.config, mesh).spec == cache_spec
 
 
+@pytest.fixture(scope="module")
+def int8_references():
+    """Single-device (no mesh) logits and greedy tokens of the int8-quantized models."""
+    out = {}
+    for kind in ("MQA", "MHA"):
+        path = os.environ[f"STARCODER_JAX_TEST_{kind}"]
+        model = sj.load_pretrained(path, quantize="int8")
+        ids, _ = _ids_mask()
+        gens = [g.ids for g in generate(model, _prompts(8), max_new_tokens=8, ignore_eos=True)]
+        out[kind] = dict(path=path, logits=np.asarray(jax.jit(lambda m, i: m(i))(model, ids)), gens=gens)
+    return out
+
+
+@mesh8
+@pytest.mark.parametrize("kind, spec", [("MQA", "data=2,fsdp=2,tensor=2"), ("MQA", "tensor=8"),
+                                        ("MHA", "data=2,fsdp=2,tensor=2")])
+def test_mesh8_int8_equals_one_device(int8_references, kind, spec):
+    """int8 weights and scales split by the rules; results equal the one-device int8 model's.
+
+    One device computes with CPU blocks, the mesh with the fused form: the same
+    products summed in another order, so logits agree to float32 round-off.
+    """
+    ref = int8_references[kind]
+    mesh = sh.mesh_from_spec(spec)
+    model = sj.load_pretrained(ref["path"], mesh=mesh, quantize="int8")
+    assert model.config.quantization == "int8"
+    shardings = sh.param_shardings(model.config, mesh)
+    for path, var in nnx.to_flat_state(nnx.split(model)[1]):
+        assert var.get_value().sharding == shardings[path], path
+    if spec == "data=2,fsdp=2,tensor=2":
+        query = model.blocks[0].attn.query
+        assert query.qkernel.get_value().sharding.spec == P("tensor", None, "fsdp")
+        assert query.kernel_scale.get_value().sharding.spec == P("tensor", None)
+        assert model.wte.qembedding.get_value().sharding.spec == P("tensor", "fsdp")
+        assert model.wte.embedding_scale.get_value().sharding.spec == P("tensor")
+    ids, _ = _ids_mask()
+    with jax.set_mesh(mesh):
+        ids = jax.device_put(ids, sh.batch_sharding(mesh, ids.shape))
+        logits = jax.jit(lambda m, i: m(i))(model, ids)
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
+    gens = [g.ids for g in generate(model, _prompts(8), max_new_tokens=8, ignore_eos=True, mesh=mesh)]
+    assert gens == ref["gens"]
+
+
 @mesh8
 def test_mesh8_bad_mesh_is_refused(tmp_path):
     config = StarCoderConfig(**{**TINY, "n_embd": 48, "n_head": 6})

@@ -81,6 +81,8 @@ def _add_common(parser: argparse.ArgumentParser, *, n: int, timeout: float) -> N
                         help="local model directory or hub id (default: the project's default model)")
     source.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="parameter dtype for the model (default: the loader's, float32)")
+    source.add_argument("--quantize", choices=("int8",), default=None,
+                        help="int8: weight-only int8 matmul weights (per-output-channel scales)")
     sampling = parser.add_argument_group("sampling (model only)")
     sampling.add_argument("--n", type=int, default=n, help=f"samples per task (default {n})")
     sampling.add_argument("--temperature", type=float, default=0.2)
@@ -203,14 +205,14 @@ def _skipped(task_ids: Sequence[str], n: int) -> dict[str, list[dict]]:
 
 
 @functools.cache
-def _loaded(name: str, dtype: str | None):
+def _loaded(name: str, dtype: str | None, quantize: str | None = None):
     from starcoder_jax.eval.model_samples import load_model
 
-    return load_model(name, dtype)
+    return load_model(name, dtype, quantize)
 
 
 def _model(args):
-    return _loaded(_model_name(args.model), args.dtype)
+    return _loaded(_model_name(args.model), args.dtype, args.quantize)
 
 
 def _model_name(given: str | None) -> str:

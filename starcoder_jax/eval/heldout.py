@@ -186,6 +186,8 @@ def evaluate(model, tokenizer, texts, *, parse_samples: int = 100, fim_samples: 
 def register(benchmarks) -> None:
     p = benchmarks.add_parser("heldout", help="bits per byte, parse rate and FIM exact match on held-out files")
     p.add_argument("--model", help="model directory or name (default: the project's default model)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8: weight-only int8 matmul weights (per-output-channel scales)")
     p.add_argument("--data", nargs="+", default=["{stdlib}"],
                    help="the training data paths ({stdlib} = this Python's standard library)")
     p.add_argument("--extensions", default=".py")
@@ -203,7 +205,7 @@ def run(args) -> int:
     from starcoder_jax.tokenizer import load_tokenizer
 
     path = resolve_model_dir(args.model or DEFAULT_MODEL)
-    model, tokenizer = load_pretrained(path), load_tokenizer(path)
+    model, tokenizer = load_pretrained(path, quantize=args.quantize), load_tokenizer(path)
     config = DataConfig(paths=tuple(args.data), extensions=tuple(args.extensions.split(",")),
                         eval_fraction=args.eval_fraction)
     _, held = split_documents(collect_documents(config), args.eval_fraction)

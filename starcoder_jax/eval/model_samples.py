@@ -55,13 +55,13 @@ class _Row:
     budget: int      # new tokens this row may keep
 
 
-def load_model(name: str, dtype: str | None = None):
+def load_model(name: str, dtype: str | None = None, quantize: str | None = None):
     """(model, tokenizer) for a local directory or hub id."""
     from starcoder_jax.pretrained import load_pretrained, resolve_model_dir
     from starcoder_jax.tokenizer import load_tokenizer
 
     path = resolve_model_dir(name)
-    model = load_pretrained(path) if dtype is None else load_pretrained(path, dtype=dtype)
+    model = load_pretrained(path, dtype=dtype or "float32", quantize=quantize)
     return model, load_tokenizer(path)
 
 

@@ -1,0 +1,140 @@
+"""Weight-only int8 quantization: symmetric, one float32 scale per output channel.
+
+A quantized weight is stored output-major, `q [*out, *in]` int8 with
+`scale [*out]`, so that w[..., o] ~= q[o, ...] * scale[o]. Every matmul weight
+is quantized (attention and MLP projections, the token embedding that is also
+the tied LM head, an untied LM head); LayerNorms, biases and the position table
+stay in floating point.
+
+How `int8_matmul` computes x @ dequant(q), chosen per backend by measurement
+(`starcoder-jax bench`, BENCHMARKS.md):
+
+- XLA:CPU, no mesh. Converting a whole int8 matrix to float32 before the dot
+  makes XLA write and re-read four bytes per weight, which is slower than
+  reading float32 weights in the first place (a 2048x8192 matrix-vector
+  product: 25 ms vs 1.7 ms for float32). A `lax.scan` over blocks of output
+  rows converts one block at a time while it is still in cache: 0.5 ms, the
+  bandwidth limit for one byte per weight. The dot of each block is a row-wise
+  product against the contiguous int8 rows, which is why the layout is
+  output-major. Rows of x are handled one by one up to `CPU_ROWWISE_MAX` rows
+  (decoding), which measured faster than one product of all rows per block;
+  beyond that (prefill) each converted block is multiplied by all rows.
+- GPU, TPU, or any program under a mesh: `x @ q.astype(dtype).T * scale` as
+  one expression; XLA fuses the conversion into the matmul, and each shard of
+  q keeps its scale (scales are split like their weight's output axes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+MODES = ("int8",)
+CPU_ROWWISE_MAX = 8  # up to this many rows: one blocked matrix-vector product per row
+CPU_BLOCK_ROWS = 256  # output rows per converted block, matrix-vector products
+CPU_BLOCK_ROWS_MATMUL = 128  # output rows per converted block, matrix-matrix products
+CPU_TRANSPOSED_DOT_MAX_IN = 2048  # the longest input for which `x @ block.T` is the fast form
+
+
+class QuantizedWeight(nnx.Variable):
+    """int8 values of a quantized matrix (not an nnx.Param: never trained)."""
+
+
+class QuantScale(nnx.Variable):
+    """float32 per-output-channel scales of a QuantizedWeight."""
+
+
+def check_mode(mode: str | None) -> str | None:
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"quantize must be one of {MODES} or None, got {mode!r}")
+    return mode
+
+
+def quantize_int8(w: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:
+    """w [*in, *out] (n_in leading input axes) -> (q [*out, *in] int8, scale [*out] float32).
+
+    Symmetric: scale = max |w| over the inputs / 127, q = round(w / scale) in
+    [-127, 127]; an all-zero column gets scale 1 (and q = 0).
+    """
+    w = jnp.asarray(w, jnp.float32)
+    in_axes = tuple(range(n_in))
+    amax = jnp.max(jnp.abs(w), axis=in_axes)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
+    q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    perm = tuple(range(n_in, w.ndim)) + in_axes
+    return jnp.transpose(q, perm), scale
+
+
+def dequantize(q: jax.Array, scale: jax.Array, n_in: int, dtype=jnp.float32) -> jax.Array:
+    """The float matrix [*in, *out] that (q, scale) stand for."""
+    w = q.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * n_in)
+    n_out = q.ndim - n_in
+    perm = tuple(range(n_out, q.ndim)) + tuple(range(n_out))
+    return jnp.transpose(w, perm).astype(dtype)
+
+
+def _block(n: int, target: int) -> int:
+    """The largest divisor of n that is <= target (the block of output rows)."""
+    for b in range(min(n, target), 0, -1):
+        if n % b == 0:
+            return b
+    return 1
+
+
+def _use_cpu_blocks() -> bool:
+    return jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
+
+
+def _blocked(x2: jax.Array, q2: jax.Array, rows: int) -> jax.Array:
+    """x2 [M, I] @ q2 [O, I]^T, converting `rows` output rows of q2 at a time."""
+    o, i = q2.shape
+    blocks = q2.reshape(o // rows, rows, i)
+
+    def body(_, qb):
+        qb = qb.astype(x2.dtype)
+        # The same product written two ways: XLA:CPU's code for each differs by
+        # an order of magnitude depending on the input length (measured on a
+        # 1 x I @ I x O product: x @ qb.T is 0.5 ms for I = 2048 but 26 ms for
+        # I >= 4096, where the dot_general form takes 1.3 ms).
+        if i <= CPU_TRANSPOSED_DOT_MAX_IN:
+            return None, x2 @ jnp.transpose(qb)  # [M, rows]
+        return None, jax.lax.dot_general(x2, qb, (((1,), (1,)), ((), ())))
+
+    _, ys = jax.lax.scan(body, None, blocks)  # [O / rows, M, rows]
+    return jnp.transpose(ys, (1, 0, 2)).reshape(x2.shape[0], o)
+
+
+def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
+    """x [..., *in] @ dequant(q [*out, *in], scale [*out]) -> float32 [..., *out]."""
+    out_shape = q.shape[:q.ndim - n_in]
+    in_shape = q.shape[q.ndim - n_in:]
+    lead = x.shape[:x.ndim - n_in]
+    if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):
+        raise ValueError(f"int8_matmul: x {x.shape} does not end with the weight's input axes {in_shape}")
+    m, i, o = math.prod(lead), math.prod(in_shape), math.prod(out_shape)
+    x2 = x.reshape(m, i)
+    q2 = q.reshape(o, i)
+    if _use_cpu_blocks():
+        x2 = x2.astype(jnp.float32)
+        if m <= CPU_ROWWISE_MAX:
+            rows = _block(o, CPU_BLOCK_ROWS)
+            y = jnp.concatenate([_blocked(x2[r:r + 1], q2, rows) for r in range(m)], axis=0)
+        else:
+            y = _blocked(x2, q2, _block(o, CPU_BLOCK_ROWS_MATMUL))
+    else:
+        y = jnp.einsum("MI,OI->MO", x2, q2.astype(x.dtype), preferred_element_type=jnp.float32)
+    y = y * scale.reshape(o).astype(jnp.float32)
+    return y.reshape(*lead, *out_shape)
+
+
+def int8_lookup(q: jax.Array, scale: jax.Array, ids: jax.Array, dtype) -> jax.Array:
+    """Rows `ids` of a quantized table q [V, D], scale [V] -> [..., D] in `dtype`."""
+    rows = jnp.take(q, ids, axis=0).astype(jnp.float32)
+    return (rows * jnp.take(scale, ids, axis=0)[..., None]).astype(dtype)
+
+
+def is_quantized(model) -> bool:
+    return getattr(model.config, "quantization", None) is not None
