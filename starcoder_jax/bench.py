@@ -6,11 +6,18 @@ read per step. Prefill is bound by matmul throughput. With
 `--compare-transformers`, transformers' GPTBigCode (torch, CPU) runs the same
 config in the same process, in float32 and bfloat16, and its best dtype is
 the reference. Medians of `--repeats` runs are reported.
+
+`--train` measures training instead: full optimizer steps (forward, backward,
+clipping, AdamW) built by the library's own training loop (starcoder_jax.train),
+in tokens/s and in model FLOP/s (and MFU on a GPU with a known peak). With
+`--compare-transformers`, torch AdamW steps of transformers' GPTBigCode on the
+same config and batch run beside it, in float32 and under bfloat16 autocast.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -36,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compare-transformers", action="store_true")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--train", action="store_true",
+                   help="time training steps (forward + backward + AdamW) instead of prefill/decode; "
+                        "--dtype is then the compute dtype, params and optimizer state stay float32")
+    p.add_argument("--train-batch", type=int, default=8, help="--train: sequences per step")
+    p.add_argument("--train-seq-len", type=int, default=512, help="--train: tokens per sequence")
 
 
 def memory_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -138,15 +150,20 @@ def bench_ours(model, args, batch_sizes) -> dict:
     return results
 
 
+def _hf_config(config):
+    from transformers import GPTBigCodeConfig
+
+    return GPTBigCodeConfig(**{k: v for k, v in config.to_hf().items()
+                               if k not in ("architectures", "model_type", "torch_dtype")})
+
+
 def bench_transformers(config, args, batch_sizes) -> dict:
     import torch
-    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+    from transformers import GPTBigCodeForCausalLM
 
     torch.manual_seed(0)
-    hf_config = GPTBigCodeConfig(**{k: v for k, v in config.to_hf().items()
-                                    if k not in ("architectures", "model_type", "torch_dtype")})
     out = {}
-    model32 = GPTBigCodeForCausalLM(hf_config).eval()
+    model32 = GPTBigCodeForCausalLM(_hf_config(config)).eval()
     for dtype in (torch.float32, torch.bfloat16):
         model = model32 if dtype == torch.float32 else model32.to(dtype)
         name = str(dtype).removeprefix("torch.")
@@ -176,6 +193,8 @@ def bench_transformers(config, args, batch_sizes) -> dict:
 
 
 def main(args) -> int:
+    if args.train:
+        return main_train(args)
     from starcoder_jax.config import preset
     from starcoder_jax.model import init_model
     from starcoder_jax.pretrained import load_pretrained
@@ -253,6 +272,208 @@ def main(args) -> int:
                 ours[v][key]["vs_transformers_best"] = ratio
                 line += f" {ratio:13.2f}x"
         print(line)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# --train: optimizer steps per second
+# ---------------------------------------------------------------------------
+
+def train_optim():
+    """The optimizer settings both sides use: the library's AdamW defaults
+    (weight decay 0.1, betas 0.9 / 0.95, eps 1e-8, global-norm clip 1.0) at a
+    constant 1e-4, so no step of the timed window differs from another."""
+    from starcoder_jax.train import OptimConfig
+
+    return OptimConfig(learning_rate=1e-4, schedule="constant", warmup_steps=0)
+
+
+# Peak dense (no sparsity) tensor-core FLOP/s, from NVIDIA's datasheets (H100
+# and H200 Tensor Core GPU datasheets, A100 Tensor Core GPU datasheet; their
+# headline figures are with 2:4 sparsity, halved here). XLA runs float32
+# matmuls on TF32 tensor cores on these GPUs by default (JAX "Matmul
+# precision" docs), so TF32 is the float32 peak.
+# Keys are matched in order against jax's lower-cased device_kind, e.g.
+# "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H200".
+PEAK_FLOPS = (
+    ("h100 pcie", {"bfloat16": 756e12, "float32": 378e12}),
+    ("h100 nvl", {"bfloat16": 835.5e12, "float32": 417.5e12}),
+    ("h200 nvl", {"bfloat16": 835.5e12, "float32": 417.5e12}),
+    ("h100", {"bfloat16": 989e12, "float32": 494.5e12}),
+    ("h200", {"bfloat16": 989e12, "float32": 494.5e12}),
+    ("a100", {"bfloat16": 312e12, "float32": 156e12}),
+)
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """Peak dense FLOP/s of a GPU for matmuls in `dtype`, or None when unknown."""
+    kind = device_kind.lower()
+    for key, peaks in PEAK_FLOPS:
+        if key in kind:
+            return peaks[dtype]
+    return None
+
+
+def train_flops_per_token(config, seq_len: int) -> int:
+    """Model FLOPs of one trained token (forward + backward), PaLM's estimate
+    (Chowdhery et al. 2022, appendix B):
+
+        6 * N + 12 * n_layer * n_embd * seq_len
+
+    N = the non-embedding parameters plus the V x D LM head (the tied token
+    table used as a matmul); the position table and the token lookup are not
+    matmuls. The second term is attention's QK^T and AV (2 FLOPs per
+    multiply-add, twice again for the backward) over the whole sequence, not
+    halved for the causal mask. Recomputation (remat) is not counted: model
+    FLOPs, not hardware FLOPs.
+    """
+    d, v = config.n_embd, config.vocab_size
+    head = v * d
+    tables = v * d + config.n_positions * d + (0 if config.tie_word_embeddings else head)
+    non_embedding = config.param_count() - tables
+    return 6 * (non_embedding + head) + 12 * config.n_layer * d * seq_len
+
+
+def _train_batch(config, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
+    """Random token ids [batch, seq_len + 1] (inputs and shifted targets)."""
+    return np.random.default_rng(seed).integers(1, config.vocab_size, (batch, seq_len + 1), dtype=np.int32)
+
+
+def bench_train_ours(model, args) -> dict:
+    """Seconds per optimizer step of starcoder_jax.train's jitted step (one
+    micro-batch, full loss mask): median of --repeats after a compiling step."""
+    from flax import nnx
+
+    from starcoder_jax.train import make_optimizer, make_train_step
+
+    config = model.config
+    b, t = args.train_batch, args.train_seq_len
+    graphdef, params = nnx.split(model)
+    tx, _ = make_optimizer(train_optim(), args.repeats + 1)
+    opt_state = tx.init(params)
+    dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) > 0
+    step_fn = make_train_step(graphdef, tx, seed=0, dropout=dropout, skip_nonfinite=False)
+    ids = jnp.asarray(_train_batch(config, b, t)[None])  # [A=1, B, T + 1]
+    mask = jnp.ones(ids.shape, bool)
+    times = []
+    for i in range(args.repeats + 1):
+        t0 = time.perf_counter()
+        params, opt_state, out = step_fn(params, opt_state, ids, mask, jnp.int32(i))
+        jax.block_until_ready((params, opt_state, out))
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times[1:])
+    return {"seconds_per_step": seconds, "tokens_per_s": b * t / seconds,
+            "compile_and_first_step_s": times[0], "loss": float(out["loss"])}
+
+
+def bench_train_transformers(config, args) -> dict:
+    """transformers' GPTBigCode + torch AdamW on the CPU, same config, batch and
+    optimizer settings (decay on matmul weights only, like train.decay_mask):
+    float32, then bfloat16 autocast over float32 master weights. Each starts
+    from the same fresh model, so its loss is comparable with ours."""
+    import torch
+    from transformers import GPTBigCodeForCausalLM
+
+    o = train_optim()
+    # The same T tokens per row as ours: transformers shifts the labels itself.
+    ids = torch.from_numpy(_train_batch(config, args.train_batch, args.train_seq_len)[:, :-1].astype(np.int64))
+    tokens = args.train_batch * args.train_seq_len
+    out = {}
+    for name, autocast in (("float32", False), ("bfloat16_autocast", True)):
+        torch.manual_seed(0)
+        model = GPTBigCodeForCausalLM(_hf_config(config)).train()
+        decay, rest = [], []
+        for key, p in model.named_parameters():  # a tied lm_head is wte, listed once
+            embedding = key.endswith(("wte.weight", "wpe.weight"))
+            (decay if p.ndim == 2 and not embedding else rest).append(p)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                       {"params": rest, "weight_decay": 0.0}],
+                                      lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps)
+
+        def step(model=model, optimizer=optimizer, autocast=autocast) -> float:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+            optimizer.step()
+            return loss.item()
+
+        step()  # warm-up
+        losses = []
+        seconds = _median_time(lambda f=step, sink=losses: sink.append(f()), args.repeats)
+        out[name] = {"seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "loss": losses[-1]}
+        del model, optimizer, step  # free the float32 model before the next one
+    return out
+
+
+def main_train(args) -> int:
+    from starcoder_jax.config import preset
+    from starcoder_jax.model import init_model
+    from starcoder_jax.pretrained import load_pretrained
+
+    if args.quantize != "none":
+        raise ValueError(f"--quantize {args.quantize} applies to prefill/decode; --train trains float32 weights")
+    for name in ("train_batch", "train_seq_len", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.model:
+        model = load_pretrained(args.model, dtype="float32", compute_dtype=args.dtype)
+        if model.config.quantization is not None:
+            raise ValueError(f"--model {args.model!r} is {model.config.quantization}-quantized; "
+                             "--train needs a float checkpoint")
+        name = args.model
+    else:
+        overrides = {"dtype": args.dtype, "param_dtype": "float32"}
+        if args.layers:
+            overrides["n_layer"] = args.layers
+        model = init_model(preset(args.preset, **overrides))
+        name = args.preset + (f" ({args.layers} layers)" if args.layers else "")
+    config = model.config
+    b, t = args.train_batch, args.train_seq_len
+    if t > config.n_positions:
+        raise ValueError(f"--train-seq-len is {t} but the model holds {config.n_positions} positions")
+    device = jax.devices()[0]
+    flops_token = train_flops_per_token(config, t)
+    o = train_optim()
+    print(f"model: {name}  params: {config.param_count():,}  compute dtype: {args.dtype} "
+          f"(params and AdamW state float32)")
+    print(f"device: {device.platform} {device.device_kind}  jax {jax.__version__}  "
+          f"host: {platform.machine()} {platform.processor() or ''}".rstrip())
+    print(f"train step: batch {b} x {t} tokens; AdamW lr {o.learning_rate:g}, weight decay {o.weight_decay:g}, "
+          f"betas ({o.b1:g}, {o.b2:g}), clip {o.clip_norm:g}; "
+          f"model FLOPs 6N + 12 L D T = {flops_token / 1e9:.3f} GFLOP/token")
+    report = {"model": name, "dtype": args.dtype, "params": config.param_count(),
+              "device": f"{device.platform} {device.device_kind}", "jax": jax.__version__,
+              "train": {"batch": b, "seq_len": t, "tokens_per_step": b * t, "flops_per_token": flops_token,
+                        "optimizer": dataclasses.asdict(o)}}
+    ours = bench_train_ours(model, args)
+    del model
+    theirs = bench_train_transformers(config, args) if args.compare_transformers else None
+    report["ours"], report["transformers"] = ours, theirs
+
+    rows = [(f"ours ({args.dtype})", ours)]
+    if theirs:
+        rows += [("hf float32", theirs["float32"]), ("hf bf16 autocast", theirs["bfloat16_autocast"])]
+        best = max(r["tokens_per_s"] for r in theirs.values())
+        ours["vs_transformers_best"] = ours["tokens_per_s"] / best
+    print(f"{'':18s} {'tok/s':>10s} {'s/step':>9s} {'GFLOP/s':>9s} {'loss':>7s}")
+    for label, r in rows:
+        r["flops_per_s"] = r["tokens_per_s"] * flops_token
+        print(f"{label:18s} {r['tokens_per_s']:10.1f} {r['seconds_per_step']:9.3f} "
+              f"{r['flops_per_s'] / 1e9:9.1f} {r['loss']:7.3f}")
+    if theirs:
+        print(f"ours / best transformers: {ours['vs_transformers_best']:.2f}x")
+    if device.platform == "gpu":
+        peak = peak_flops(device.device_kind, args.dtype)
+        if peak is None:
+            print(f"MFU: unknown (no peak FLOP/s listed for {device.device_kind!r})")
+        else:
+            ours["peak_flops_per_s"], ours["mfu"] = peak, ours["flops_per_s"] / peak
+            print(f"MFU: {100 * ours['mfu']:.1f}% of {peak / 1e12:g} TFLOP/s ({args.dtype} dense peak)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

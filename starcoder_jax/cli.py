@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_infill(sub)
     register_eval(sub)
 
-    p = sub.add_parser("bench", help="prefill / decode throughput against the memory-bandwidth limit")
+    p = sub.add_parser("bench", help="prefill / decode throughput against the memory-bandwidth limit; "
+                                    "--train: training-step throughput and MFU")
     from starcoder_jax.bench import add_arguments
 
     add_arguments(p)
