@@ -16,7 +16,8 @@ def _add_model_args(p: argparse.ArgumentParser, *, dtype_default: str = "float32
     p.add_argument("--dtype", default=dtype_default, choices=("float32", "bfloat16", "float16"),
                    help="parameter and compute dtype (float32 is the fast one on CPU)")
     p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="int8: weight-only int8 matmul weights (per-output-channel scales); a quantized orbax directory needs no flag")
+                   help="int8: weight-only int8 matmul weights (per-output-channel scales); "
+                        "a quantized orbax directory needs no flag")
 
 
 def _model_path(args) -> str:

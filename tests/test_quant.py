@@ -135,7 +135,8 @@ def test_quantized_orbax_directory_round_trips_and_loads_without_flag(float_and_
     loaded = sj.load_pretrained(out)
     assert loaded.config.quantization == "int8"
     for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.split(qmodel)[1]), nnx.to_flat_state(nnx.split(loaded)[1])):
-        assert a.get_value().dtype == b.get_value().dtype and (np.asarray(a.get_value()) == np.asarray(b.get_value())).all(), p
+        a, b = a.get_value(), b.get_value()
+        assert a.dtype == b.dtype and (np.asarray(a) == np.asarray(b)).all(), p
     ids = jnp.asarray([[5, 6, 7, 8]], jnp.int32)
     np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(qmodel(ids)))
     assert sj.load_pretrained(out, quantize="int8").config.quantization == "int8"
