@@ -9,21 +9,26 @@ stay in floating point.
 How `int8_matmul` computes x @ dequant(q), chosen per backend by measurement
 (`starcoder-jax bench`, BENCHMARKS.md):
 
-- XLA:CPU, no mesh. Converting a whole int8 matrix to float32 before the dot
-  makes XLA write and re-read four bytes per weight, which is slower than
+- XLA:CPU, no mesh. Converting a whole int8 matrix to float before the dot
+  makes XLA write and re-read the converted matrix, which is slower than
   reading float32 weights in the first place (a 2048x8192 matrix-vector
   product: 25 ms vs 1.7 ms for float32). A `lax.scan` over blocks of output
-  rows converts one block at a time while it is still in cache: 0.5 ms, the
-  bandwidth limit for one byte per weight. The dot of each block is a row-wise
-  product against the contiguous int8 rows, which is why the layout is
-  output-major. Rows of x are handled one by one up to `CPU_ROWWISE_MAX` rows
-  (decoding), which measured faster than one product of all rows per block.
-  Beyond that (prefill) each block is converted to bfloat16 and multiplied by
-  all rows, also rounded to bfloat16, with float32 accumulation: XLA:CPU's
-  bfloat16 matrix products run about 1.7x faster than float32 ones on this
-  class of CPU (AVX512-BF16), and a product of a bfloat16 activation and an
-  int8 weight is exact in float32, so the only extra error is the activations'
-  rounding (relative 2^-9).
+  rows converts one block at a time while it is still in cache. Measured on
+  the starcoderbase-1b shapes, one product of M rows:
+  - M = 1 (decoding one sequence): blocks of 256 rows converted to float32,
+    a row-wise product against the contiguous int8 rows (hence the
+    output-major layout): 0.5 ms for 2048x8192, the bandwidth limit for one
+    byte per weight.
+  - M > 1 (batched decoding, prefill): blocks converted to bfloat16 and one
+    bfloat16 product of all rows with float32 accumulation; XLA:CPU's
+    bfloat16 products run about 1.7x faster than float32 ones on this class
+    of CPU (AVX512-BF16). Blocks of 256 rows up to 8 rows of x, of about 1M
+    weights beyond.
+  Every form first rounds the activations to bfloat16: a product of a
+  bfloat16 activation and an int8 weight is exact in float32, so all forms
+  compute the same sums (to float32 round-off), a row gives the same result
+  alone or in a batch, and the only error beyond the weights' own is the
+  activations' rounding (relative 2^-9).
 - GPU, TPU, or any program under a mesh: `x @ q.astype(dtype).T * scale` as
   one expression; XLA fuses the conversion into the matmul, and each shard of
   q keeps its scale (scales are split like their weight's output axes).
@@ -38,9 +43,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 MODES = ("int8",)
-CPU_ROWWISE_MAX = 8  # up to this many rows: one blocked matrix-vector product per row
-CPU_BLOCK_ROWS = 256  # output rows per converted block, matrix-vector products
-CPU_MATMUL_BLOCK_ELEMENTS = 2**20  # weights per converted block, matrix-matrix products
+CPU_BLOCK_ROWS = 256  # output rows per converted block, up to CPU_SMALL_BATCH rows of x
+CPU_SMALL_BATCH = 8
+CPU_MATMUL_BLOCK_ELEMENTS = 2**20  # weights per converted block, more rows of x
 CPU_TRANSPOSED_DOT_MAX_IN = 2048  # the longest input for which `x @ block.T` is the fast form
 
 
@@ -125,15 +130,13 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.
     x2 = x.reshape(m, i)
     q2 = q.reshape(o, i)
     if _use_cpu_blocks():
-        if m <= CPU_ROWWISE_MAX:
-            x2 = x2.astype(jnp.float32)
-            rows = _block(o, CPU_BLOCK_ROWS)
-            fast_t = i <= CPU_TRANSPOSED_DOT_MAX_IN
-            y = jnp.concatenate([_blocked(x2[r:r + 1], q2, rows, transposed_dot=fast_t)
-                                 for r in range(m)], axis=0)
+        x2 = x2.astype(jnp.bfloat16)  # the same rounded activations in every form
+        if m == 1:
+            y = _blocked(x2.astype(jnp.float32), q2, _block(o, CPU_BLOCK_ROWS),
+                         transposed_dot=i <= CPU_TRANSPOSED_DOT_MAX_IN)
         else:
-            rows = _block(o, max(1, CPU_MATMUL_BLOCK_ELEMENTS // i))
-            y = _blocked(x2.astype(jnp.bfloat16), q2, rows, transposed_dot=False)
+            target = CPU_BLOCK_ROWS if m <= CPU_SMALL_BATCH else max(1, CPU_MATMUL_BLOCK_ELEMENTS // i)
+            y = _blocked(x2, q2, _block(o, target), transposed_dot=False)
     else:
         y = jnp.einsum("MI,OI->MO", x2, q2.astype(x.dtype), preferred_element_type=jnp.float32)
     y = y * scale.reshape(o).astype(jnp.float32)
