@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="our variants, comma separated, run one after the other: none (the --dtype "
                         "weights) and/or int8 (weight-only int8), e.g. none,int8")
     p.add_argument("--batch-sizes", default="1,8", help="decode batch sizes, comma separated")
+    p.add_argument("--kv-cache", choices=("int8",), default=None,
+                   help="int8: an int8 KV cache with a scale per token (default: the compute dtype)")
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length (tokens)")
     p.add_argument("--decode-context", type=int, default=128, help="prompt length before decoding")
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps per timed run")
@@ -83,14 +85,6 @@ def weight_bytes_per_step(model) -> int:
     return sum(v.get_value().nbytes for path, v in nnx.to_flat_state(state) if path[0] != "wpe")
 
 
-def decode_bytes_per_step(config, batch: int, cache_len: int, weight_bytes: int) -> int:
-    """Bytes a decode step must read: the weights plus the whole static cache
-    (every slot is read by the attention)."""
-    cache_bytes = jnp.dtype(config.dtype).itemsize
-    cache = 2 * config.n_layer * batch * cache_len * config.kv_heads * config.head_dim * cache_bytes
-    return weight_bytes + cache
-
-
 def bench_ours(model, args, batch_sizes) -> dict:
     from flax import nnx
 
@@ -114,7 +108,7 @@ def bench_ours(model, args, batch_sizes) -> dict:
 
     def run_prefill(b, t, s, max_new):
         ids = jnp.asarray(rng.integers(1, config.vocab_size, (b, t)), jnp.int32)
-        cache = KVCache.init(config, b, s)
+        cache = KVCache.init(config, b, s, quantize=args.kv_cache)
         state = prefill(graphdef, params, ids, jnp.full((b,), t, jnp.int32), cache,
                         out_len_like=jnp.zeros((bucket(max_new, 16),), jnp.int8),
                         active=jnp.ones((b,), bool), **consts(b, max_new))
@@ -145,7 +139,8 @@ def bench_ours(model, args, batch_sizes) -> dict:
         seconds = statistics.median(times) / steps
         results[f"decode_b{b}"] = {
             "batch": b, "seconds_per_step": seconds, "tokens_per_s": b / seconds,
-            "cache_len": s, "bytes_per_step": decode_bytes_per_step(config, b, s, weight_bytes),
+            # every slot of the static cache is read each step, with the weights
+            "cache_len": s, "bytes_per_step": weight_bytes + state.cache.nbytes(),
         }
     return results
 

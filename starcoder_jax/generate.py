@@ -264,9 +264,13 @@ class Generator:
     compiled programs. `generate()` / `stream()` below are the functional API.
     """
 
-    def __init__(self, model: StarCoder, tokenizer: Tokenizer | None = None, *, mesh=None):
+    def __init__(self, model: StarCoder, tokenizer: Tokenizer | None = None, *, mesh=None,
+                 kv_cache: str | None = None):
+        if kv_cache not in (None, "int8"):
+            raise ValueError(f"kv_cache must be None (the compute dtype) or 'int8', got {kv_cache!r}")
         self.model = model
         self.tokenizer = tokenizer
+        self.kv_cache = kv_cache
         self.graphdef, self.params = nnx.split(model)
         # mesh (a jax Mesh or a spec like "data=2,tensor=4"): params resharded per the
         # rules, a sharded cache, jitted calls with out_shardings. None: one device, as is.
@@ -328,7 +332,7 @@ class Generator:
                       max_new=jnp.int32(max_new_tokens), vocab_limit=jnp.int32(vocab_limit),
                       head=self.head)
         cache_sharding = None if self._runner is None else self._runner.cache
-        cache = KVCache.init(config, b, s, sharding=cache_sharding)
+        cache = KVCache.init(config, b, s, sharding=cache_sharding, quantize=self.kv_cache)
         state = self._call(prefill, ("cache",), self.graphdef, self.params, jnp.asarray(ids),
                            jnp.asarray(lengths), cache,
                         out_len_like=jnp.zeros((m,), jnp.int8), active=jnp.asarray(active), **consts)
@@ -417,7 +421,7 @@ def generate(model: StarCoder, prompts, *, tokenizer: Tokenizer | None = None,
              stop_ids: Sequence[int] = (), seed: int = 0, logprobs: bool = False,
              ignore_eos: bool = False, batch_size: int | None = None,
              on_event: Callable[[StreamEvent], None] | None = None,
-             mesh=None) -> list[Generation]:
+             mesh=None, kv_cache: str | None = None) -> list[Generation]:
     """Generates a continuation for each prompt.
 
     prompts: strings (with `tokenizer`) or lists of token ids; nothing is
@@ -433,8 +437,10 @@ def generate(model: StarCoder, prompts, *, tokenizer: Tokenizer | None = None,
     on_event: called with a StreamEvent as text is produced (streaming).
     mesh: run on a device mesh (a jax Mesh or a spec such as "data=2,tensor=4");
       see starcoder_jax.sharding.
+    kv_cache: "int8" keeps keys and values as int8 with a scale per token
+      (a quarter of float32's memory; see starcoder_jax.kv_cache).
     """
-    gen = Generator(model, tokenizer, mesh=mesh)
+    gen = Generator(model, tokenizer, mesh=mesh, kv_cache=kv_cache)
     prompts = list(prompts) if not isinstance(prompts, str) else prompts
     size = batch_size or max(1, len(prompts))
     if size < 1:

@@ -190,7 +190,7 @@ class Attention(nnx.Module):
         if cache is not None:
             cache = cache.write(k, v, positions)
             if read_cache:
-                k, v = cache.keys(), cache.values()  # [B, S, K, H]
+                k, v = cache.keys(q.dtype), cache.values(q.dtype)  # [B, S, K, H]
                 k_positions = cache.positions()
         mask = attention_mask(positions, k_positions)
         out = self._attend(q, k, v, mask, rngs)

@@ -24,14 +24,16 @@ How `int8_matmul` computes x @ dequant(q), chosen per backend by measurement
     bfloat16 products run about 1.7x faster than float32 ones on this class
     of CPU (AVX512-BF16). Blocks of 256 rows up to 8 rows of x, of about 1M
     weights beyond.
-  Every form first rounds the activations to bfloat16: a product of a
-  bfloat16 activation and an int8 weight is exact in float32, so all forms
-  compute the same sums (to float32 round-off), a row gives the same result
-  alone or in a batch, and the only error beyond the weights' own is the
-  activations' rounding (relative 2^-9).
-- GPU, TPU, or any program under a mesh: `x @ q.astype(dtype).T * scale` as
-  one expression; XLA fuses the conversion into the matmul, and each shard of
-  q keeps its scale (scales are split like their weight's output axes).
+- GPU, TPU, or any program under a mesh: `x @ q.astype(bfloat16).T * scale`
+  as one expression; XLA fuses the conversion into the matmul, and each shard
+  of q keeps its scale (scales are split like their weight's output axes).
+
+Every form rounds the activations to bfloat16 first (weight-only int8 with
+bfloat16 activations, float32 sums): int8 values are exact in bfloat16 and a
+product of two bfloat16 numbers is exact in float32, so all forms, on every
+backend, with or without a mesh, compute the same sums up to float32
+round-off; a row gives the same result alone or in a batch; and the only
+error beyond the weights' own is the activations' rounding (relative 2^-9).
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.
             target = CPU_BLOCK_ROWS if m <= CPU_SMALL_BATCH else max(1, CPU_MATMUL_BLOCK_ELEMENTS // i)
             y = _blocked(x2, q2, _block(o, target), transposed_dot=False)
     else:
-        y = jnp.einsum("MI,OI->MO", x2, q2.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = jnp.einsum("MI,OI->MO", x2.astype(jnp.bfloat16), q2.astype(jnp.bfloat16),
+                       preferred_element_type=jnp.float32)
     y = y * scale.reshape(o).astype(jnp.float32)
     return y.reshape(*lead, *out_shape)
 

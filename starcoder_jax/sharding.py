@@ -473,7 +473,7 @@ class MeshRunner:
     def _out_shardings(self, out):
         def per_node(node):
             if isinstance(node, KVCache):
-                return jax.tree.map(lambda _: self.cache, node)
+                return node.shardings(self.cache)
             return self.replicated
 
         return jax.tree.map(per_node, out, is_leaf=lambda n: isinstance(n, KVCache))

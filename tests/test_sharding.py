@@ -469,7 +469,10 @@ def int8_references():
         model = sj.load_pretrained(path, quantize="int8")
         ids, _ = _ids_mask()
         gens = [g.ids for g in generate(model, _prompts(8), max_new_tokens=8, ignore_eos=True)]
-        out[kind] = dict(path=path, logits=np.asarray(jax.jit(lambda m, i: m(i))(model, ids)), gens=gens)
+        gens_kv = [g.ids for g in generate(model, _prompts(8), max_new_tokens=8, ignore_eos=True,
+                                           kv_cache="int8")]
+        out[kind] = dict(path=path, logits=np.asarray(jax.jit(lambda m, i: m(i))(model, ids)), gens=gens,
+                         gens_kv=gens_kv)
     return out
 
 
@@ -480,7 +483,11 @@ def test_mesh8_int8_equals_one_device(int8_references, kind, spec):
     """int8 weights and scales split by the rules; results equal the one-device int8 model's.
 
     One device computes with CPU blocks, the mesh with the fused form: the same
-    products summed in another order, so logits agree to float32 round-off.
+    products (int8 weights, activations rounded to bfloat16) summed in another
+    order. Where an activation lies within round-off of a bfloat16 rounding
+    boundary the two round it differently (2^-8 relative), so a few positions
+    differ by up to ~1e-2 of the logit range; the rest agree to float32
+    round-off.
     """
     ref = int8_references[kind]
     mesh = sh.mesh_from_spec(spec)
@@ -499,9 +506,15 @@ def test_mesh8_int8_equals_one_device(int8_references, kind, spec):
     with jax.set_mesh(mesh):
         ids = jax.device_put(ids, sh.batch_sharding(mesh, ids.shape))
         logits = jax.jit(lambda m, i: m(i))(model, ids)
-    np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
+    err = np.abs(np.asarray(logits) - ref["logits"])
+    spread = float(ref["logits"].max() - ref["logits"].min())
+    assert err.max() <= 1e-2 * spread and (err > 1e-4).mean() <= 0.02, (err.max(), (err > 1e-4).mean())
     gens = [g.ids for g in generate(model, _prompts(8), max_new_tokens=8, ignore_eos=True, mesh=mesh)]
     assert gens == ref["gens"]
+    # an int8 KV cache on the mesh: scales split like the slabs' rows (and heads)
+    gens_kv = [g.ids for g in generate(model, _prompts(8), max_new_tokens=8, ignore_eos=True, mesh=mesh,
+                                       kv_cache="int8")]
+    assert gens_kv == ref["gens_kv"]
 
 
 @mesh8
