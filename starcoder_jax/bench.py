@@ -88,15 +88,13 @@ def weight_bytes_per_step(model) -> int:
 def bench_ours(model, args, batch_sizes) -> dict:
     from flax import nnx
 
-    from starcoder_jax.generate import STOP_ID_SLOTS, bucket, decode_loop, prefill
+    from starcoder_jax.generate import STOP_ID_SLOTS, bucket, cpu_decode_head, decode_loop, prefill
     from starcoder_jax.kv_cache import KVCache
     from starcoder_jax.sampling import SamplingParams
 
     config = model.config
     graphdef, params = nnx.split(model)
-    # The same head layout the Generator uses (see Generator.__init__).
-    head = model.output_head() if (config.tie_word_embeddings and config.quantization is None
-                                   and jax.default_backend() == "cpu") else None
+    head = cpu_decode_head(model)  # the head layout the Generator uses
     weight_bytes = weight_bytes_per_step(model)
     rng = np.random.default_rng(0)
     results = {}

@@ -35,6 +35,22 @@ def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+def _set_int8(module: nnx.Module, names: tuple[str, str], w: jax.Array, n_in: int) -> None:
+    """Stores w [*in, *out] on `module` as int8 (attribute names[0], [*out, *in])
+    and its per-output-channel scales (names[1])."""
+    q, scale = quantize_int8(w, n_in)
+    setattr(module, names[0], QuantizedWeight(q))
+    setattr(module, names[1], QuantScale(scale))
+
+
+def _quantize_attr_(module: nnx.Module, name: str, names: tuple[str, str], n_in: int,
+                    as_in_out=lambda w: w) -> None:
+    """Replaces the float parameter `name` by its int8 form, in place (freed first)."""
+    w = getattr(module, name)[...]
+    delattr(module, name)
+    _set_int8(module, names, as_in_out(w), n_in)
+
+
 class Embedding(nnx.Module):
     """A lookup table [rows, D]; also the tied LM head.
 
@@ -46,25 +62,20 @@ class Embedding(nnx.Module):
                  quantize: bool = False):
         table = _normal(rngs, (rows, dim), config.initializer_range, jnp_dtype(config.param_dtype))
         self.dtype = jnp_dtype(config.dtype)
-        if quantize:
-            self._set_quantized(table)
+        if quantize:  # one scale per row: the table seen as a [D, rows] matmul weight
+            _set_int8(self, self.INT8_NAMES, jnp.transpose(table), 1)
         else:
             self.embedding = nnx.Param(table)
+
+    INT8_NAMES = ("qembedding", "embedding_scale")
 
     @property
     def quantized(self) -> bool:
         return hasattr(self, "qembedding")
 
-    def _set_quantized(self, table: jax.Array) -> None:
-        q, scale = quantize_int8(jnp.transpose(table), 1)  # per row of the table
-        self.qembedding = QuantizedWeight(q)
-        self.embedding_scale = QuantScale(scale)
-
     def quantize_(self) -> None:
         """Replaces the float table by its int8 form, in place."""
-        table = self.embedding[...]
-        del self.embedding
-        self._set_quantized(table)
+        _quantize_attr_(self, "embedding", self.INT8_NAMES, 1, jnp.transpose)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         if self.quantized:
@@ -114,26 +125,21 @@ class Dense(nnx.Module):
         self.n_in = len(in_shape)
         kernel = _normal(rngs, (*in_shape, *out_shape), std, pdt)
         if config.quantization == "int8":
-            self._set_quantized(kernel)
+            _set_int8(self, self.INT8_NAMES, kernel, self.n_in)
         else:
             self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros(out_shape, pdt))
         self.dtype = jnp_dtype(config.dtype)
 
+    INT8_NAMES = ("qkernel", "kernel_scale")
+
     @property
     def quantized(self) -> bool:
         return hasattr(self, "qkernel")
 
-    def _set_quantized(self, kernel: jax.Array) -> None:
-        q, scale = quantize_int8(kernel, self.n_in)
-        self.qkernel = QuantizedWeight(q)
-        self.kernel_scale = QuantScale(scale)
-
     def quantize_(self) -> None:
         """Replaces the float kernel by its int8 form, in place."""
-        kernel = self.kernel[...]
-        del self.kernel
-        self._set_quantized(kernel)
+        _quantize_attr_(self, "kernel", self.INT8_NAMES, self.n_in)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.quantized:
@@ -267,7 +273,7 @@ class StarCoder(nnx.Module):
             head = _normal(rngs, (config.n_embd, config.vocab_size), config.initializer_range,
                            jnp_dtype(config.param_dtype))
             if quantized:
-                self._set_quantized_head(head)
+                _set_int8(self, self.HEAD_INT8_NAMES, head, 1)  # [V, D], scale [V]
             else:
                 self.lm_head = nnx.Param(head)
         self.drop = nnx.Dropout(config.embd_pdrop)
@@ -340,10 +346,7 @@ class StarCoder(nnx.Module):
         return self.lm_head[...]
 
 
-    def _set_quantized_head(self, head: jax.Array) -> None:
-        q, scale = quantize_int8(head, 1)  # [D, V] -> [V, D], scale [V]
-        self.lm_head_q = QuantizedWeight(q)
-        self.lm_head_scale = QuantScale(scale)
+    HEAD_INT8_NAMES = ("lm_head_q", "lm_head_scale")  # an untied head of an int8 model
 
     def quantize_(self, mode: str = "int8") -> StarCoder:
         """Quantizes every matmul weight in place (see starcoder_jax.quant); returns self.
@@ -362,9 +365,7 @@ class StarCoder(nnx.Module):
                 module.quantize_()
         self.wte.quantize_()
         if not self.config.tie_word_embeddings:
-            head = self.lm_head[...]
-            del self.lm_head
-            self._set_quantized_head(head)
+            _quantize_attr_(self, "lm_head", self.HEAD_INT8_NAMES, 1)
         self.config = self.config.replace(quantization=mode)
         return self
 

@@ -150,7 +150,3 @@ def int8_lookup(q: jax.Array, scale: jax.Array, ids: jax.Array, dtype) -> jax.Ar
     """Rows `ids` of a quantized table q [V, D], scale [V] -> [..., D] in `dtype`."""
     rows = jnp.take(q, ids, axis=0).astype(jnp.float32)
     return (rows * jnp.take(scale, ids, axis=0)[..., None]).astype(dtype)
-
-
-def is_quantized(model) -> bool:
-    return getattr(model.config, "quantization", None) is not None
