@@ -13,6 +13,7 @@ one carries its own head axes (which the sharding rules name).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,69 @@ def _quantize_attr_(module: nnx.Module, name: str, names: tuple[str, str], n_in:
     w = getattr(module, name)[...]
     delattr(module, name)
     _set_int8(module, names, as_in_out(w), n_in)
+
+
+def cpu_bfloat16_products(dtype) -> bool:
+    """Whether `bfloat16_matmul` serves a projection: bfloat16 compute on XLA:CPU, no mesh."""
+    return dtype == jnp.bfloat16 and jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
+
+
+def _transposed_copy(a: jax.Array) -> jax.Array:
+    """a [M, I] -> a.T as an [I, M] array in row-major order.
+
+    Written as a rank-3 transpose so that XLA cannot fold it into the dot that
+    consumes it (which would make that dot's left operand column-major).
+    """
+    m, i = a.shape
+    return jnp.transpose(a.reshape(m, i, 1), (1, 2, 0)).reshape(i, m)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def bfloat16_matmul(x2: jax.Array, w2: jax.Array, out_major: bool) -> jax.Array:
+    """x2 [M, I] @ w2 -> float32 [M, O], bfloat16 products with float32 sums, for XLA:CPU.
+
+    w2 is [I, O], or [O, I] with out_major (the tied LM head: the token
+    table), in any float dtype (float32 master weights are cast here).
+
+    The gradient is written by hand. XLA:CPU runs a bfloat16 dot with its
+    fast kernels only when both operands are row-major with the contraction
+    last in the left one; autodiff's weight gradient x.T @ g contracts the
+    first axes of both and is computed in float32 after converting both
+    operands (a 1024 x 2048 x 8192 training projection, forward and backward:
+    273 GFLOP/s by autodiff, 490 GFLOP/s here, 2-core EPYC with AVX512-BF16).
+    Here the cotangent is rounded to bfloat16 (as the forward's bfloat16
+    output would have it; under torch autocast the same), the weight gradient
+    is summed in float32 from bfloat16 products and returned in w2's dtype
+    without a round trip through bfloat16.
+    """
+    return _bf16_forward(x2, w2, out_major)
+
+
+def _bf16_forward(x2, w2, out_major):
+    w = w2.astype(jnp.bfloat16)
+    contract = (1,) if out_major else (0,)
+    return jax.lax.dot_general(x2.astype(jnp.bfloat16), w, (((1,), contract), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _bf16_matmul_fwd(x2, w2, out_major):
+    return _bf16_forward(x2, w2, out_major), (x2, w2)
+
+
+def _bf16_matmul_bwd(out_major, residuals, g):
+    x2, w2 = residuals
+    xb, w, gb = x2.astype(jnp.bfloat16), w2.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+    f32 = jnp.float32
+    if out_major:  # y = x @ w.T: dx = g @ w, dw = g.T @ x
+        dx = jnp.dot(gb, w, preferred_element_type=f32)
+        dw = jnp.dot(_transposed_copy(gb), xb, preferred_element_type=f32)
+    else:  # y = x @ w: dx = g @ w.T, dw = x.T @ g
+        dx = jax.lax.dot_general(gb, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+        dw = jnp.dot(_transposed_copy(xb), gb, preferred_element_type=f32)
+    return dx.astype(x2.dtype), dw.astype(w2.dtype)
+
+
+bfloat16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 class Embedding(nnx.Module):
@@ -88,6 +152,10 @@ class Embedding(nnx.Module):
         """x [B, T, D] -> logits [B, T, V] against the table (tied LM head)."""
         if self.quantized:  # the table is already [out = V, in = D]
             return int8_matmul(x, self.qembedding[...], self.embedding_scale[...], 1)
+        if cpu_bfloat16_products(self.dtype):
+            lead = x.shape[:-1]
+            table = self.embedding[...]
+            return bfloat16_matmul(x.reshape(-1, x.shape[-1]), table, True).reshape(*lead, table.shape[0])
         table = self.embedding[...].astype(self.dtype)
         return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
 
@@ -144,6 +212,12 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.quantized:
             y = int8_matmul(x, self.qkernel[...], self.kernel_scale[...], self.n_in)
+        elif cpu_bfloat16_products(self.dtype):
+            kernel = self.kernel[...]
+            in_size = math.prod(kernel.shape[:self.n_in])
+            lead, out_shape = x.shape[:x.ndim - self.n_in], kernel.shape[self.n_in:]
+            y = bfloat16_matmul(x.reshape(-1, in_size), kernel.reshape(in_size, -1), False)
+            y = y.reshape(*lead, *out_shape)
         elif self.n_in == 1:
             kernel = self.kernel[...].astype(self.dtype)
             y = jnp.einsum(self.equation, x, kernel, preferred_element_type=jnp.float32)
@@ -332,6 +406,9 @@ class StarCoder(nnx.Module):
             return int8_matmul(x, self.lm_head_q[...], self.lm_head_scale[...], 1)
         if head is None:
             head = self.lm_head[...]
+        if cpu_bfloat16_products(x.dtype):
+            lead = x.shape[:-1]
+            return bfloat16_matmul(x.reshape(-1, x.shape[-1]), head, False).reshape(*lead, head.shape[-1])
         return jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
 
     def output_head(self) -> jax.Array:
