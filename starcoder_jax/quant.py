@@ -18,10 +18,12 @@ How `int8_matmul` computes x @ dequant(q), chosen per backend by measurement
   starcoderbase-1b shapes (2-core EPYC, 30 GB/s):
   - M = 1 (decoding one sequence): tiles converted to float32, the product
     written `x @ tile.T`: 0.47 ms for the 8192x2048 MLP input projection,
-    0.78 ms for the 2048x8192 output projection (0.55 ms is the bandwidth
-    limit for one byte per weight; one block of whole rows runs the latter at
-    1.3 ms, and `x @ block.T` with 8192-long rows at 26 ms), 3.0 ms for the
-    49152x2048 LM head (limit 3.3).
+    0.78 ms for the 2048x8192 output projection (weights in cache; 0.55 ms
+    is the bandwidth limit for one byte per weight; one block of whole rows
+    runs the latter at 1.3 ms, and `x @ block.T` with 8192-long rows at
+    26 ms), 3.0 ms for the 49152x2048 LM head (limit 3.3). Out of cache the
+    output projection takes 1.2 ms: its tiles are 2048-byte pieces of
+    8192-byte rows (the same bytes stored tile after tile run at the limit).
   - M > 1 (batched decoding, prefill): tiles converted to bfloat16 and a
     bfloat16 `dot_general` with float32 accumulation; XLA:CPU's bfloat16
     products run about 1.7x faster than float32 ones on this class of CPU
