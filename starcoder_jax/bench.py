@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from starcoder_jax.config import QUANTIZATION_MODES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory (default: random weights of --preset)")
@@ -37,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="our variants, comma separated, run one after the other: none (the --dtype "
                         "weights) and/or int8 (weight-only int8), e.g. none,int8")
     p.add_argument("--batch-sizes", default="1,8", help="decode batch sizes, comma separated")
-    p.add_argument("--kv-cache", choices=("int8",), default=None,
+    p.add_argument("--kv-cache", choices=QUANTIZATION_MODES, default=None,
                    help="int8: an int8 KV cache with a scale per token (default: the compute dtype)")
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length (tokens)")
     p.add_argument("--decode-context", type=int, default=128, help="prompt length before decoding")
@@ -194,9 +196,10 @@ def main(args) -> int:
 
     batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x]
     variants = [v.strip() for v in args.quantize.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in ("none", "int8")]
+    unknown = [v for v in variants if v not in ("none", *QUANTIZATION_MODES)]
     if unknown or not variants or len(set(variants)) != len(variants):
-        raise ValueError(f"--quantize takes none and/or int8, comma separated, each once; got {args.quantize!r}")
+        raise ValueError(f"--quantize takes none and/or {', '.join(QUANTIZATION_MODES)}, comma separated, "
+                         f"each once; got {args.quantize!r}")
     # unquantized first: quantizing is done in place on the same weights
     variants.sort(key=lambda v: v != "none")
     if args.model:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from starcoder_jax.config import QUANTIZATION_MODES
 from starcoder_jax.pretrained import DEFAULT_MODEL  # the small model shipped in the package
 
 
@@ -15,7 +16,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, dtype_default: str = "float32
                         + (f" (default: {DEFAULT_MODEL})" if DEFAULT_MODEL else ""))
     p.add_argument("--dtype", default=dtype_default, choices=("float32", "bfloat16", "float16"),
                    help="parameter and compute dtype (float32 is the fast one on CPU)")
-    p.add_argument("--quantize", choices=("int8",), default=None,
+    p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
                    help="int8: weight-only int8 matmul weights (per-output-channel scales); "
                         "a quantized orbax directory needs no flag")
 
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="source model directory (or hub id for hf-to-jax)")
     p.add_argument("dst", help="output directory")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--quantize", choices=("int8",), default=None,
+    p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
                    help="hf-to-jax: store int8 matmul weights (per-output-channel scales), "
                         "so loading the directory needs no quantization step")
     p.add_argument("--max-shard-gb", type=float, default=5.0,
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: one device)")
-    p.add_argument("--kv-cache", choices=("int8",), default=None,
+    p.add_argument("--kv-cache", choices=QUANTIZATION_MODES, default=None,
                    help="int8: keys and values as int8 with a scale per token (long contexts)")
     p.set_defaults(func=cmd_generate)
 

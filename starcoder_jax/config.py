@@ -24,6 +24,7 @@ ACTIVATIONS = {
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATION_KEY = "starcoder_jax_quantization"  # config.json key of quantized orbax dirs
+QUANTIZATION_MODES = ("int8",)  # weight formats of starcoder_jax.quant; also the int8 KV cache's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +83,9 @@ class StarCoderConfig:
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_MODES:
+            allowed = " or ".join(repr(m) for m in QUANTIZATION_MODES)
+            raise ValueError(f"quantization must be None or {allowed}, got {self.quantization!r}")
 
     # Derived shapes: computed, never stored.
     @property

@@ -13,6 +13,7 @@ import json
 import re
 import sys
 
+from starcoder_jax.config import QUANTIZATION_MODES
 from starcoder_jax.fim import MODES
 
 _CURSOR = re.compile(r"^(\d+):(\d+)$")
@@ -34,7 +35,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                    help="model directory or hub id (default: the CLI's default model, if it has one)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="parameter and compute dtype (float32 is the fast one on CPU)")
-    p.add_argument("--quantize", choices=("int8",), default=None,
+    p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
                    help="int8: weight-only int8 matmul weights (per-output-channel scales)")
     p.add_argument("--prefix", default=None, help="the text before the cursor")
     p.add_argument("--suffix", default=None, help="the text after the cursor")

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from starcoder_jax.kv_cache import KVCache
+from starcoder_jax.kv_cache import check_quantize as check_cache_quantize
 from starcoder_jax.model import StarCoder
 from starcoder_jax.sampling import SamplingParams, sample
 from starcoder_jax.sharding import MeshRunner
@@ -280,11 +281,9 @@ class Generator:
 
     def __init__(self, model: StarCoder, tokenizer: Tokenizer | None = None, *, mesh=None,
                  kv_cache: str | None = None):
-        if kv_cache not in (None, "int8"):
-            raise ValueError(f"kv_cache must be None (the compute dtype) or 'int8', got {kv_cache!r}")
         self.model = model
         self.tokenizer = tokenizer
-        self.kv_cache = kv_cache
+        self.kv_cache = check_cache_quantize(kv_cache, "kv_cache")  # an error before any run
         self.graphdef, self.params = nnx.split(model)
         # mesh (a jax Mesh or a spec like "data=2,tensor=4"): params resharded per the
         # rules, a sharded cache, jitted calls with out_shardings. None: one device, as is.

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from starcoder_jax.config import StarCoderConfig
+from starcoder_jax.config import QUANTIZATION_MODES, StarCoderConfig
 from starcoder_jax.kv_cache import KVCache, LayerCache
-from starcoder_jax.quant import QuantizedWeight, QuantScale, int8_lookup, int8_matmul, quantize_int8
-from starcoder_jax.sharding import ACTIVATION, constrain
+from starcoder_jax.quant import QuantizedWeight, QuantScale, check_mode, int8_lookup, int8_matmul, quantize_int8
+from starcoder_jax.sharding import ACTIVATION, constrain, on_cpu_without_mesh
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -54,7 +54,14 @@ def _quantize_attr_(module: nnx.Module, name: str, names: tuple[str, str], n_in:
 
 def cpu_bfloat16_products(dtype) -> bool:
     """Whether `bfloat16_matmul` serves a projection: bfloat16 compute on XLA:CPU, no mesh."""
-    return dtype == jnp.bfloat16 and jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
+    return dtype == jnp.bfloat16 and on_cpu_without_mesh()
+
+
+def _as_rows(x: jax.Array, n_in: int, product, out_shape) -> jax.Array:
+    """x [..., *in] (n_in trailing input axes) seen as rows [M, I], through
+    `product` ([M, I] -> [M, O]), back to [..., *out_shape]."""
+    lead = x.shape[:x.ndim - n_in]
+    return product(x.reshape(math.prod(lead), -1)).reshape(*lead, *out_shape)
 
 
 def _transposed_copy(a: jax.Array) -> jax.Array:
@@ -153,9 +160,8 @@ class Embedding(nnx.Module):
         if self.quantized:  # the table is already [out = V, in = D]
             return int8_matmul(x, self.qembedding[...], self.embedding_scale[...], 1)
         if cpu_bfloat16_products(self.dtype):
-            lead = x.shape[:-1]
             table = self.embedding[...]
-            return bfloat16_matmul(x.reshape(-1, x.shape[-1]), table, True).reshape(*lead, table.shape[0])
+            return _as_rows(x, 1, lambda x2: bfloat16_matmul(x2, table, True), table.shape[:1])
         table = self.embedding[...].astype(self.dtype)
         return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
 
@@ -212,24 +218,23 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.quantized:
             y = int8_matmul(x, self.qkernel[...], self.kernel_scale[...], self.n_in)
-        elif cpu_bfloat16_products(self.dtype):
-            kernel = self.kernel[...]
-            in_size = math.prod(kernel.shape[:self.n_in])
-            lead, out_shape = x.shape[:x.ndim - self.n_in], kernel.shape[self.n_in:]
-            y = bfloat16_matmul(x.reshape(-1, in_size), kernel.reshape(in_size, -1), False)
-            y = y.reshape(*lead, *out_shape)
-        elif self.n_in == 1:
+        elif self.n_in == 1 and not cpu_bfloat16_products(self.dtype):
             kernel = self.kernel[...].astype(self.dtype)
             y = jnp.einsum(self.equation, x, kernel, preferred_element_type=jnp.float32)
         else:
-            # Contracting two axes (N, H) at once: XLA:CPU reads the [N, H, D] kernel
-            # about 3x slower than the same bytes as one [N*H, D] matrix (a decode
-            # step's output projection: 1.7 ms vs 0.5 ms), so flatten both sides.
-            kernel = self.kernel[...].astype(self.dtype)
-            in_size = math.prod(kernel.shape[:self.n_in])
-            lead, out_shape = x.shape[:x.ndim - self.n_in], kernel.shape[self.n_in:]
-            y = jnp.dot(x.reshape(*lead, in_size), kernel.reshape(in_size, -1),
-                        preferred_element_type=jnp.float32).reshape(*lead, *out_shape)
+            # One [M, I] x [I, O] product. Contracting two axes (N, H) at once,
+            # XLA:CPU reads the [N, H, D] kernel about 3x slower than the same
+            # bytes as one [N*H, D] matrix (a decode step's output projection:
+            # 1.7 ms vs 0.5 ms); bfloat16 compute on CPU needs 2-D operands.
+            kernel = self.kernel[...]
+            w2 = kernel.reshape(math.prod(kernel.shape[:self.n_in]), -1)
+            if cpu_bfloat16_products(self.dtype):
+                def product(x2):
+                    return bfloat16_matmul(x2, w2, False)
+            else:
+                def product(x2):
+                    return jnp.dot(x2, w2.astype(self.dtype), preferred_element_type=jnp.float32)
+            y = _as_rows(x, self.n_in, product, kernel.shape[self.n_in:])
         return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
@@ -407,8 +412,7 @@ class StarCoder(nnx.Module):
         if head is None:
             head = self.lm_head[...]
         if cpu_bfloat16_products(x.dtype):
-            lead = x.shape[:-1]
-            return bfloat16_matmul(x.reshape(-1, x.shape[-1]), head, False).reshape(*lead, head.shape[-1])
+            return _as_rows(x, 1, lambda x2: bfloat16_matmul(x2, head, False), head.shape[1:])
         return jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
 
     def output_head(self) -> jax.Array:
@@ -422,7 +426,6 @@ class StarCoder(nnx.Module):
             return jnp.transpose(self.wte.embedding[...])
         return self.lm_head[...]
 
-
     HEAD_INT8_NAMES = ("lm_head_q", "lm_head_scale")  # an untied head of an int8 model
 
     def quantize_(self, mode: str = "int8") -> StarCoder:
@@ -433,8 +436,8 @@ class StarCoder(nnx.Module):
         biases and the position table stay as they are. Each float weight is
         freed as soon as its int8 form exists.
         """
-        if mode != "int8":
-            raise ValueError(f"quantize must be 'int8', got {mode!r}")
+        if check_mode(mode) is None:
+            raise ValueError("quantize_ needs a mode: one of " + ", ".join(QUANTIZATION_MODES))
         if self.config.quantization is not None:
             return self
         for _, module in nnx.iter_modules(self):

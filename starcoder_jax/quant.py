@@ -50,7 +50,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-MODES = ("int8",)
+from starcoder_jax.config import QUANTIZATION_MODES as MODES
+from starcoder_jax.sharding import on_cpu_without_mesh
+
 CPU_TILE_ROWS = 512  # output rows per converted tile (the largest divisor of the output size up to this)
 CPU_TILE_INPUTS = 2048  # inputs per converted tile (likewise)
 
@@ -100,10 +102,6 @@ def _block(n: int, target: int) -> int:
     return 1
 
 
-def _use_cpu_blocks() -> bool:
-    return jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
-
-
 def _tiled(x2: jax.Array, q2: jax.Array, *, transposed_dot: bool) -> jax.Array:
     """x2 [M, I] @ q2 [O, I]^T in float32, converting one tile of q2 at a time to x2's dtype."""
     m = x2.shape[0]
@@ -138,7 +136,7 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.
     m, i, o = math.prod(lead), math.prod(in_shape), math.prod(out_shape)
     x2 = x.reshape(m, i)
     q2 = q.reshape(o, i)
-    if _use_cpu_blocks():
+    if on_cpu_without_mesh():
         x2 = x2.astype(jnp.bfloat16)  # the same rounded activations in every form
         if m == 1:
             y = _tiled(x2.astype(jnp.float32), q2, transposed_dot=True)

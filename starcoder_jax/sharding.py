@@ -376,6 +376,12 @@ def batch_sharding(mesh: Mesh | str, shape) -> NamedSharding:
 # Activations
 # ---------------------------------------------------------------------------
 
+def on_cpu_without_mesh() -> bool:
+    """Whether the program being traced runs on XLA:CPU with no mesh set: where
+    the CPU-specific product forms (int8 tiles, bfloat16_matmul) apply."""
+    return jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
+
+
 def constrain(x: jax.Array, logical_axes) -> jax.Array:
     """Pins the sharding of an activation inside a jitted function, by logical axes.
 

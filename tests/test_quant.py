@@ -49,7 +49,7 @@ def test_quantize_int8_bounds_every_weight_by_half_a_step():
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
 @pytest.mark.parametrize("blocked", [True, False], ids=["cpu-blocks", "fused"])
 def test_int8_matmul_equals_the_dequantized_product(monkeypatch, in_shape, out_shape, rows, blocked):
-    monkeypatch.setattr(quant, "_use_cpu_blocks", lambda: blocked)
+    monkeypatch.setattr(quant, "on_cpu_without_mesh", lambda: blocked)
     n_in = len(in_shape)
     w = jnp.asarray(RNG.standard_normal((*in_shape, *out_shape)).astype(np.float32))
     q, scale = quant.quantize_int8(w, n_in)
@@ -70,7 +70,7 @@ def test_int8_matmul_forms_agree_to_float32_round_off(monkeypatch, rows):
     x = jnp.asarray(RNG.standard_normal((rows, 256)).astype(np.float32))
     out = {}
     for blocked in (True, False):
-        monkeypatch.setattr(quant, "_use_cpu_blocks", lambda b=blocked: b)
+        monkeypatch.setattr(quant, "on_cpu_without_mesh", lambda b=blocked: b)
         out[blocked] = np.asarray(jax.jit(lambda x, q, s: quant.int8_matmul(x, q, s, 1))(x, q, scale))
     np.testing.assert_allclose(out[True], out[False], rtol=0, atol=1e-5 * np.abs(out[False]).max())
 

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from starcoder_jax.config import QUANTIZATION_MODES
 from starcoder_jax.eval import common, humaneval, infilling, multipl_e, sandbox
 from starcoder_jax.eval.model_samples import SamplingSettings
 
@@ -81,7 +82,7 @@ def _add_common(parser: argparse.ArgumentParser, *, n: int, timeout: float) -> N
                         help="local model directory or hub id (default: the project's default model)")
     source.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="parameter dtype for the model (default: the loader's, float32)")
-    source.add_argument("--quantize", choices=("int8",), default=None,
+    source.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
                         help="int8: weight-only int8 matmul weights (per-output-channel scales)")
     sampling = parser.add_argument_group("sampling (model only)")
     sampling.add_argument("--n", type=int, default=n, help=f"samples per task (default {n})")

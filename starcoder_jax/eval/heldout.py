@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from starcoder_jax.config import QUANTIZATION_MODES
 from starcoder_jax.data import DataConfig, collect_documents, split_documents
 from starcoder_jax.fim import encode_literal, infill_batch
 from starcoder_jax.generate import generate
@@ -186,7 +187,7 @@ def evaluate(model, tokenizer, texts, *, parse_samples: int = 100, fim_samples: 
 def register(benchmarks) -> None:
     p = benchmarks.add_parser("heldout", help="bits per byte, parse rate and FIM exact match on held-out files")
     p.add_argument("--model", help="model directory or name (default: the project's default model)")
-    p.add_argument("--quantize", choices=("int8",), default=None,
+    p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
                    help="int8: weight-only int8 matmul weights (per-output-channel scales)")
     p.add_argument("--data", nargs="+", default=["{stdlib}"],
                    help="the training data paths ({stdlib} = this Python's standard library)")
