@@ -3,9 +3,10 @@
 Decode reads every weight (and the whole static KV cache) once per step, so
 its yardstick is memory bandwidth: limit tok/s = batch * bandwidth / bytes
 read per step. Prefill is bound by matmul throughput. With
-`--compare-transformers`, transformers' GPTBigCode (torch, CPU) runs the same
-config in the same process, in float32 and bfloat16, and its best dtype is
-the reference. Medians of `--repeats` runs are reported.
+`--compare-transformers`, transformers' GPTBigCode (torch) runs the same
+config in the same process, on the same kind of device (CUDA when JAX runs on
+a GPU and torch sees one, else the CPU), in float32 and bfloat16, and its best
+dtype is the reference. Medians of `--repeats` runs are reported.
 
 `--train` measures training instead: full optimizer steps (forward, backward,
 clipping, AdamW) built by the library's own training loop (starcoder_jax.train),
@@ -55,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def memory_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Host read bandwidth in bytes/s: best of an XLA reduction over a large array."""
+    """Read bandwidth of the default device's memory in bytes/s: best of an
+    XLA reduction over a large array (host memory on the CPU, HBM on a GPU)."""
     x = jnp.ones((size_bytes // 4,), jnp.float32)
     total = jax.jit(lambda a: jnp.sum(a))
     total(x).block_until_ready()
@@ -68,13 +70,24 @@ def memory_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return size_bytes / best
 
 
-def _median_time(fn, repeats: int) -> float:
+def _median_time(fn, repeats: int, sync=lambda: None) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _torch_device():
+    """(device, sync) for transformers: CUDA when JAX runs on a GPU and torch
+    sees one (the same kind of device as ours), else the CPU."""
+    import torch
+
+    if jax.devices()[0].platform == "gpu" and torch.cuda.is_available():
+        return torch.device("cuda"), torch.cuda.synchronize
+    return torch.device("cpu"), lambda: None
 
 
 def weight_bytes_per_step(model) -> int:
@@ -156,34 +169,39 @@ def bench_transformers(config, args, batch_sizes) -> dict:
     import torch
     from transformers import GPTBigCodeForCausalLM
 
+    device, sync = _torch_device()
     torch.manual_seed(0)
     out = {}
-    model32 = GPTBigCodeForCausalLM(_hf_config(config)).eval()
+    model32 = GPTBigCodeForCausalLM(_hf_config(config)).eval().to(device)
     for dtype in (torch.float32, torch.bfloat16):
         model = model32 if dtype == torch.float32 else model32.to(dtype)
         name = str(dtype).removeprefix("torch.")
-        res = {}
+        res = {"device": str(device)}
         with torch.inference_mode():
-            ids = torch.randint(1, config.vocab_size, (1, args.prompt_len))
+            ids = torch.randint(1, config.vocab_size, (1, args.prompt_len), device=device)
             model(ids)
-            seconds = _median_time(lambda m=model, x=ids: m(x), args.repeats)
+            seconds = _median_time(lambda m=model, x=ids: m(x), args.repeats, sync)
             res["prefill"] = {"tokens_per_s": args.prompt_len / seconds, "seconds": seconds}
             for b in batch_sizes:
-                ctx = torch.randint(1, config.vocab_size, (b, args.decode_context))
-                step_ids = torch.randint(1, config.vocab_size, (b, 1))
+                ctx = torch.randint(1, config.vocab_size, (b, args.decode_context), device=device)
+                step_ids = torch.randint(1, config.vocab_size, (b, 1), device=device)
                 times = []
                 for _ in range(args.repeats + 1):
                     past = model(ctx, use_cache=True).past_key_values
+                    sync()
                     t0 = time.perf_counter()
                     for _ in range(args.decode_steps):
                         o = model(step_ids, past_key_values=past, use_cache=True)
                         past = o.past_key_values
                         step_ids = o.logits[:, -1].argmax(-1, keepdim=True)
+                    sync()
                     times.append((time.perf_counter() - t0) / args.decode_steps)
                 seconds = statistics.median(times[1:])
                 res[f"decode_b{b}"] = {"seconds_per_step": seconds, "tokens_per_s": b / seconds}
         out[name] = res
-    del model32
+    del model, model32
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -220,12 +238,9 @@ def main(args) -> int:
           f"host: {platform.machine()} {platform.processor() or ''}".rstrip())
     report = {"model": name, "dtype": args.dtype, "params": config.param_count(),
               "device": f"{device.platform} {device.device_kind}", "jax": jax.__version__}
-    if device.platform == "cpu":
-        bandwidth = memory_bandwidth()
-        report["bandwidth_bytes_per_s"] = bandwidth
-        print(f"host read bandwidth: {bandwidth / 1e9:.1f} GB/s")
-    else:
-        bandwidth = None
+    bandwidth = memory_bandwidth()
+    report["bandwidth_bytes_per_s"] = bandwidth
+    print(f"{'host' if device.platform == 'cpu' else device.platform} read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     ours = {}
     for variant in variants:
         if variant == "int8":
@@ -366,21 +381,24 @@ def bench_train_ours(model, args) -> dict:
 
 
 def bench_train_transformers(config, args) -> dict:
-    """transformers' GPTBigCode + torch AdamW on the CPU, same config, batch and
-    optimizer settings (decay on matmul weights only, like train.decay_mask):
-    float32, then bfloat16 autocast over float32 master weights. Each starts
-    from the same fresh model, so its loss is comparable with ours."""
+    """transformers' GPTBigCode + torch AdamW (on CUDA beside a JAX GPU run,
+    else the CPU), same config, batch and optimizer settings (decay on matmul
+    weights only, like train.decay_mask): float32, then bfloat16 autocast over
+    float32 master weights. Each starts from the same fresh model, so its loss
+    is comparable with ours."""
     import torch
     from transformers import GPTBigCodeForCausalLM
 
     o = train_optim()
+    device, sync = _torch_device()
     # The same T tokens per row as ours: transformers shifts the labels itself.
     ids = torch.from_numpy(_train_batch(config, args.train_batch, args.train_seq_len)[:, :-1].astype(np.int64))
+    ids = ids.to(device)
     tokens = args.train_batch * args.train_seq_len
     out = {}
     for name, autocast in (("float32", False), ("bfloat16_autocast", True)):
         torch.manual_seed(0)
-        model = GPTBigCodeForCausalLM(_hf_config(config)).train()
+        model = GPTBigCodeForCausalLM(_hf_config(config)).train().to(device)
         decay, rest = [], []
         for key, p in model.named_parameters():  # a tied lm_head is wte, listed once
             embedding = key.endswith(("wte.weight", "wpe.weight"))
@@ -391,7 +409,7 @@ def bench_train_transformers(config, args) -> dict:
 
         def step(model=model, optimizer=optimizer, autocast=autocast) -> float:
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = model(ids, labels=ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
@@ -400,8 +418,9 @@ def bench_train_transformers(config, args) -> dict:
 
         step()  # warm-up
         losses = []
-        seconds = _median_time(lambda f=step, sink=losses: sink.append(f()), args.repeats)
-        out[name] = {"seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "loss": losses[-1]}
+        seconds = _median_time(lambda f=step, sink=losses: sink.append(f()), args.repeats, sync)
+        out[name] = {"seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "loss": losses[-1],
+                     "device": str(device)}
         del model, optimizer, step  # free the float32 model before the next one
     return out
 
