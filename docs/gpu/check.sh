@@ -13,7 +13,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # transformers runs in the same process after ours: leave it room on the card
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
 parts=${1:-env forms decode tests train}
-sj() { python3 -m starcoder_jax.cli "$@"; }
+SJ="python3 -m starcoder_jax.cli"
 
 for part in $parts; do
   echo "=== $part $(date -u +%T)"
@@ -24,15 +24,15 @@ for part in $parts; do
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__,
       'transformers', t.__version__, jax.devices())" ;;
     forms)
-      timeout 150 python3 docs/gpu/int8_forms.py 2>&1 | tee "$OUT/forms.txt" ;;
+      timeout 150 python3 docs/gpu/int8_forms.py ${FORMS_ARGS:-} 2>&1 | tee "$OUT/forms.txt" ;;
     decode)
-      timeout 240 sj bench --dtype bfloat16 --quantize none,int8 --batch-sizes 1,8 --repeats 5 \
+      timeout 240 $SJ bench --dtype bfloat16 --quantize none,int8 --batch-sizes 1,8 --repeats 5 \
         --decode-steps 32 --compare-transformers --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.txt" ;;
     tests)
       JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python3 -m pytest -x -q -p no:cacheprovider \
-        tests/test_quant.py tests/test_model_parity.py 2>&1 | tee "$OUT/tests.txt" ;;
+        ${TESTS:-tests/test_quant.py tests/test_model_parity.py} 2>&1 | tee "$OUT/tests.txt" ;;
     train)
-      timeout 180 sj bench --train --dtype bfloat16 --train-batch 4 --train-seq-len 1024 --repeats 5 \
+      timeout 180 $SJ bench --train --dtype bfloat16 --train-batch 4 --train-seq-len 1024 --repeats 5 \
         --compare-transformers --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
