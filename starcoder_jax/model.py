@@ -22,7 +22,15 @@ from flax import nnx
 
 from starcoder_jax.config import QUANTIZATION_MODES, StarCoderConfig
 from starcoder_jax.kv_cache import KVCache, LayerCache
-from starcoder_jax.quant import QuantizedWeight, QuantScale, check_mode, int8_lookup, int8_matmul, quantize_int8
+from starcoder_jax.quant import (
+    QuantizedWeight,
+    QuantScale,
+    check_mode,
+    input_blocks,
+    int8_lookup,
+    int8_matmul,
+    quantize_int8,
+)
 from starcoder_jax.sharding import ACTIVATION, constrain, on_cpu_without_mesh
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -36,20 +44,21 @@ def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
-def _set_int8(module: nnx.Module, names: tuple[str, str], w: jax.Array, n_in: int) -> None:
-    """Stores w [*in, *out] on `module` as int8 (attribute names[0], [*out, *in])
-    and its per-output-channel scales (names[1])."""
-    q, scale = quantize_int8(w, n_in)
+def _set_int8(module: nnx.Module, names: tuple[str, str], w: jax.Array, n_in: int, blocks: int = 1) -> None:
+    """Stores w [*in, *out] on `module` as int8 (attribute names[0], [*out, *in]
+    or its input-blocked form, see quant.quantize_int8) and its per-output-channel
+    scales (names[1])."""
+    q, scale = quantize_int8(w, n_in, blocks)
     setattr(module, names[0], QuantizedWeight(q))
     setattr(module, names[1], QuantScale(scale))
 
 
 def _quantize_attr_(module: nnx.Module, name: str, names: tuple[str, str], n_in: int,
-                    as_in_out=lambda w: w) -> None:
+                    as_in_out=lambda w: w, blocks: int = 1) -> None:
     """Replaces the float parameter `name` by its int8 form, in place (freed first)."""
     w = getattr(module, name)[...]
     delattr(module, name)
-    _set_int8(module, names, as_in_out(w), n_in)
+    _set_int8(module, names, as_in_out(w), n_in, blocks)
 
 
 def cpu_bfloat16_products(dtype) -> bool:
@@ -189,7 +198,9 @@ class Dense(nnx.Module):
     """An einsum projection with a bias: kernel [*in_axes, *out_axes], bias [*out_axes].
 
     Quantized (config.quantization="int8", or `quantize_()`), the kernel is
-    `qkernel` int8 [*out_axes, *in_axes] with `kernel_scale` [*out_axes].
+    `qkernel` int8 [*out_axes, *in_axes] with `kernel_scale` [*out_axes]; a
+    kernel with more inputs than one CPU tile holds is stored in `in_blocks`
+    input blocks, [C, *out_axes, in0 / C, *in_rest] (quant.quantize_int8).
     """
 
     def __init__(self, equation: str, in_shape, out_shape, *, std: float,
@@ -197,9 +208,10 @@ class Dense(nnx.Module):
         pdt = jnp_dtype(config.param_dtype)
         self.equation = equation
         self.n_in = len(in_shape)
+        self.in_blocks = input_blocks(in_shape)
         kernel = _normal(rngs, (*in_shape, *out_shape), std, pdt)
         if config.quantization == "int8":
-            _set_int8(self, self.INT8_NAMES, kernel, self.n_in)
+            _set_int8(self, self.INT8_NAMES, kernel, self.n_in, self.in_blocks)
         else:
             self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros(out_shape, pdt))
@@ -213,11 +225,11 @@ class Dense(nnx.Module):
 
     def quantize_(self) -> None:
         """Replaces the float kernel by its int8 form, in place."""
-        _quantize_attr_(self, "kernel", self.INT8_NAMES, self.n_in)
+        _quantize_attr_(self, "kernel", self.INT8_NAMES, self.n_in, blocks=self.in_blocks)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.quantized:
-            y = int8_matmul(x, self.qkernel[...], self.kernel_scale[...], self.n_in)
+            y = int8_matmul(x, self.qkernel[...], self.kernel_scale[...], self.n_in, self.in_blocks)
         elif self.n_in == 1 and not cpu_bfloat16_products(self.dtype):
             kernel = self.kernel[...].astype(self.dtype)
             y = jnp.einsum(self.equation, x, kernel, preferred_element_type=jnp.float32)

@@ -1,7 +1,10 @@
 """Weight-only int8 quantization: symmetric, one float32 scale per output channel.
 
 A quantized weight is stored output-major, `q [*out, *in]` int8 with
-`scale [*out]`, so that w[..., o] ~= q[o, ...] * scale[o]. Every matmul weight
+`scale [*out]`, so that w[..., o] ~= q[o, ...] * scale[o]. A projection with
+more inputs than one CPU tile (2048) is stored in C input blocks,
+`q [C, *out, in0 / C, *in_rest]` (`input_blocks`, e.g. starcoderbase-1b's MLP
+output projection: [4, 2048, 2048]), so that each tile is contiguous. Every matmul weight
 is quantized (attention and MLP projections, the token embedding that is also
 the tied LM head, an untied LM head); LayerNorms, biases and the position table
 stay in floating point.
@@ -21,9 +24,12 @@ How `int8_matmul` computes x @ dequant(q), chosen per backend by measurement
     0.78 ms for the 2048x8192 output projection (weights in cache; 0.55 ms
     is the bandwidth limit for one byte per weight; one block of whole rows
     runs the latter at 1.3 ms, and `x @ block.T` with 8192-long rows at
-    26 ms), 3.0 ms for the 49152x2048 LM head (limit 3.3). Out of cache the
-    output projection takes 1.2 ms: its tiles are 2048-byte pieces of
-    8192-byte rows (the same bytes stored tile after tile run at the limit).
+    26 ms), 3.0 ms for the 49152x2048 LM head (limit 3.3). Out of cache
+    (8 distinct weights) the output projection took 1.2-1.4 ms while its
+    tiles were 2048-byte pieces of 8192-byte rows; stored in input blocks,
+    so that each tile is one contiguous 1 MB piece, it takes 0.50 ms
+    (34 GB/s), like the input projection (0.54 ms). Smaller tiles (64-256
+    rows) are slower for every starcoderbase-1b shape.
   - M > 1 (batched decoding, prefill): tiles converted to bfloat16 and a
     bfloat16 `dot_general` with float32 accumulation; XLA:CPU's bfloat16
     products run about 1.7x faster than float32 ones on this class of CPU
@@ -81,23 +87,55 @@ def check_mode(mode: str | None) -> str | None:
     return mode
 
 
-def quantize_int8(w: jax.Array, n_in: int) -> tuple[jax.Array, jax.Array]:
-    """w [*in, *out] (n_in leading input axes) -> (q [*out, *in] int8, scale [*out] float32).
+def input_blocks(in_shape) -> int:
+    """How many blocks a projection's quantized weight stores its inputs in.
+
+    A weight with more than CPU_TILE_INPUTS inputs is stored as C blocks of
+    at most that many inputs each (C must divide the first input axis), so
+    that every tile the CPU loop reads is contiguous; 1 means not blocked.
+    """
+    i = math.prod(in_shape)
+    if i <= CPU_TILE_INPUTS:
+        return 1
+    c = i // _block(i, CPU_TILE_INPUTS)
+    return c if in_shape[0] % c == 0 else 1
+
+
+def quantize_int8(w: jax.Array, n_in: int, blocks: int = 1) -> tuple[jax.Array, jax.Array]:
+    """w [*in, *out] (n_in leading input axes) -> (q int8, scale [*out] float32).
 
     Symmetric: scale = max |w| over the inputs / 127, q = round(w / scale) in
-    [-127, 127]; an all-zero column gets scale 1 (and q = 0).
+    [-127, 127]; an all-zero column gets scale 1 (and q = 0). q is stored
+    output-major, [*out, *in]; with blocks = C > 1 the first input axis in0
+    is cut into C blocks that lead: [C, *out, in0 / C, *in_rest].
     """
     w = jnp.asarray(w, jnp.float32)
     in_axes = tuple(range(n_in))
     amax = jnp.max(jnp.abs(w), axis=in_axes)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
     q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    if blocks > 1:
+        q = q.reshape(blocks, w.shape[0] // blocks, *w.shape[1:])
+        # [C, in0/C, *in_rest, *out] -> [C, *out, in0/C, *in_rest]
+        n_out = w.ndim - n_in
+        perm = (0,) + tuple(range(n_in + 1, n_in + 1 + n_out)) + tuple(range(1, n_in + 1))
+        return jnp.transpose(q, perm), scale
     perm = tuple(range(n_in, w.ndim)) + in_axes
     return jnp.transpose(q, perm), scale
 
 
-def dequantize(q: jax.Array, scale: jax.Array, n_in: int, dtype=jnp.float32) -> jax.Array:
+def _in_out(q: jax.Array, n_in: int, blocks: int) -> jax.Array:
+    """A stored q -> [*out, *in] (the unblocked, output-major layout)."""
+    if blocks == 1:
+        return q
+    n_out = q.ndim - 1 - n_in
+    q = jnp.moveaxis(q, 0, n_out)  # [*out, C, in0/C, *in_rest]
+    return q.reshape(*q.shape[:n_out], -1, *q.shape[n_out + 2:])
+
+
+def dequantize(q: jax.Array, scale: jax.Array, n_in: int, dtype=jnp.float32, blocks: int = 1) -> jax.Array:
     """The float matrix [*in, *out] that (q, scale) stand for."""
+    q = _in_out(q, n_in, blocks)
     w = q.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * n_in)
     n_out = q.ndim - n_in
     perm = tuple(range(n_out, q.ndim)) + tuple(range(n_out))
@@ -112,16 +150,21 @@ def _block(n: int, target: int) -> int:
     return 1
 
 
-def _tiled(x2: jax.Array, q2: jax.Array, *, transposed_dot: bool) -> jax.Array:
-    """x2 [M, I] @ q2 [O, I]^T in float32, converting one tile of q2 at a time to x2's dtype."""
+def _tiled(x2: jax.Array, q3: jax.Array, *, transposed_dot: bool) -> jax.Array:
+    """x2 [M, I] @ q3 [C, O, I/C] (C input blocks) in float32, converting one
+    tile of q3 at a time to x2's dtype."""
     m = x2.shape[0]
-    o, i = q2.shape
-    rows, cols = _block(o, CPU_TILE_ROWS), _block(i, CPU_TILE_INPUTS)
+    c, o, k = q3.shape
+    rows, cols = _block(o, CPU_TILE_ROWS), _block(k, CPU_TILE_INPUTS)
+    per_block = k // cols
 
     def row_block(b, y):
-        def add_tile(c, acc):
-            tile = jax.lax.dynamic_slice(q2, (b * rows, c * cols), (rows, cols)).astype(x2.dtype)
-            xc = jax.lax.dynamic_slice(x2, (0, c * cols), (m, cols))
+        def add_tile(t, acc):
+            # input tile t: block t // per_block, columns (t % per_block) * cols...
+            # of it, which are x2's columns t * cols...
+            start = (t // per_block, b * rows, (t % per_block) * cols)
+            tile = jax.lax.dynamic_slice(q3, start, (1, rows, cols))[0].astype(x2.dtype)
+            xc = jax.lax.dynamic_slice(x2, (0, t * cols), (m, cols))
             # The same product written two ways: XLA:CPU's code for each
             # differs several-fold with the dtype (x @ tile.T is the fast
             # float32 matrix-vector form, dot_general the fast bfloat16 one).
@@ -130,34 +173,43 @@ def _tiled(x2: jax.Array, q2: jax.Array, *, transposed_dot: bool) -> jax.Array:
             return acc + jax.lax.dot_general(xc, tile, (((1,), (1,)), ((), ())),
                                              preferred_element_type=jnp.float32)
 
-        acc = jax.lax.fori_loop(0, i // cols, add_tile, jnp.zeros((m, rows), jnp.float32))
+        acc = jax.lax.fori_loop(0, c * per_block, add_tile, jnp.zeros((m, rows), jnp.float32))
         return jax.lax.dynamic_update_slice(y, acc, (0, b * rows))
 
     return jax.lax.fori_loop(0, o // rows, row_block, jnp.zeros((m, o), jnp.float32))
 
 
-def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
-    """x [..., *in] @ dequant(q [*out, *in], scale [*out]) -> float32 [..., *out]."""
-    out_shape = q.shape[:q.ndim - n_in]
-    in_shape = q.shape[q.ndim - n_in:]
+def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int, blocks: int = 1) -> jax.Array:
+    """x [..., *in] @ dequant(q, scale) -> float32 [..., *out], for q stored as
+    `quantize_int8(w, n_in, blocks)` stores it."""
+    lead_q = 1 if blocks > 1 else 0
+    n_out = q.ndim - lead_q - n_in
+    out_shape = q.shape[lead_q:lead_q + n_out]
+    in_shape = q.shape[lead_q + n_out:]
+    if blocks > 1:
+        in_shape = (in_shape[0] * blocks, *in_shape[1:])
+        if q.shape[0] != blocks:
+            raise ValueError(f"int8_matmul: q {q.shape} does not lead with its {blocks} input blocks")
     lead = x.shape[:x.ndim - n_in]
     if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):
         raise ValueError(f"int8_matmul: x {x.shape} does not end with the weight's input axes {in_shape}")
     m, i, o = math.prod(lead), math.prod(in_shape), math.prod(out_shape)
     x2 = x.reshape(m, i)
-    q2 = q.reshape(o, i)
+    # [C, O, K]: the rows of block c hold inputs c*K...(c+1)*K (C = 1: unblocked)
+    q3 = q.reshape(blocks, o, i // blocks) if blocks > 1 else q.reshape(1, o, i)
+    c, k = q3.shape[0], q3.shape[2]
     if on_cpu_without_mesh():
         x2 = x2.astype(jnp.bfloat16)  # the same rounded activations in every form
         if m == 1:
-            y = _tiled(x2.astype(jnp.float32), q2, transposed_dot=True)
+            y = _tiled(x2.astype(jnp.float32), q3, transposed_dot=True)
         else:
-            y = _tiled(x2, q2, transposed_dot=False)
+            y = _tiled(x2, q3, transposed_dot=False)
     elif m == 1 and jax.default_backend() == "gpu":
         # one fused pass over q: each int8 weight read once, converted in registers
-        xf = x2.astype(jnp.bfloat16).astype(jnp.float32)
-        y = jnp.sum(xf[:, None, :] * q2.astype(jnp.float32)[None], axis=-1)
+        xf = x2.astype(jnp.bfloat16).astype(jnp.float32).reshape(c, 1, k)
+        y = jnp.sum(xf * q3.astype(jnp.float32), axis=(0, 2))[None]
     else:
-        y = jnp.einsum("MI,OI->MO", x2.astype(jnp.bfloat16), q2.astype(jnp.bfloat16),
+        y = jnp.einsum("MCK,COK->MO", x2.reshape(m, c, k).astype(jnp.bfloat16), q3.astype(jnp.bfloat16),
                        preferred_element_type=jnp.float32)
     y = y * scale.reshape(o).astype(jnp.float32)
     return y.reshape(*lead, *out_shape)

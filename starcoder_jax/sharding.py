@@ -65,6 +65,7 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "shared_kv_head": None,
     "head_dim": None,
     "mlp": ("tensor",),
+    "in_block": None,  # inputs within one block of an input-blocked int8 kernel
     "norm": None,  # [D] LayerNorm scales and biases, [D] output biases: tiny
     # the KV cache [B, S, K, H]
     "cache_batch": ("data", "fsdp"),
@@ -103,12 +104,22 @@ def param_axes_table(config: StarCoderConfig) -> dict[tuple[str, ...], tuple[str
         ("mlp", "proj", "bias"): ("norm",),
     }
     # int8 models (starcoder_jax.quant): kernels are stored output-major, and
-    # each scale is split like its kernel's output axes.
+    # each scale is split like its kernel's output axes. An input-blocked
+    # kernel [C, *out, in0 / C, *in_rest] splits its blocks C like in0 (so a
+    # shard holds a contiguous range of inputs, like its activations) when
+    # the mesh axis divides C; the inputs within a block stay whole.
+    from starcoder_jax.quant import input_blocks
+
+    in_shapes = {("attn", "out"): (config.n_head, config.head_dim), ("mlp", "proj"): (config.mlp_dim,)}
     for (*module, name), axes in list(block.items()):
         if name == "kernel":
-            n_in = 2 if module == ["attn", "out"] else 1
-            out_axes = axes[n_in:]
-            block[(*module, "qkernel")] = out_axes + axes[:n_in]
+            in_shape = in_shapes.get(tuple(module), (config.n_embd,))
+            n_in = len(in_shape)
+            out_axes, in_axes = axes[n_in:], axes[:n_in]
+            if input_blocks(in_shape) > 1:
+                block[(*module, "qkernel")] = (in_axes[0],) + out_axes + ("in_block",) + in_axes[1:]
+            else:
+                block[(*module, "qkernel")] = out_axes + in_axes
             block[(*module, "kernel_scale")] = out_axes
     table = {("blocks", *k): v for k, v in block.items()}
     table.update({
@@ -248,8 +259,9 @@ def logical_spec(logical_axes, mesh, shape=None) -> jax.sharding.PartitionSpec:
 
     With `shape`, a dimension that the product of its mesh axes does not
     divide keeps only the longest prefix of those axes that does (for
-    activations and caches, e.g. a batch of 1 on data=8 stays whole).
-    Without it, every mapped axis is used (parameters: see check_fits).
+    activations and caches, e.g. a batch of 1 on data=8 stays whole; for
+    parameters, which check_fits has checked, only the input blocks of an
+    int8 kernel can be cut short). Without it, every mapped axis is used.
     A logical axis of None is whole on every device; `jax.P.UNCONSTRAINED`
     leaves the choice to the partitioner.
     """
@@ -277,6 +289,8 @@ def check_fits(config: StarCoderConfig, mesh) -> None:
     for logical in [name for name in RULES if name in used]:
         axes = _mesh_axes(logical, sizes)
         split = math.prod(sizes[a] for a in axes)
+        if split == 1:
+            continue
         size, what = dims[logical]
         if size % split == 0:
             continue
@@ -330,7 +344,7 @@ def _flat_params(config: StarCoderConfig):
 def param_specs(config: StarCoderConfig, mesh) -> dict[tuple, jax.sharding.PartitionSpec]:
     """PartitionSpec of every parameter path, after check_fits."""
     check_fits(config, mesh)
-    return {path: logical_spec(param_logical_axes(config, path, len(sds.shape)), mesh)
+    return {path: logical_spec(param_logical_axes(config, path, len(sds.shape)), mesh, sds.shape)
             for path, sds in _flat_params(config)}
 
 
@@ -564,7 +578,7 @@ def shard_plan(config: StarCoderConfig | str, mesh_spec: str, *, batch: int = 1,
     pdt, cdt = jnp.dtype(config.param_dtype).itemsize, jnp.dtype(config.dtype).itemsize
     param_elems = whole_elems = 0
     for path, sds in _flat_params(config):
-        spec = logical_spec(param_logical_axes(config, path, len(sds.shape)), mesh)
+        spec = logical_spec(param_logical_axes(config, path, len(sds.shape)), mesh, sds.shape)
         param_elems += math.prod(NamedSharding(mesh, spec).shard_shape(sds.shape))
         whole_elems += math.prod(sds.shape)
 

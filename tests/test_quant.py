@@ -75,6 +75,36 @@ def test_int8_matmul_forms_agree_to_float32_round_off(monkeypatch, rows):
     np.testing.assert_allclose(out[True], out[False], rtol=0, atol=1e-5 * np.abs(out[False]).max())
 
 
+@pytest.mark.parametrize("in_shape, out_shape, blocks", [((4096,), (3, 16), 2), ((6, 1024), (24,), 3)])
+def test_input_blocked_storage_computes_the_same_product(monkeypatch, in_shape, out_shape, blocks):
+    """A weight with more inputs than one CPU tile is stored in input blocks
+    [C, *out, in0 / C, *in_rest]: the same weights (dequantized bit for bit),
+    the same CPU tiles in the same order (bit-identical products), and the
+    fused and one-row GPU forms agree with it to float32 round-off."""
+    assert quant.input_blocks(in_shape) == blocks
+    rng = np.random.default_rng(11)  # its own draws: the module's RNG stream stays as the tests below expect
+    n_in = len(in_shape)
+    w = jnp.asarray(rng.standard_normal((*in_shape, *out_shape)).astype(np.float32))
+    q, scale = quant.quantize_int8(w, n_in, blocks)
+    flat_q, flat_scale = quant.quantize_int8(w, n_in)
+    assert q.shape == (blocks, *out_shape, in_shape[0] // blocks, *in_shape[1:])
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(q, scale, n_in, blocks=blocks)),
+                                  np.asarray(quant.dequantize(flat_q, flat_scale, n_in)))
+    for rows in (1, 5):
+        x = jnp.asarray(rng.standard_normal((rows, *in_shape)).astype(np.float32))
+        flat = np.asarray(jax.jit(lambda x, q, s: quant.int8_matmul(x, q, s, n_in))(x, flat_q, flat_scale))
+        got = np.asarray(jax.jit(lambda x, q, s: quant.int8_matmul(x, q, s, n_in, blocks))(x, q, scale))
+        np.testing.assert_array_equal(got, flat)
+        monkeypatch.setattr(quant, "on_cpu_without_mesh", lambda: False)
+        for backend in ("cpu", "gpu"):  # the fused einsum, and (one row) the GPU's multiply-and-reduce
+            monkeypatch.setattr(quant.jax, "default_backend", lambda b=backend: b)
+            fused = np.asarray(quant.int8_matmul(x, q, scale, n_in, blocks))
+            np.testing.assert_allclose(fused, flat, rtol=0, atol=1e-5 * np.abs(flat).max())
+        monkeypatch.undo()
+    with pytest.raises(ValueError, match="input blocks"):
+        quant.int8_matmul(x, q, scale, n_in, blocks + 1)
+
+
 def test_int8_matmul_refuses_mismatched_inputs():
     q, scale = quant.quantize_int8(jnp.ones((8, 4)), 1)
     with pytest.raises(ValueError, match="input axes"):
@@ -105,6 +135,27 @@ def test_quantized_model_structure_equals_its_abstract_model(tie):
         model.output_head()
 
 
+def test_wide_mlp_output_projection_is_stored_in_input_blocks(tmp_path):
+    """n_inner 4096 > one CPU tile: the MLP output projection's int8 kernel is
+    [2, D, 2048], in the model, its abstract model and a quantized checkpoint,
+    and the model computes what the float model computes."""
+    config = StarCoderConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=4, n_inner=4096)
+    float_model = init_model(config)
+    ids = jnp.asarray(np.random.default_rng(12).integers(0, 300, (2, 7)), jnp.int32)
+    want = np.asarray(float_model(ids))
+    model = float_model.quantize_()
+    proj = model.blocks[0].mlp.proj
+    assert proj.in_blocks == 2 and proj.qkernel[...].shape == (2, 32, 2048)
+    assert model.blocks[0].mlp.fc.in_blocks == 1 and model.blocks[0].mlp.fc.qkernel[...].shape == (4096, 32)
+    abstract = abstract_model(model.config)
+    assert abstract.blocks[0].mlp.proj.qkernel.get_value().shape == (2, 32, 2048)
+    got = np.asarray(model(ids))
+    assert np.abs(got - want).max() <= 0.03 * (want.max() - want.min())
+    loaded = sj.load_pretrained(save_orbax(model, str(tmp_path / "int8")))
+    assert loaded.blocks[0].mlp.proj.qkernel[...].shape == (2, 32, 2048)
+    np.testing.assert_array_equal(np.asarray(loaded(ids)), got)
+
+
 @pytest.fixture(scope="module")
 def float_and_int8(tiny_model_dir):
     return sj.load_pretrained(tiny_model_dir), sj.load_pretrained(tiny_model_dir, quantize="int8")
@@ -127,12 +178,20 @@ def test_int8_greedy_generation_mostly_equals_float_and_is_self_consistent(float
     got = [r.ids for r in results]
     # cached int8 decode agrees with the int8 model's own full forward pass: the
     # log-probabilities of the chosen tokens match (the same products, summed in
-    # another order)
+    # another order: one row at a time against all rows at once). An
+    # activation within round-off of a bfloat16 rounding boundary can round
+    # the other way in one of the two (2^-8 relative), and through the cache
+    # that moves the positions after it a little: a few positions may differ
+    # by up to 1e-2 (a flip early in a sequence moves every position after
+    # it), the rest agree to float32 round-off.
+    err = []
     for prompt, r in zip(prompts, results):
         seq = jnp.asarray([prompt + r.ids], jnp.int32)
         full = jax.nn.log_softmax(qmodel(seq)[0, len(prompt) - 1:-1], -1)
         want = np.take_along_axis(np.asarray(full), np.asarray(r.ids)[:, None], -1)[:, 0]
-        np.testing.assert_allclose(np.asarray(r.logprobs), want, atol=1e-3, rtol=0)
+        err.extend(np.abs(np.asarray(r.logprobs) - want))
+    err = np.asarray(err)
+    assert err.max() <= 1e-2 and (err > 1e-4).mean() <= 0.25, (err.max(), (err > 1e-4).mean())
     # a token that differs changes everything after it: count the agreeing prefix
     same_prefix = [next((i for i, (a, b) in enumerate(zip(r, g)) if a != b), len(r)) for r, g in zip(ref, got)]
     assert sum(same_prefix) >= 0.5 * sum(len(r) for r in ref), same_prefix

@@ -326,7 +326,10 @@ def test_eight_fake_devices(tmp_path):
                           " --xla_backend_optimization_level=0"),
                JAX_PLATFORMS="cpu", STARCODER_JAX_EIGHT_DEVICES="1",
                STARCODER_JAX_TEST_MQA=make_hf_model(str(tmp_path / "mqa"), **shape),
-               STARCODER_JAX_TEST_MHA=make_hf_model(str(tmp_path / "mha"), multi_query=False, **shape))
+               STARCODER_JAX_TEST_MHA=make_hf_model(str(tmp_path / "mha"), multi_query=False, **shape),
+               # an MLP wider than one int8 CPU tile: its int8 output projection is input-blocked
+               STARCODER_JAX_TEST_WIDE=make_hf_model(str(tmp_path / "wide"), **dict(shape, n_inner=4096,
+                                                                                     weight_std=0.05)))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "mesh8",
@@ -464,7 +467,7 @@ def test_mesh8_arrays_are_sharded_as_the_rules_say(references, kind):
 def int8_references():
     """Single-device (no mesh) logits and greedy tokens of the int8-quantized models."""
     out = {}
-    for kind in ("MQA", "MHA"):
+    for kind in ("MQA", "MHA", "WIDE"):
         path = os.environ[f"STARCODER_JAX_TEST_{kind}"]
         model = sj.load_pretrained(path, quantize="int8")
         ids, _ = _ids_mask()
@@ -478,7 +481,8 @@ def int8_references():
 
 @mesh8
 @pytest.mark.parametrize("kind, spec", [("MQA", "data=2,fsdp=2,tensor=2"), ("MQA", "tensor=8"),
-                                        ("MHA", "data=2,fsdp=2,tensor=2")])
+                                        ("MHA", "data=2,fsdp=2,tensor=2"), ("WIDE", "data=2,fsdp=2,tensor=2"),
+                                        ("WIDE", "tensor=8")])
 def test_mesh8_int8_equals_one_device(int8_references, kind, spec):
     """int8 weights and scales split by the rules; results equal the one-device int8 model's.
 
@@ -502,6 +506,13 @@ def test_mesh8_int8_equals_one_device(int8_references, kind, spec):
         assert query.kernel_scale.get_value().sharding.spec == P("tensor", None)
         assert model.wte.qembedding.get_value().sharding.spec == P("tensor", "fsdp")
         assert model.wte.embedding_scale.get_value().sharding.spec == P("tensor")
+    if kind == "WIDE":  # [C=2 blocks, D, 2048]: blocks split like the inputs where the mesh axis divides C
+        proj = model.blocks[0].mlp.proj.qkernel.get_value()
+        assert proj.shape == (2, 64, 2048)
+        if spec == "tensor=8":  # 8 does not divide C = 2: every device holds the whole kernel
+            assert proj.sharding.is_fully_replicated
+        else:
+            assert proj.sharding.spec == P("tensor", "fsdp", None)
     ids, _ = _ids_mask()
     with jax.set_mesh(mesh):
         ids = jax.device_put(ids, sh.batch_sharding(mesh, ids.shape))

@@ -45,7 +45,8 @@ def forms():
     def bf16_reduce(x, w, s):
         return jnp.sum(x.astype(jnp.bfloat16).astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None], axis=-1)
 
-    return {"bf16 weights": bf16, "bf16 multiply+reduce": bf16_reduce, "int8 einsum(convert)": einsum_convert, "int8 mixed dot_general": mixed_dot,
+    return {"bf16 weights": bf16, "bf16 multiply+reduce": bf16_reduce, "int8 einsum(convert)": einsum_convert,
+            "int8 mixed dot_general": mixed_dot,
             "int8 multiply+reduce": reduce_f32}
 
 
