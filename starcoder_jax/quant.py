@@ -42,7 +42,9 @@ How `int8_matmul` computes x @ dequant(q), chosen per backend by measurement
   comes from cache): 16.6 us for the 8192x2048 MLP input projection (1.0 TB/s
   of int8 weights) and 59 us for the 49152x2048 LM head (1.7 TB/s), where the
   einsum below takes 72 and 350 us and the same product with bfloat16 weights
-  76 and 369 us (XLA:GPU's matrix-vector dots run at 0.3-0.6 TB/s).
+  76 and 369 us (upper bounds: those dots read slices of one stacked array,
+  which may have been copied first). In the whole model (no slices) int8
+  decodes one sequence 1.6x faster than bfloat16 weights (BENCHMARKS.md).
 - GPU with M > 1, TPU, or any program under a mesh on the CPU:
   `x @ q.astype(bfloat16).T * scale` as one expression; XLA fuses the
   conversion into the matmul, and each shard of q keeps its scale (scales

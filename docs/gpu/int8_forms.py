@@ -9,6 +9,11 @@ is checked against the float32 product of the dequantized weights.
 
     python docs/gpu/int8_forms.py            # on the device JAX picks
     python docs/gpu/int8_forms.py --small    # a quick run of the script itself
+    python docs/gpu/int8_forms.py --forms ours --rows 1   # the library's own int8_matmul only
+
+"ours" is `starcoder_jax.quant.int8_matmul` on the library's stored layout
+(input blocks included), i.e. whatever form it picks on this backend: the
+CPU tiles on a CPU.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SHAPES = {"c_attn": (2304, 2048), "mlp c_fc": (8192, 2048), "mlp c_proj": (2048, 8192), "lm head": (49152, 2048)}
+from starcoder_jax import quant
+
+SHAPES = {"c_attn": (2304, 2048), "attn out": (2048, 2048), "mlp c_fc": (8192, 2048), "mlp c_proj": (2048, 8192),
+          "lm head": (49152, 2048)}
 
 
 def forms():
@@ -56,6 +64,7 @@ def main() -> None:
     p.add_argument("--rows", default="1,8")
     p.add_argument("--stack", type=int, default=8)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--forms", default="", help="comma-separated substrings: time only the forms whose name has one")
     args = p.parse_args()
     dev = jax.devices()[0]
     print(f"device: {dev.platform} {dev.device_kind}  jax {jax.__version__}")
@@ -71,21 +80,30 @@ def main() -> None:
         deq = q.astype(np.float32) * scale[..., None]
         wb = jnp.asarray(deq, jnp.bfloat16)
         qj, sj = jnp.asarray(q), jnp.asarray(scale, jnp.float32)
+        blocks = quant.input_blocks((i,))
+        # the library's layout: quantize_int8 takes [in, out]; same int8 values and scales
+        q_ours = jnp.stack([quant.quantize_int8(jnp.asarray(deq[k].T), 1, blocks)[0] for k in range(args.stack)])
         for m in rows:
             x = rng.standard_normal((m, i), np.float32)
             xb = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
             ref = np.stack([xb @ deq[k].T for k in range(args.stack)])
-            for form_name, f in forms().items():
-                weights = wb if form_name.startswith("bf16") else qj
+            all_forms = dict(forms(), ours=lambda x, q, s, c=blocks: quant.int8_matmul(x, q, s, 1, c))
+            wanted = [w for w in args.forms.split(",") if w]
+            for form_name, f in all_forms.items():
+                if wanted and not any(w in form_name for w in wanted):
+                    continue
+                weights = wb if form_name.startswith("bf16") else q_ours if form_name == "ours" else qj
                 nbytes = weights.nbytes + (0 if form_name.startswith("bf16") else sj.nbytes)
+                # separate arrays, like the layers' weights (slicing one stacked array would copy)
+                weights = list(weights)
 
                 @jax.jit
                 def run(x, weights, sj, f=f):
-                    return jnp.stack([f(x, weights[k], sj[k]) for k in range(args.stack)])
+                    return jnp.stack([f(x, w, s) for w, s in zip(weights, sj)])
 
                 xj = jnp.asarray(x)
                 try:
-                    out = np.asarray(run(xj, weights, sj))
+                    out = np.asarray(run(xj, weights, list(sj)))
                 except Exception as e:  # a form XLA rejects on this backend
                     print(f"{name:12s} {m:3d} {form_name:26s} failed: {type(e).__name__}: {str(e)[:80]}")
                     continue
@@ -93,7 +111,7 @@ def main() -> None:
                 times = []
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()
-                    run(xj, weights, sj).block_until_ready()
+                    run(xj, weights, list(sj)).block_until_ready()
                     times.append(time.perf_counter() - t0)
                 t = statistics.median(times) / args.stack
                 print(f"{name:12s} {m:3d} {form_name:26s} {t * 1e6:10.1f} {nbytes / args.stack / t / 1e9:8.0f} "
