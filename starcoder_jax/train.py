@@ -28,6 +28,7 @@ from tqdm import tqdm
 from starcoder_jax.checkpoint import Checkpoints, abstract_like
 from starcoder_jax.config import StarCoderConfig, preset
 from starcoder_jax.data import DataConfig, PackedDataset, collect_documents, eval_sequences, split_documents
+from starcoder_jax.losses import token_nll_sum
 from starcoder_jax.model import StarCoder, init_model
 from starcoder_jax.tokenizer import load_tokenizer
 
@@ -247,17 +248,6 @@ def make_optimizer(o: OptimConfig, steps: int):
         optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
     )
     return tx, schedule
-
-
-def token_nll_sum(model: StarCoder, ids, mask, rngs=None):
-    """Sum of next-token negative log-likelihoods over mask[:, 1:] (float32 scalar).
-
-    ids, mask [B, T + 1]: inputs are ids[:, :-1], targets ids[:, 1:].
-    """
-    logits = model(ids[:, :-1], rngs=rngs)  # [B, T, V]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask[:, 1:])
 
 
 def make_train_step(graphdef, tx, *, seed: int, dropout: bool, skip_nonfinite: bool,

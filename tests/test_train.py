@@ -16,6 +16,7 @@ from builders import CORPUS, hf_logits
 
 from starcoder_jax import train
 from starcoder_jax.checkpoint import Checkpoints
+from starcoder_jax.losses import token_nll_sum
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -253,7 +254,7 @@ def test_bfloat16_compute_gradients(monkeypatch, tie):
     def flat_grads(dtype):
         model = init_model(StarCoderConfig(**shape, dtype=dtype, param_dtype="float32"), seed=0)
         graphdef, params = nnx.split(model)
-        g = jax.jit(jax.grad(lambda p: train.token_nll_sum(nnx.merge(graphdef, p), ids, mask)))(params)
+        g = jax.jit(jax.grad(lambda p: token_nll_sum(nnx.merge(graphdef, p), ids, mask)))(params)
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(g))
         return np.concatenate([np.asarray(leaf).ravel() for leaf in jax.tree.leaves(g)])
 

@@ -41,7 +41,7 @@ from starcoder_jax.config import QUANTIZATION_MODES
 from starcoder_jax.data import DataConfig, collect_documents, split_documents
 from starcoder_jax.fim import encode_literal, infill_batch
 from starcoder_jax.generate import generate
-from starcoder_jax.train import token_nll_sum
+from starcoder_jax.losses import token_nll_sum
 
 PARSE_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif")
 
