@@ -4,8 +4,12 @@
 # torch and transformers (nothing is installed; the package runs from this
 # checkout). Logs go to $OUT (default ./gpu-out).
 #
-#   bash docs/gpu/check.sh            # everything below, in order of importance
-#   bash docs/gpu/check.sh decode     # one part: env, forms, decode, tests, train
+#   bash docs/gpu/check.sh                  # every part: env forms decode tests train
+#   bash docs/gpu/check.sh "decode tests"   # some parts, in the order given
+#
+# FORMS_ARGS passes options to docs/gpu/int8_forms.py (e.g. "--rows 1");
+# TESTS replaces the test files (default: the int8 and parity tests, run
+# with float32 matmuls at full precision: XLA:GPU would use TF32).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
