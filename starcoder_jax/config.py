@@ -27,6 +27,16 @@ QUANTIZATION_KEY = "starcoder_jax_quantization"  # config.json key of quantized 
 QUANTIZATION_MODES = ("int8",)  # weight formats of starcoder_jax.quant; also the int8 KV cache's
 
 
+def check_quantization(mode: str | None, argument: str = "quantization", none_means: str = "") -> str | None:
+    """`mode` if it is None or one of QUANTIZATION_MODES, else a ValueError that
+    names the caller's `argument` (and what None means there, e.g. " (the
+    compute dtype)" for a KV cache)."""
+    if mode is not None and mode not in QUANTIZATION_MODES:
+        allowed = " or ".join(repr(m) for m in QUANTIZATION_MODES)
+        raise ValueError(f"{argument} must be None{none_means} or {allowed}, got {mode!r}")
+    return mode
+
+
 @dataclasses.dataclass(frozen=True)
 class StarCoderConfig:
     """Shapes and numerics of a GPTBigCode (StarCoder family) model.
@@ -83,9 +93,7 @@ class StarCoderConfig:
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.quantization is not None and self.quantization not in QUANTIZATION_MODES:
-            allowed = " or ".join(repr(m) for m in QUANTIZATION_MODES)
-            raise ValueError(f"quantization must be None or {allowed}, got {self.quantization!r}")
+        check_quantization(self.quantization)
 
     # Derived shapes: computed, never stored.
     @property

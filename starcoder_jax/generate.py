@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from starcoder_jax.config import check_quantization
 from starcoder_jax.kv_cache import KVCache
-from starcoder_jax.kv_cache import check_quantize as check_cache_quantize
 from starcoder_jax.model import StarCoder
 from starcoder_jax.sampling import SamplingParams, sample
 from starcoder_jax.sharding import MeshRunner
@@ -283,7 +283,7 @@ class Generator:
                  kv_cache: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.kv_cache = check_cache_quantize(kv_cache, "kv_cache")  # an error before any run
+        self.kv_cache = check_quantization(kv_cache, "kv_cache", " (the compute dtype)")  # an error before any run
         self.graphdef, self.params = nnx.split(model)
         # mesh (a jax Mesh or a spec like "data=2,tensor=4"): params resharded per the
         # rules, a sharded cache, jitted calls with out_shardings. None: one device, as is.

@@ -24,16 +24,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from starcoder_jax.config import QUANTIZATION_MODES, StarCoderConfig
-
-
-def check_quantize(mode: str | None, argument: str = "cache quantize") -> str | None:
-    """A cache format: None (the compute dtype) or one of QUANTIZATION_MODES;
-    `argument` names the caller's parameter in the error."""
-    if mode is not None and mode not in QUANTIZATION_MODES:
-        allowed = " or ".join(repr(m) for m in QUANTIZATION_MODES)
-        raise ValueError(f"{argument} must be None (the compute dtype) or {allowed}, got {mode!r}")
-    return mode
+from starcoder_jax.config import StarCoderConfig, check_quantization
 
 
 def _quantize_tokens(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -106,7 +97,7 @@ class KVCache:
         and int8 scales [B, S, K] are split like the slabs' first three axes.
         quantize: None (slabs in `dtype`, default the compute dtype) or "int8".
         """
-        check_quantize(quantize)
+        check_quantization(quantize, "cache quantize", " (the compute dtype)")
         if length > config.n_positions:
             raise ValueError(
                 f"cache length {length} exceeds the model's {config.n_positions} positions"

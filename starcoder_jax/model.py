@@ -20,12 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from starcoder_jax.config import QUANTIZATION_MODES, StarCoderConfig
+from starcoder_jax.config import QUANTIZATION_MODES, StarCoderConfig, check_quantization
 from starcoder_jax.kv_cache import KVCache, LayerCache
 from starcoder_jax.quant import (
     QuantizedWeight,
     QuantScale,
-    check_mode,
     input_blocks,
     int8_lookup,
     int8_matmul,
@@ -448,7 +447,7 @@ class StarCoder(nnx.Module):
         biases and the position table stay as they are. Each float weight is
         freed as soon as its int8 form exists.
         """
-        if check_mode(mode) is None:
+        if check_quantization(mode, "quantize_ mode") is None:
             raise ValueError("quantize_ needs a mode: one of " + ", ".join(QUANTIZATION_MODES))
         if self.config.quantization is not None:
             return self

@@ -6,6 +6,7 @@ import os
 import re
 
 from starcoder_jax import weights
+from starcoder_jax.config import check_quantization
 from starcoder_jax.model import StarCoder
 
 # Models shipped inside the package, loadable by name with no download.
@@ -69,9 +70,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
       by `starcoder-jax convert hf-to-jax --quantize int8` is int8 already and
       loads as such without it.
     """
-    from starcoder_jax.quant import check_mode
-
-    check_mode(quantize)
+    check_quantization(quantize, "quantize")
     path = resolve_model_dir(name_or_path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no config.json (not a model directory)")

@@ -68,7 +68,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from starcoder_jax.config import QUANTIZATION_MODES as MODES
 from starcoder_jax.sharding import on_cpu_without_mesh
 
 CPU_TILE_ROWS = 512  # output rows per converted tile (the largest divisor of the output size up to this)
@@ -81,12 +80,6 @@ class QuantizedWeight(nnx.Variable):
 
 class QuantScale(nnx.Variable):
     """float32 per-output-channel scales of a QuantizedWeight."""
-
-
-def check_mode(mode: str | None) -> str | None:
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"quantize must be one of {MODES} or None, got {mode!r}")
-    return mode
 
 
 def input_blocks(in_shape) -> int:

@@ -110,13 +110,12 @@ def param_axes_table(config: StarCoderConfig) -> dict[tuple[str, ...], tuple[str
     # the mesh axis divides C; the inputs within a block stay whole.
     from starcoder_jax.quant import input_blocks
 
-    in_shapes = {("attn", "out"): (config.n_head, config.head_dim), ("mlp", "proj"): (config.mlp_dim,)}
+    sizes = _dimensions(config)
     for (*module, name), axes in list(block.items()):
         if name == "kernel":
-            in_shape = in_shapes.get(tuple(module), (config.n_embd,))
-            n_in = len(in_shape)
+            n_in = 2 if module == ["attn", "out"] else 1
             out_axes, in_axes = axes[n_in:], axes[:n_in]
-            if input_blocks(in_shape) > 1:
+            if input_blocks(tuple(sizes[a][0] for a in in_axes)) > 1:
                 block[(*module, "qkernel")] = (in_axes[0],) + out_axes + ("in_block",) + in_axes[1:]
             else:
                 block[(*module, "qkernel")] = out_axes + in_axes
