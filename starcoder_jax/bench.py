@@ -55,19 +55,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-seq-len", type=int, default=512, help="--train: tokens per sequence")
 
 
-def memory_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Read bandwidth of the default device's memory in bytes/s: best of an
-    XLA reduction over a large array (host memory on the CPU, HBM on a GPU)."""
+def memory_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> list[float]:
+    """Read bandwidth of the default device's memory in bytes/s, one sample per
+    run of an XLA reduction over a large array (host memory on the CPU, HBM
+    on a GPU)."""
     x = jnp.ones((size_bytes // 4,), jnp.float32)
     total = jax.jit(lambda a: jnp.sum(a))
     total(x).block_until_ready()
-    best = float("inf")
+    samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         total(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
+        samples.append(size_bytes / (time.perf_counter() - t0))
     del x
-    return size_bytes / best
+    return samples
 
 
 def _median_time(fn, repeats: int, sync=lambda: None) -> float:
@@ -238,15 +239,23 @@ def main(args) -> int:
           f"host: {platform.machine()} {platform.processor() or ''}".rstrip())
     report = {"model": name, "dtype": args.dtype, "params": config.param_count(),
               "device": f"{device.platform} {device.device_kind}", "jax": jax.__version__}
-    bandwidth = memory_bandwidth()
-    report["bandwidth_bytes_per_s"] = bandwidth
-    print(f"{'host' if device.platform == 'cpu' else device.platform} read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    # Sampled before and after each variant, and the median taken: the
+    # decode figures are medians over the same minutes, and on a shared host
+    # a best-of-n bandwidth catches moments the decode runs never see.
+    samples = memory_bandwidth()
     ours = {}
     for variant in variants:
         if variant == "int8":
             model.quantize_("int8")
         ours[variant] = bench_ours(model, args, batch_sizes)
+        samples += memory_bandwidth()
     report["ours"] = ours
+    bandwidth = statistics.median(samples)
+    report["bandwidth_bytes_per_s"] = bandwidth
+    report["bandwidth_samples_bytes_per_s"] = samples
+    print(f"{'host' if device.platform == 'cpu' else device.platform} read bandwidth: "
+          f"{bandwidth / 1e9:.1f} GB/s (median of {len(samples)} samples, "
+          f"{min(samples) / 1e9:.1f}-{max(samples) / 1e9:.1f})")
     del model
     theirs = bench_transformers(config, args, batch_sizes) if args.compare_transformers else None
     report["transformers"] = theirs

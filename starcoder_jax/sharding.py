@@ -107,7 +107,8 @@ def param_axes_table(config: StarCoderConfig) -> dict[tuple[str, ...], tuple[str
     # each scale is split like its kernel's output axes. An input-blocked
     # kernel [C, *out, in0 / C, *in_rest] splits its blocks C like in0 (so a
     # shard holds a contiguous range of inputs, like its activations) when
-    # the mesh axis divides C; the inputs within a block stay whole.
+    # the mesh axes divide C, and otherwise the inputs within each block
+    # ("in_block", see param_specs).
     from starcoder_jax.quant import input_blocks
 
     sizes = _dimensions(config)
@@ -260,7 +261,8 @@ def logical_spec(logical_axes, mesh, shape=None) -> jax.sharding.PartitionSpec:
     divide keeps only the longest prefix of those axes that does (for
     activations and caches, e.g. a batch of 1 on data=8 stays whole; for
     parameters, which check_fits has checked, only the input blocks of an
-    int8 kernel can be cut short). Without it, every mapped axis is used.
+    int8 kernel can be cut short, and param_specs then splits the inputs
+    within the blocks). Without it, every mapped axis is used.
     A logical axis of None is whole on every device; `jax.P.UNCONSTRAINED`
     leaves the choice to the partitioner.
     """
@@ -343,8 +345,35 @@ def _flat_params(config: StarCoderConfig):
 def param_specs(config: StarCoderConfig, mesh) -> dict[tuple, jax.sharding.PartitionSpec]:
     """PartitionSpec of every parameter path, after check_fits."""
     check_fits(config, mesh)
-    return {path: logical_spec(param_logical_axes(config, path, len(sds.shape)), mesh, sds.shape)
-            for path, sds in _flat_params(config)}
+    specs = {}
+    for path, sds in _flat_params(config):
+        axes = param_logical_axes(config, path, len(sds.shape))
+        spec = logical_spec(axes, mesh, sds.shape)
+        if "in_block" in axes:
+            spec = _input_blocked_spec(axes, sds.shape, spec, mesh)
+        specs[path] = spec
+    return specs
+
+
+def _input_blocked_spec(axes, shape, spec, mesh) -> jax.sharding.PartitionSpec:
+    """The spec of an input-blocked int8 kernel [(L,) C, *out, in0 / C, *in_rest].
+
+    Its blocks C are split like the input axis in0 when the mesh axes of in0
+    divide C. When they do not (tensor=8 on starcoderbase-1b's MLP output
+    projection, C = 4; fsdp on a 15B-width model, C = 3 on every projection
+    from the residual stream), the inputs within each block are split
+    instead, so that no device holds the whole kernel; the activations are
+    then resharded for the product, which XLA's partitioner does.
+    """
+    sizes = _sizes(mesh)
+    c_dim = 1 if axes[0] is None else 0  # parameters stacked over layers lead with L
+    b_dim = axes.index("in_block")
+    want = _mesh_axes(axes[c_dim], sizes)
+    entries = list(spec)
+    if not want or entries[c_dim] == _entry(want) or shape[b_dim] % math.prod(sizes[a] for a in want):
+        return spec
+    entries[c_dim], entries[b_dim] = None, _entry(want)
+    return P(*entries)
 
 
 def param_shardings(config: StarCoderConfig, mesh: Mesh | str) -> dict[tuple, NamedSharding]:

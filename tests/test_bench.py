@@ -1,4 +1,5 @@
-"""`starcoder-jax bench --train`: the report's fields and the FLOPs count (no timing asserts)."""
+"""`starcoder-jax bench` (prefill/decode) and `bench --train`: the report's fields, the
+bandwidth limits and the FLOPs count (no timing asserts)."""
 
 import json
 
@@ -12,6 +13,32 @@ TINY = ["bench", "--train", "--preset", "tiny_starcoder_py", "--layers", "1",
 # tiny_starcoder_py with one layer: D 768, V 49152. 6,006,656 is transformers'
 # parameter count of that GPTBigCode without wte and wpe (one block + ln_f).
 FLOPS_PER_TOKEN = 6 * (6_006_656 + 49152 * 768) + 12 * 1 * 768 * 32
+
+
+def test_decode_bench_reports_limits_for_each_variant(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    argv = ["bench", "--preset", "tiny_starcoder_py", "--layers", "1", "--quantize", "none,int8",
+            "--batch-sizes", "1,2", "--prompt-len", "16", "--decode-context", "8", "--decode-steps", "2",
+            "--repeats", "1", "--compare-transformers", "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    samples = report["bandwidth_samples_bytes_per_s"]
+    assert len(samples) == 15  # 5 before the runs and 5 after each of the two variants
+    assert sorted(samples)[7] == report["bandwidth_bytes_per_s"]  # their median
+    for variant in ("none", "int8"):
+        for b in (1, 2):
+            r = report["ours"][variant][f"decode_b{b}"]
+            assert r["tokens_per_s"] == pytest.approx(b / r["seconds_per_step"])
+            limit = b * report["bandwidth_bytes_per_s"] / r["bytes_per_step"]
+            assert r["bandwidth_limit_tokens_per_s"] == pytest.approx(limit)
+            assert r["fraction_of_limit"] == pytest.approx(r["tokens_per_s"] / limit)
+            best = max(report["transformers"][d][f"decode_b{b}"]["tokens_per_s"] for d in ("float32", "bfloat16"))
+            assert r["vs_transformers_best"] == pytest.approx(r["tokens_per_s"] / best)
+    # int8 weights: about a quarter of the float32 bytes per step (scales, norms, biases and the cache stay float)
+    ratio = report["ours"]["int8"]["decode_b1"]["bytes_per_step"] / report["ours"]["none"]["decode_b1"]["bytes_per_step"]
+    assert 0.25 < ratio < 0.3
+    printed = capsys.readouterr().out
+    assert "median of 15 samples" in printed and "int8 vs best" in printed
 
 
 def test_train_bench_against_transformers(tmp_path, capsys):

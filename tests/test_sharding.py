@@ -119,6 +119,24 @@ def test_param_specs_follow_the_rules():
     assert sh.RULES["shared_kv_head"] is None and sh.RULES["kv_heads"] == ("tensor",)
 
 
+def test_int8_input_blocks_split_within_blocks_where_the_mesh_does_not_divide_them():
+    """An input-blocked int8 kernel [C, *out, 2048] splits its blocks C like
+    its inputs; where the mesh axes do not divide C, the 2048 inputs within
+    each block instead, so that no device holds the whole kernel."""
+    from starcoder_jax.config import preset
+
+    one_b = preset("starcoderbase-1b", quantization="int8")  # MLP output projection: [C=4, 2048, 2048]
+    proj = ("blocks", 0, "mlp", "proj", "qkernel")
+    assert sh.param_specs(one_b, {"tensor": 4})[proj] == P("tensor", None, None)
+    assert sh.param_specs(one_b, {"tensor": 8})[proj] == P(None, None, "tensor")
+    assert sh.param_specs(one_b, {"fsdp": 2, "tensor": 8})[proj] == P(None, "fsdp", "tensor")
+    big = preset("starcoderbase", quantization="int8")  # n_embd 6144: C = 3 on every input from D
+    specs = sh.param_specs(big, {"fsdp": 8, "tensor": 2})
+    assert specs[("blocks", 0, "attn", "query", "qkernel")] == P(None, "tensor", None, "fsdp")  # [C, N, H, 2048]
+    assert specs[("blocks", 0, "mlp", "fc", "qkernel")] == P(None, "tensor", "fsdp")  # [C, F, 2048]
+    assert specs[("blocks", 0, "mlp", "proj", "qkernel")] == P("tensor", "fsdp", None)  # C = 12 (F = 24576)
+
+
 def test_cache_and_batch_specs():
     sizes = {"data": 2, "fsdp": 2, "tensor": 2}
     mqa = StarCoderConfig(**TINY)
@@ -509,8 +527,9 @@ def test_mesh8_int8_equals_one_device(int8_references, kind, spec):
     if kind == "WIDE":  # [C=2 blocks, D, 2048]: blocks split like the inputs where the mesh axis divides C
         proj = model.blocks[0].mlp.proj.qkernel.get_value()
         assert proj.shape == (2, 64, 2048)
-        if spec == "tensor=8":  # 8 does not divide C = 2: every device holds the whole kernel
-            assert proj.sharding.is_fully_replicated
+        if spec == "tensor=8":  # 8 does not divide C = 2: the 2048 inputs within each block are split
+            assert proj.sharding.spec == P(None, "fsdp", "tensor")  # fsdp has size 1 here
+            assert proj.addressable_shards[0].data.shape == (2, 64, 256)
         else:
             assert proj.sharding.spec == P("tensor", "fsdp", None)
     ids, _ = _ids_mask()
