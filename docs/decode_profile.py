@@ -28,11 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from starcoder_jax.bench import decode_consts, prefilled
 from starcoder_jax.config import preset
-from starcoder_jax.generate import STOP_ID_SLOTS, bucket, cpu_decode_head, decode_loop, prefill
-from starcoder_jax.kv_cache import KVCache
+from starcoder_jax.generate import bucket, cpu_decode_head, decode_loop
 from starcoder_jax.model import init_model
-from starcoder_jax.sampling import SamplingParams
 
 
 def main() -> None:
@@ -57,14 +56,9 @@ def main() -> None:
     graphdef, params = nnx.split(model)
     b, steps = args.batch, args.steps
     max_new = 3 * steps + 1
-    consts = dict(knobs=SamplingParams().arrays(b), seed=jnp.asarray([0, 0], jnp.int32),
-                  stop_ids=jnp.full((STOP_ID_SLOTS,), -1, jnp.int32), max_new=jnp.int32(max_new),
-                  vocab_limit=jnp.int32(config.vocab_size), head=cpu_decode_head(model))
+    consts = decode_consts(config, b, max_new, cpu_decode_head(model))
     ids = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (b, args.context)), jnp.int32)
-    cache = KVCache.init(config, b, bucket(args.context + max_new, 16))
-    state = prefill(graphdef, params, ids, jnp.full((b,), args.context, jnp.int32), cache,
-                    out_len_like=jnp.zeros((bucket(max_new, 16),), jnp.int8),
-                    active=jnp.ones((b,), bool), **consts)
+    state = prefilled(graphdef, params, config, ids, bucket(args.context + max_new, 16), consts)
 
     def run(state):
         return jax.block_until_ready(decode_loop(graphdef, params, state, jnp.int32(steps), **consts))

@@ -101,12 +101,35 @@ def weight_bytes_per_step(model) -> int:
     return sum(v.get_value().nbytes for path, v in nnx.to_flat_state(state) if path[0] != "wpe")
 
 
+def decode_consts(config, batch: int, max_new: int, head=None) -> dict:
+    """The fixed arguments of `generate.prefill` / `generate.decode_loop` for a
+    greedy batch with no stop ids, as the Generator passes them."""
+    from starcoder_jax.generate import STOP_ID_SLOTS
+    from starcoder_jax.sampling import SamplingParams
+
+    return dict(knobs=SamplingParams().arrays(batch), seed=jnp.asarray([0, 0], jnp.int32),
+                stop_ids=jnp.full((STOP_ID_SLOTS,), -1, jnp.int32),
+                max_new=jnp.int32(max_new), vocab_limit=jnp.int32(config.vocab_size), head=head)
+
+
+def prefilled(graphdef, params, config, ids, cache_len: int, consts: dict, kv_cache=None):
+    """The DecodeState after prefilling ids [B, T] (every row T tokens long) into
+    a fresh cache of cache_len slots: what `generate.decode_loop` continues."""
+    from starcoder_jax.generate import bucket, prefill
+    from starcoder_jax.kv_cache import KVCache
+
+    b, t = ids.shape
+    cache = KVCache.init(config, b, cache_len, quantize=kv_cache)
+    state = prefill(graphdef, params, ids, jnp.full((b,), t, jnp.int32), cache,
+                    out_len_like=jnp.zeros((bucket(int(consts["max_new"]), 16),), jnp.int8),
+                    active=jnp.ones((b,), bool), **consts)
+    return jax.block_until_ready(state)
+
+
 def bench_ours(model, args, batch_sizes) -> dict:
     from flax import nnx
 
-    from starcoder_jax.generate import STOP_ID_SLOTS, bucket, cpu_decode_head, decode_loop, prefill
-    from starcoder_jax.kv_cache import KVCache
-    from starcoder_jax.sampling import SamplingParams
+    from starcoder_jax.generate import bucket, cpu_decode_head, decode_loop
 
     config = model.config
     graphdef, params = nnx.split(model)
@@ -116,18 +139,11 @@ def bench_ours(model, args, batch_sizes) -> dict:
     results = {}
 
     def consts(b, max_new):
-        return dict(knobs=SamplingParams().arrays(b), seed=jnp.asarray([0, 0], jnp.int32),
-                    stop_ids=jnp.full((STOP_ID_SLOTS,), -1, jnp.int32),
-                    max_new=jnp.int32(max_new), vocab_limit=jnp.int32(config.vocab_size), head=head)
+        return decode_consts(config, b, max_new, head)
 
     def run_prefill(b, t, s, max_new):
         ids = jnp.asarray(rng.integers(1, config.vocab_size, (b, t)), jnp.int32)
-        cache = KVCache.init(config, b, s, quantize=args.kv_cache)
-        state = prefill(graphdef, params, ids, jnp.full((b,), t, jnp.int32), cache,
-                        out_len_like=jnp.zeros((bucket(max_new, 16),), jnp.int8),
-                        active=jnp.ones((b,), bool), **consts(b, max_new))
-        jax.block_until_ready(state)
-        return state
+        return prefilled(graphdef, params, config, ids, s, consts(b, max_new), args.kv_cache)
 
     # Prefill: one prompt of prompt_len tokens.
     t = args.prompt_len

@@ -163,18 +163,13 @@ def test_decode_loop_converts_no_int8_kernel_outside_its_loop():
     conversion out: the program then converts every such kernel at each call
     (each token, when streaming) and reads it at four bytes a weight per step.
     """
-    from starcoder_jax.generate import STOP_ID_SLOTS, decode_loop, prefill
-    from starcoder_jax.kv_cache import KVCache
-    from starcoder_jax.sampling import SamplingParams
+    from starcoder_jax.bench import decode_consts, prefilled
+    from starcoder_jax.generate import decode_loop
 
     config = StarCoderConfig(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4)
     graphdef, params = nnx.split(init_model(config).quantize_())
-    consts = dict(knobs=SamplingParams().arrays(1), seed=jnp.asarray([0, 0], jnp.int32),
-                  stop_ids=jnp.full((STOP_ID_SLOTS,), -1, jnp.int32), max_new=jnp.int32(8),
-                  vocab_limit=jnp.int32(300))
-    state = prefill(graphdef, params, jnp.ones((1, 4), jnp.int32), jnp.full((1,), 4, jnp.int32),
-                    KVCache.init(config, 1, 16), out_len_like=jnp.zeros((8,), jnp.int8),
-                    active=jnp.ones((1,), bool), **consts)
+    consts = decode_consts(config, 1, 8)
+    state = prefilled(graphdef, params, config, jnp.ones((1, 4), jnp.int32), 16, consts)
     hlo = decode_loop.lower(graphdef, params, state, jnp.int32(4), **consts).compile().as_text()
     entry = hlo[hlo.index("\nENTRY") + 1:].splitlines()
     assert "qkernel" in entry[0]  # the int8 kernels are parameters of the program
