@@ -100,3 +100,41 @@ def test_attention_layouts_compute_the_same(multi_query, t, s):
     got = np.asarray(attention.attend_key_major(q, k, v, mask))
     assert got.shape == want.shape == q.shape
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("multi_query", [True, False])
+@pytest.mark.parametrize("t", [2, 16, 37])
+def test_query_blocks_compute_causal_attention(multi_query, t, monkeypatch):
+    """The blocked causal form (XLA:CPU prefill and training) equals the
+    query-major form under a causal mask, in value and in gradient, with
+    blocks of 8 queries: one block, whole blocks, and a shorter last one."""
+    import jax
+    from flax import nnx
+
+    from starcoder_jax import model as model_lib
+    from starcoder_jax.config import StarCoderConfig
+    from starcoder_jax.model import Attention, attention_mask
+
+    monkeypatch.setattr(model_lib, "CPU_QUERY_BLOCK", 8)
+    config = StarCoderConfig(vocab_size=64, n_positions=64, n_embd=48, n_layer=1, n_head=6,
+                             multi_query=multi_query)
+    attention = Attention(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(2)
+    kv = config.kv_heads
+    q = jnp.asarray(rng.standard_normal((2, t, kv, 6 // kv, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, t, kv, 8)), jnp.float32) for _ in range(2))
+    positions = jnp.broadcast_to(jnp.arange(t) + 3, (2, t))
+    mask = attention_mask(positions, positions)
+    weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(form, q, k, v):
+        out = form(q, k, v, mask)
+        return jnp.sum(out * weights), out
+
+    grad = jax.grad(loss, argnums=(1, 2, 3), has_aux=True)
+    want_grads, want = grad(attention.attend_query_major, q, k, v)
+    got_grads, got = grad(attention.attend_query_blocks, q, k, v)
+    assert got.shape == want.shape == q.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+    for g_got, g_want in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=0, atol=1e-4)
