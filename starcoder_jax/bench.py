@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import platform
 import statistics
@@ -190,6 +191,9 @@ def bench_transformers(config, args, batch_sizes) -> dict:
     torch.manual_seed(0)
     out = {}
     model32 = GPTBigCodeForCausalLM(_hf_config(config)).eval().to(device)
+    # the key/value cache's argument and output field: `cache` in recent
+    # transformers, `past_key_values` (now deprecated) before
+    cache_name = "cache" if "cache" in inspect.signature(model32.forward).parameters else "past_key_values"
     for dtype in (torch.float32, torch.bfloat16):
         model = model32 if dtype == torch.float32 else model32.to(dtype)
         name = str(dtype).removeprefix("torch.")
@@ -204,12 +208,12 @@ def bench_transformers(config, args, batch_sizes) -> dict:
                 step_ids = torch.randint(1, config.vocab_size, (b, 1), device=device)
                 times = []
                 for _ in range(args.repeats + 1):
-                    past = model(ctx, use_cache=True).past_key_values
+                    past = getattr(model(ctx, use_cache=True), cache_name)
                     sync()
                     t0 = time.perf_counter()
                     for _ in range(args.decode_steps):
-                        o = model(step_ids, past_key_values=past, use_cache=True)
-                        past = o.past_key_values
+                        o = model(step_ids, **{cache_name: past}, use_cache=True)
+                        past = getattr(o, cache_name)
                         step_ids = o.logits[:, -1].argmax(-1, keepdim=True)
                     sync()
                     times.append((time.perf_counter() - t0) / args.decode_steps)
