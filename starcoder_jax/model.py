@@ -335,7 +335,8 @@ class Attention(nnx.Module):
         return out.astype(q.dtype)
 
     def attend_key_major(self, q, k, v, mask, rngs=None):
-        """The same attention with the scores laid out [B, K, S, T, G] (XLA:CPU).
+        """The same attention with the scores laid out [B, K, S, T, G] (XLA:CPU
+        decode, and any query that reads the cache).
 
         The key product then reads the cache [B, S, K, H] as it lies, where
         the query-major form makes XLA:CPU copy the keys transposed at every
@@ -487,7 +488,8 @@ class StarCoder(nnx.Module):
                ) -> tuple[jax.Array, KVCache | None]:
         """Final hidden states [B, T, D] (after ln_f) and the updated cache.
 
-        positions [B, T] are absolute token positions; with a cache, the new
+        positions [B, T] are absolute token positions, increasing along each
+        row (consecutive tokens of one sequence); with a cache, the new
         keys/values are written at those positions and every query sees the
         cached keys at positions <= its own. A prefill that starts at position
         0 passes read_cache=False: nothing older is cached, so attention reads
