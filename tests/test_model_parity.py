@@ -138,3 +138,44 @@ def test_query_blocks_compute_causal_attention(multi_query, t, monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
     for g_got, g_want in zip(got_grads, want_grads):
         np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=0, atol=1e-4)
+
+
+def test_cpu_attention_form_per_use(monkeypatch):
+    """On XLA:CPU a forward pass without cache (training) and a prefill run
+    the blocked causal form, a decode step the key-major one: the key-major
+    form's backward pass is slow, and it once became every CPU forward's
+    attention unnoticed."""
+    import jax
+    from flax import nnx
+
+    from starcoder_jax.bench import decode_consts, prefilled
+    from starcoder_jax.config import StarCoderConfig
+    from starcoder_jax.generate import decode_loop
+    from starcoder_jax.model import Attention, init_model
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU forms")
+    calls = []
+    for form in ("attend_key_major", "attend_query_blocks", "attend_query_major"):
+        original = getattr(Attention, form)
+
+        def counted(self, *args, _form=form, _original=original, **kwargs):
+            calls.append(_form)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Attention, form, counted)
+    # a shape no other test compiles, so that every jitted program below is traced here
+    config = StarCoderConfig(vocab_size=40, n_positions=40, n_embd=24, n_layer=1, n_head=3)
+    model = init_model(config)
+    ids = jnp.asarray([[1, 2, 3, 4, 5, 6]], jnp.int32)
+
+    nnx.grad(lambda m: jnp.sum(m(ids)))(model)
+    assert set(calls) == {"attend_query_blocks"}
+    calls.clear()
+    graphdef, params = nnx.split(model)
+    consts = decode_consts(config, 1, 4)
+    state = prefilled(graphdef, params, config, ids, 16, consts)
+    assert set(calls) == {"attend_query_blocks"}
+    calls.clear()
+    decode_loop(graphdef, params, state, jnp.int32(2), **consts)
+    assert set(calls) == {"attend_key_major"}
