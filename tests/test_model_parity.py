@@ -76,13 +76,8 @@ def test_dropout_off_by_default_and_on_with_rngs(tiny_model_dir):
     assert np.abs(train_a - train_b).max() > 1e-3
 
 
-@pytest.mark.parametrize("multi_query", [True, False])
-@pytest.mark.parametrize("t,s", [(1, 40), (5, 40), (40, 40)])
-def test_attention_layouts_compute_the_same(multi_query, t, s):
-    """The key-major attention (XLA:CPU) and the query-major one (GPU, TPU)
-    agree to float32 round-off, rows with no visible key included; the CPU
-    parity tests above check the key-major form against transformers, this
-    one carries that check over to the form the accelerators run."""
+def _attention_and_inputs(multi_query, b, t, s, rng):
+    """An attention layer with 6 heads of 8 and random q [b, t, K, G, 8], k/v [b, s, K, 8]."""
     from flax import nnx
 
     from starcoder_jax.config import StarCoderConfig
@@ -90,11 +85,21 @@ def test_attention_layouts_compute_the_same(multi_query, t, s):
 
     config = StarCoderConfig(vocab_size=64, n_positions=64, n_embd=48, n_layer=1, n_head=6,
                              multi_query=multi_query)
-    attention = Attention(config, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(1)
     kv = config.kv_heads
-    q = jnp.asarray(rng.standard_normal((3, t, kv, 6 // kv, 8)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((3, s, kv, 8)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((b, t, kv, 6 // kv, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, s, kv, 8)), jnp.float32) for _ in range(2))
+    return Attention(config, rngs=nnx.Rngs(0)), q, k, v
+
+
+@pytest.mark.parametrize("multi_query", [True, False])
+@pytest.mark.parametrize("t,s", [(1, 40), (5, 40), (40, 40)])
+def test_attention_layouts_compute_the_same(multi_query, t, s):
+    """The key-major attention (XLA:CPU) and the query-major one (GPU, TPU)
+    agree to float32 round-off, rows with no visible key included; the CPU
+    parity tests above check the key-major form against transformers, this
+    one carries that check over to the form the accelerators run."""
+    rng = np.random.default_rng(1)
+    attention, q, k, v = _attention_and_inputs(multi_query, 3, t, s, rng)
     mask = jnp.asarray(rng.random((3, t, s)) < 0.7).at[1, 0].set(False)  # row 1, query 0 sees nothing
     want = np.asarray(attention.attend_query_major(q, k, v, mask))
     got = np.asarray(attention.attend_key_major(q, k, v, mask))
@@ -109,20 +114,13 @@ def test_query_blocks_compute_causal_attention(multi_query, t, monkeypatch):
     query-major form under a causal mask, in value and in gradient, with
     blocks of 8 queries: one block, whole blocks, and a shorter last one."""
     import jax
-    from flax import nnx
 
     from starcoder_jax import model as model_lib
-    from starcoder_jax.config import StarCoderConfig
-    from starcoder_jax.model import Attention, attention_mask
+    from starcoder_jax.model import attention_mask
 
     monkeypatch.setattr(model_lib, "CPU_QUERY_BLOCK", 8)
-    config = StarCoderConfig(vocab_size=64, n_positions=64, n_embd=48, n_layer=1, n_head=6,
-                             multi_query=multi_query)
-    attention = Attention(config, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(2)
-    kv = config.kv_heads
-    q = jnp.asarray(rng.standard_normal((2, t, kv, 6 // kv, 8)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((2, t, kv, 8)), jnp.float32) for _ in range(2))
+    attention, q, k, v = _attention_and_inputs(multi_query, 2, t, t, rng)
     positions = jnp.broadcast_to(jnp.arange(t) + 3, (2, t))
     mask = attention_mask(positions, positions)
     weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
