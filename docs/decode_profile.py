@@ -30,8 +30,8 @@ from flax import nnx
 
 from starcoder_jax.bench import decode_consts, prefilled
 from starcoder_jax.config import preset
-from starcoder_jax.generate import bucket, cpu_decode_head, decode_loop
-from starcoder_jax.model import init_model
+from starcoder_jax.inference.generate import bucket, cpu_decode_head, decode_loop
+from starcoder_jax.model.modules import init_model
 
 
 def main() -> None:

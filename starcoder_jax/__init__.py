@@ -1,19 +1,23 @@
 """starcoder-jax: the StarCoder (GPTBigCode) model family in JAX / Flax NNX."""
 
 from starcoder_jax.config import PRESETS, StarCoderConfig, preset
-from starcoder_jax.kv_cache import KVCache
-from starcoder_jax.model import StarCoder, abstract_model, init_model
-from starcoder_jax.pretrained import load_pretrained
+from starcoder_jax.inference.generate import Generation, generate, stream
+from starcoder_jax.model.kv_cache import KVCache
+from starcoder_jax.model.modules import StarCoder, abstract_model, init_model
+from starcoder_jax.model.plan import shard_plan
+from starcoder_jax.model.pretrained import load_pretrained
+from starcoder_jax.model.weights import CheckpointError, load_hf, save_hf, save_orbax
 from starcoder_jax.tokenizer import load_tokenizer
-from starcoder_jax.weights import CheckpointError, load_hf, save_hf, save_orbax
 
 __all__ = [
     "PRESETS",
     "CheckpointError",
+    "Generation",
     "KVCache",
     "StarCoder",
     "StarCoderConfig",
     "abstract_model",
+    "generate",
     "init_model",
     "load_hf",
     "load_pretrained",
@@ -21,5 +25,7 @@ __all__ = [
     "preset",
     "save_hf",
     "save_orbax",
+    "shard_plan",
+    "stream",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ a GPU and torch sees one, else the CPU), in float32 and bfloat16, and its best
 dtype is the reference. Medians of `--repeats` runs are reported.
 
 `--train` measures training instead: full optimizer steps (forward, backward,
-clipping, AdamW) built by the library's own training loop (starcoder_jax.train),
+clipping, AdamW) built by the library's own training loop (starcoder_jax.training.train),
 in tokens/s and in model FLOP/s (and MFU on a GPU with a known peak). With
 `--compare-transformers`, torch AdamW steps of transformers' GPTBigCode on the
 same config and batch run beside it, in float32 and under bfloat16 autocast.
@@ -105,8 +105,8 @@ def weight_bytes_per_step(model) -> int:
 def decode_consts(config, batch: int, max_new: int, head=None) -> dict:
     """The fixed arguments of `generate.prefill` / `generate.decode_loop` for a
     greedy batch with no stop ids, as the Generator passes them."""
-    from starcoder_jax.generate import STOP_ID_SLOTS
-    from starcoder_jax.sampling import SamplingParams
+    from starcoder_jax.inference.generate import STOP_ID_SLOTS
+    from starcoder_jax.inference.sampling import SamplingParams
 
     return dict(knobs=SamplingParams().arrays(batch), seed=jnp.asarray([0, 0], jnp.int32),
                 stop_ids=jnp.full((STOP_ID_SLOTS,), -1, jnp.int32),
@@ -116,8 +116,8 @@ def decode_consts(config, batch: int, max_new: int, head=None) -> dict:
 def prefilled(graphdef, params, config, ids, cache_len: int, consts: dict, kv_cache=None):
     """The DecodeState after prefilling ids [B, T] (every row T tokens long) into
     a fresh cache of cache_len slots: what `generate.decode_loop` continues."""
-    from starcoder_jax.generate import bucket, prefill
-    from starcoder_jax.kv_cache import KVCache
+    from starcoder_jax.inference.generate import bucket, prefill
+    from starcoder_jax.model.kv_cache import KVCache
 
     b, t = ids.shape
     cache = KVCache.init(config, b, cache_len, quantize=kv_cache)
@@ -130,7 +130,7 @@ def prefilled(graphdef, params, config, ids, cache_len: int, consts: dict, kv_ca
 def bench_ours(model, args, batch_sizes) -> dict:
     from flax import nnx
 
-    from starcoder_jax.generate import bucket, cpu_decode_head, decode_loop
+    from starcoder_jax.inference.generate import bucket, cpu_decode_head, decode_loop
 
     config = model.config
     graphdef, params = nnx.split(model)
@@ -230,8 +230,8 @@ def main(args) -> int:
     if args.train:
         return main_train(args)
     from starcoder_jax.config import preset
-    from starcoder_jax.model import init_model
-    from starcoder_jax.pretrained import load_pretrained
+    from starcoder_jax.model.modules import init_model
+    from starcoder_jax.model.pretrained import load_pretrained
 
     batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x]
     variants = [v.strip() for v in args.quantize.split(",") if v.strip()]
@@ -326,7 +326,7 @@ def train_optim():
     """The optimizer settings both sides use: the library's AdamW defaults
     (weight decay 0.1, betas 0.9 / 0.95, eps 1e-8, global-norm clip 1.0) at a
     constant 1e-4, so no step of the timed window differs from another."""
-    from starcoder_jax.train import OptimConfig
+    from starcoder_jax.training.train import OptimConfig
 
     return OptimConfig(learning_rate=1e-4, schedule="constant", warmup_steps=0)
 
@@ -383,11 +383,11 @@ def _train_batch(config, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
 
 
 def bench_train_ours(model, args) -> dict:
-    """Seconds per optimizer step of starcoder_jax.train's jitted step (one
+    """Seconds per optimizer step of starcoder_jax.training.train's jitted step (one
     micro-batch, full loss mask): median of --repeats after a compiling step."""
     from flax import nnx
 
-    from starcoder_jax.train import make_optimizer, make_train_step
+    from starcoder_jax.training.train import make_optimizer, make_train_step
 
     config = model.config
     b, t = args.train_batch, args.train_seq_len
@@ -456,8 +456,8 @@ def bench_train_transformers(config, args) -> dict:
 
 def main_train(args) -> int:
     from starcoder_jax.config import preset
-    from starcoder_jax.model import init_model
-    from starcoder_jax.pretrained import load_pretrained
+    from starcoder_jax.model.modules import init_model
+    from starcoder_jax.model.pretrained import load_pretrained
 
     if args.quantize != "none":
         raise ValueError(f"--quantize {args.quantize} applies to prefill/decode; --train trains float32 weights")

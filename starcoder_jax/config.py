@@ -24,7 +24,11 @@ ACTIVATIONS = {
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATION_KEY = "starcoder_jax_quantization"  # config.json key of quantized orbax dirs
-QUANTIZATION_MODES = ("int8",)  # weight formats of starcoder_jax.quant; also the int8 KV cache's
+QUANTIZATION_MODES = ("int8",)  # weight formats of starcoder_jax.ops.int8; also the int8 KV cache's
+# Backend forms (starcoder_jax.ops), chosen per model; "auto" picks per backend and phase.
+ATTENTION_IMPLS = ("auto", "xla", "cpu_blocked", "cpu_key_major")
+MATMUL_IMPLS = ("auto", "xla", "cpu")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "quantization", "attention_impl", "matmul_impl")  # not in config.json
 
 
 def check_quantization(mode: str | None, argument: str = "quantization", none_means: str = "") -> str | None:
@@ -67,9 +71,14 @@ class StarCoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     # "int8": matmul weights stored as int8 with per-output-channel scales
-    # (starcoder_jax.quant). Not a transformers field: our own orbax
+    # (starcoder_jax.ops.int8). Not a transformers field: our own orbax
     # directories record it as "starcoder_jax_quantization".
     quantization: str | None = None
+    # Which form of each backend kernel runs (starcoder_jax.ops): "auto" picks
+    # per backend and phase; a name forces that form everywhere it applies.
+    # How this machine computes, not what the model is: never written to config.json.
+    attention_impl: str = "auto"
+    matmul_impl: str = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -94,6 +103,9 @@ class StarCoderConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         check_quantization(self.quantization)
+        for name, allowed in (("attention_impl", ATTENTION_IMPLS), ("matmul_impl", MATMUL_IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
     # Derived shapes: computed, never stored.
     @property
@@ -150,8 +162,7 @@ class StarCoderConfig:
             # different (less exact) model, so refuse rather than silently differ.
             raise ValueError(f"{where}: attention_softmax_in_fp32=False is not supported")
         fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in hf.items()
-                  if k in fields and k not in ("dtype", "param_dtype", "quantization")}
+        kwargs = {k: v for k, v in hf.items() if k in fields and k not in RUNTIME_FIELDS}
         if hf.get(QUANTIZATION_KEY) is not None:
             kwargs["quantization"] = hf[QUANTIZATION_KEY]
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
@@ -174,7 +185,7 @@ class StarCoderConfig:
             "use_cache": True,
         }
         for f in dataclasses.fields(self):
-            if f.name in ("dtype", "param_dtype", "quantization"):
+            if f.name in RUNTIME_FIELDS:
                 continue
             out[f.name] = getattr(self, f.name)
         if self.quantization is not None:

@@ -85,7 +85,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     if os.path.isfile(path):
         return Tokenizer.from_file(path)
     if not os.path.isdir(path):
-        from starcoder_jax.pretrained import resolve_model_dir
+        from starcoder_jax.model.pretrained import resolve_model_dir
 
         path = resolve_model_dir(path)
     file = os.path.join(path, "tokenizer.json")

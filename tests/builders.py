@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
 
 STARCODER_SPECIAL_TOKENS = [
     "<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",

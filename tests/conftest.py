@@ -17,7 +17,7 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """A random multi-query HF model with the test tokenizer beside it."""
-    from starcoder_jax.weights import copy_tokenizer_files
+    from starcoder_jax.model.weights import copy_tokenizer_files
 
     out = make_hf_model(str(tmp_path_factory.mktemp("tiny_mqa")), vocab_size=512, n_positions=512)
     copy_tokenizer_files(tokenizer_dir, out)

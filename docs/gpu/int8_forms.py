@@ -1,7 +1,7 @@
 """Time formulations of a weight-only int8 matmul against bfloat16 weights.
 
 For each starcoderbase-1b weight shape (O x I, stored output-major like
-starcoder_jax.quant) and each row count M, one jitted function applies
+starcoder_jax.ops.int8) and each row count M, one jitted function applies
 `--stack` distinct weights one after the other (like consecutive layers, so
 the weights are read from device memory and not from cache); the time per
 matrix is the median of `--repeats` calls over `--stack`. Each form's result
@@ -11,7 +11,7 @@ is checked against the float32 product of the dequantized weights.
     python docs/gpu/int8_forms.py --small    # a quick run of the script itself
     python docs/gpu/int8_forms.py --forms ours --rows 1   # the library's own int8_matmul only
 
-"ours" is `starcoder_jax.quant.int8_matmul` on the library's stored layout
+"ours" is `starcoder_jax.ops.int8.int8_matmul` on the library's stored layout
 (input blocks included), i.e. whatever form it picks on this backend: the
 CPU tiles on a CPU.
 """
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from starcoder_jax import quant
+from starcoder_jax.ops import int8 as quant
 
 SHAPES = {"c_attn": (2304, 2048), "attn out": (2048, 2048), "mlp c_fc": (8192, 2048), "mlp c_proj": (2048, 8192),
           "lm head": (49152, 2048)}

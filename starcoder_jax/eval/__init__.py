@@ -1,7 +1,7 @@
 """Code benchmarks: HumanEval, MultiPL-E and HumanEval-infilling, run in a sandbox and scored with pass@k.
 
 Scoring needs no JAX: a file of samples (`--samples`) is enough. Sampling
-from a model goes through `starcoder_jax.generate` / `starcoder_jax.fim`,
+from a model goes through `starcoder_jax.inference.generate` / `starcoder_jax.inference.fim`,
 imported only when used. See docs/eval.md for the protocol and commands.
 """
 

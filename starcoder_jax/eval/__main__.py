@@ -2,6 +2,6 @@
 
 import sys
 
-from starcoder_jax.eval.cli import main
+from starcoder_jax.cli.eval import main
 
 sys.exit(main())

@@ -38,10 +38,10 @@ from flax import nnx
 from tqdm import tqdm
 
 from starcoder_jax.config import QUANTIZATION_MODES
-from starcoder_jax.data import DataConfig, collect_documents, split_documents
-from starcoder_jax.fim import encode_literal, infill_batch
-from starcoder_jax.generate import generate
-from starcoder_jax.losses import token_nll_sum
+from starcoder_jax.inference.fim import encode_literal, infill_batch
+from starcoder_jax.inference.generate import generate
+from starcoder_jax.training.data import DataConfig, collect_documents, split_documents
+from starcoder_jax.training.losses import token_nll_sum
 
 PARSE_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif")
 
@@ -202,7 +202,7 @@ def register(benchmarks) -> None:
 
 
 def run(args) -> int:
-    from starcoder_jax.pretrained import DEFAULT_MODEL, load_pretrained, resolve_model_dir
+    from starcoder_jax.model.pretrained import DEFAULT_MODEL, load_pretrained, resolve_model_dir
     from starcoder_jax.tokenizer import load_tokenizer
 
     path = resolve_model_dir(args.model or DEFAULT_MODEL)

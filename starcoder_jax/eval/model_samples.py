@@ -57,7 +57,7 @@ class _Row:
 
 def load_model(name: str, dtype: str | None = None, quantize: str | None = None):
     """(model, tokenizer) for a local directory or hub id."""
-    from starcoder_jax.pretrained import load_pretrained, resolve_model_dir
+    from starcoder_jax.model.pretrained import load_pretrained, resolve_model_dir
     from starcoder_jax.tokenizer import load_tokenizer
 
     path = resolve_model_dir(name)
@@ -68,7 +68,7 @@ def load_model(name: str, dtype: str | None = None, quantize: str | None = None)
 def sample_completions(model, tokenizer, prompts: Mapping[str, str], settings: SamplingSettings,
                        stops: Sequence[str]) -> tuple[dict[str, list[str]], list[str]]:
     """(task_id -> n completions cut at `stops`, task ids skipped for a too-long prompt)."""
-    from starcoder_jax.generate import generate
+    from starcoder_jax.inference.generate import generate
 
     def call(batch: list[_Row], max_new: int, seed: int):
         return generate(model, [row.prompt for row in batch], tokenizer=tokenizer, max_new_tokens=max_new,
@@ -83,11 +83,11 @@ def sample_completions(model, tokenizer, prompts: Mapping[str, str], settings: S
 
 def infill_middles(model, tokenizer, tasks: Mapping[str, tuple[str, str]], settings: SamplingSettings,
                    *, mode: str = "psm") -> tuple[dict[str, list[str]], list[str]]:
-    """(task_id -> n middles for its (prefix, suffix), skipped task ids), via starcoder_jax.fim.
+    """(task_id -> n middles for its (prefix, suffix), skipped task ids), via starcoder_jax.inference.fim.
 
     The budget counts the whole FIM prompt (prefix, suffix, three FIM tokens) against max_length.
     """
-    from starcoder_jax.fim import build_prompt, infill_generations
+    from starcoder_jax.inference.fim import build_prompt, infill_generations
 
     def call(batch: list[_Row], max_new: int, seed: int):
         return infill_generations(model, tokenizer, [row.prompt for row in batch], mode=mode,

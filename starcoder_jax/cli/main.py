@@ -1,0 +1,236 @@
+"""`starcoder-jax` command line: thin subcommands over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from starcoder_jax.cli.common import DEFAULT_MODEL, model_name
+from starcoder_jax.config import QUANTIZATION_MODES
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, dtype_default: str = "float32") -> None:
+    p.add_argument("--model", default=None,
+                   help="model directory (HF or converted orbax) or hub id"
+                        + (f" (default: {DEFAULT_MODEL})" if DEFAULT_MODEL else ""))
+    p.add_argument("--dtype", default=dtype_default, choices=("float32", "bfloat16", "float16"),
+                   help="parameter and compute dtype (float32 is the fast one on CPU)")
+    p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
+                   help="int8: weight-only int8 matmul weights (per-output-channel scales); "
+                        "a quantized orbax directory needs no flag")
+
+
+def _model_path(args) -> str:
+    return model_name(args.model)
+
+
+def _load(args):
+    """The model and tokenizer named by --model (or the default model)."""
+    from starcoder_jax.model.pretrained import load_pretrained, resolve_model_dir
+    from starcoder_jax.tokenizer import load_tokenizer
+
+    path = resolve_model_dir(_model_path(args))
+    return load_pretrained(path, dtype=args.dtype, quantize=args.quantize), load_tokenizer(path)
+
+
+# ---- convert ----
+
+def cmd_convert(args) -> int:
+    from starcoder_jax.model import weights
+    from starcoder_jax.model.pretrained import load_pretrained, resolve_model_dir
+
+    src = resolve_model_dir(args.src)
+    model = load_pretrained(src, dtype=args.dtype, progress=True, quantize=args.quantize)
+    if args.direction == "hf-to-jax":
+        weights.save_orbax(model, args.dst, tokenizer_from=src)
+    else:
+        weights.save_hf(model, args.dst, tokenizer_from=src, progress=True,
+                        max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {args.dst}")
+    return 0
+
+
+# ---- generate ----
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        source = sys.stdin if args.prompts_file == "-" else open(args.prompts_file, encoding="utf-8")
+        with source:
+            if args.prompts_file.endswith(".jsonl"):
+                prompts += [json.loads(line)["prompt"] for line in source if line.strip()]
+            else:
+                prompts.append(source.read())
+    if not prompts:
+        raise SystemExit("error: give at least one PROMPT, or --prompts-file FILE (- for stdin)")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from starcoder_jax.inference.generate import generate
+
+    prompts = _read_prompts(args)
+    model, tokenizer = _load(args)
+    kwargs = dict(tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                  stop=tuple(args.stop), seed=args.seed, mesh=args.mesh, kv_cache=args.kv_cache)
+    if args.json:
+        for r, prompt in zip(generate(model, prompts, **kwargs), prompts):
+            print(json.dumps({"prompt": prompt, "prompt_ids": r.prompt_ids, "ids": r.ids,
+                              "text": r.text, "finish_reason": r.finish_reason}))
+        return 0
+    for i, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            print(f"--- prompt {i + 1} ---")
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+
+        def show(event):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+
+        generate(model, [prompt], on_event=show, **kwargs)
+        sys.stdout.write("\n")
+    return 0
+
+
+# ---- finetune ----
+
+def cmd_finetune(args) -> int:
+    from starcoder_jax.training import train
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    if args.mesh:
+        overrides.append(f"train.mesh={args.mesh}")
+    cfg = train.load_config(args.config, overrides)
+    try:
+        result = train.run(cfg, progress=True, export_hf=args.export_hf)
+    except train.TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    summary = train.summarize(result)
+    print(json.dumps(summary))
+    if args.export_hf and not result["terminated"]:
+        print(f"exported the model to {args.export_hf}")
+    return 0
+
+
+# ---- train-tokenizer ----
+
+def cmd_train_tokenizer(args) -> int:
+    from starcoder_jax.tokenizer import train_tokenizer
+    from starcoder_jax.training.data import DataConfig, collect_documents, split_documents
+
+    config = DataConfig(paths=tuple(args.data), extensions=tuple(args.extensions.split(",")),
+                        eval_fraction=args.eval_fraction)
+    train_docs, held = split_documents(collect_documents(config), args.eval_fraction)
+    print(f"training on {len(train_docs)} documents ({len(held)} held out)")
+    tok = train_tokenizer((text for _, text in train_docs), args.out, vocab_size=args.vocab_size,
+                          progress=True)
+    print(f"wrote {args.out}/tokenizer.json ({tok.vocab_size} tokens)")
+    return 0
+
+
+# ---- bench ----
+
+def cmd_bench(args) -> int:
+    from starcoder_jax.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="starcoder-jax", description="StarCoder (GPTBigCode) models in JAX / Flax NNX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert checkpoints between HF safetensors and orbax")
+    p.add_argument("direction", choices=("hf-to-jax", "jax-to-hf"))
+    p.add_argument("src", help="source model directory (or hub id for hf-to-jax)")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
+                   help="hf-to-jax: store int8 matmul weights (per-output-channel scales), "
+                        "so loading the directory needs no quantization step")
+    p.add_argument("--max-shard-gb", type=float, default=5.0,
+                   help="largest safetensors shard written by jax-to-hf (GiB)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text, streaming it to the terminal")
+    _add_model_args(p)
+    p.add_argument("prompt", nargs="*", help="prompt text(s)")
+    p.add_argument("--prompts-file", help="read a prompt from a file (- for stdin); "
+                                          "a .jsonl file gives one prompt per line ({'prompt': ...})")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: one device)")
+    p.add_argument("--kv-cache", choices=QUANTIZATION_MODES, default=None,
+                   help="int8: keys and values as int8 with a scale per token (long contexts)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("finetune", help="fine-tune (or train from scratch) from a YAML config",
+                       description="Runs the config's training; running the same command again "
+                                   "resumes from the newest checkpoint in the output directory.")
+    p.add_argument("--config", required=True, help="YAML file (see configs/finetune/)")
+    p.add_argument("--output-dir", help="overrides train.output_dir")
+    p.add_argument("--steps", type=int, help="overrides train.steps")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (overrides train.mesh)")
+    p.add_argument("--export-hf", metavar="DIR", help="write the final model as an HF directory")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. optim.learning_rate=1e-4 train.batch_size=16")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("train-tokenizer", help="train a StarCoder-style byte-level BPE tokenizer")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="directories / globs / .jsonl files ({stdlib} = this Python's standard library)")
+    p.add_argument("--extensions", default=".py", help="file endings to read, comma separated")
+    p.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="documents held out (by hash of their name) and not trained on")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    from starcoder_jax.cli import plan
+
+    plan.register(sub)
+
+    from starcoder_jax.cli.eval import register as register_eval
+    from starcoder_jax.cli.infill import register_cli as register_infill
+
+    register_infill(sub)
+    register_eval(sub)
+
+    p = sub.add_parser("bench", help="prefill / decode throughput against the memory-bandwidth limit; "
+                                    "--train: training-step throughput and MFU")
+    from starcoder_jax.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference: sampling, jitted prefill and decode on the KV cache, generation, fill-in-the-middle."""

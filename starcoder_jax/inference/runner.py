@@ -1,0 +1,74 @@
+"""Running the generator's jitted calls (prefill, decode loop) on a device mesh."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from starcoder_jax.config import StarCoderConfig
+from starcoder_jax.model.kv_cache import KVCache, cache_sharding
+from starcoder_jax.parallel.mesh import as_mesh, check_fits, put, shard_state
+from starcoder_jax.parallel.rules import mesh_axes, mesh_sizes
+
+P = jax.P
+
+
+class MeshRunner:
+    """Places inputs and runs jitted generation calls (prefill, decode loop) on a mesh.
+
+    The KV cache inside their state is sharded per `model.kv_cache.cache_sharding`; every
+    other output (tokens, flags, the [B, V] seen-mask) is replicated, so each
+    process can read it with np.asarray, also across hosts. Each jitted
+    function is re-jitted once with those out_shardings and its donation.
+    """
+
+    def __init__(self, config: StarCoderConfig, params: nnx.State, mesh: Mesh | str):
+        self.mesh = as_mesh(mesh)
+        self.config = config
+        check_fits(params, self.mesh)
+        sizes = mesh_sizes(self.mesh)
+        self.batch_shards = math.prod(sizes[a] for a in mesh_axes("cache_batch", sizes))
+        self.cache = cache_sharding(config, self.mesh)
+        self.replicated = NamedSharding(self.mesh, P())
+        self._jitted: dict = {}
+
+    def round_batch(self, batch: int) -> int:
+        """The batch rounded up to a multiple of the row split (data x fsdp)."""
+        return -(-batch // self.batch_shards) * self.batch_shards
+
+    def place_params(self, params: nnx.State) -> nnx.State:
+        return shard_state(params, self.mesh)
+
+    def _place(self, x):
+        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) \
+                and x.sharding.mesh == self.mesh:
+            return x
+        if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+            return put(np.asarray(x), self.replicated)
+        return x  # static arguments (the graphdef) and Python values pass through
+
+    def _out_shardings(self, out):
+        def per_node(node):
+            if isinstance(node, KVCache):
+                return node.shardings(self.cache)
+            return self.replicated
+
+        return jax.tree.map(per_node, out, is_leaf=lambda n: isinstance(n, KVCache))
+
+    def call(self, fn: Callable, donate: tuple[str, ...], *args, **kwargs):
+        """fn(*args, **kwargs) on the mesh; fn is a jax.jit function with a static `graphdef`."""
+        args, kwargs = jax.tree.map(self._place, (args, kwargs))
+        with jax.set_mesh(self.mesh):
+            if fn not in self._jitted:
+                shapes = getattr(fn, "eval_shape", None) or functools.partial(jax.eval_shape, fn)
+                out = shapes(*args, **kwargs)
+                self._jitted[fn] = jax.jit(
+                    getattr(fn, "__wrapped__", fn), static_argnames=("graphdef",),
+                    donate_argnames=donate, out_shardings=self._out_shardings(out))
+            return self._jitted[fn](*args, **kwargs)

@@ -1,0 +1,1 @@
+"""Sharding: the logical-axis rules, meshes, multi-host start-up, batch placement, shard plans."""

@@ -1,0 +1,1 @@
+"""Training: data sources, the optax train step and loop, orbax checkpoints, losses."""
