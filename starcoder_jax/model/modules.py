@@ -43,10 +43,12 @@ def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
-def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+def param(value: jax.Array, axes: tuple[str | None, ...], *, decay: bool = False) -> nnx.Param:
     """A parameter that carries its logical axes (names in parallel.rules.RULES)
-    as `out_sharding` metadata; the rules table maps them to mesh axes."""
-    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+    as `out_sharding` metadata, which the rules table maps to mesh axes, and
+    whether AdamW's weight decay applies to it (`weight_decay`: the matmul
+    kernels, not biases, LayerNorms or the embedding tables)."""
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False, weight_decay=decay)
 
 
 def _set_int8(module: nnx.Module, names: tuple[str, str], w: jax.Array, n_in: int, axes,
@@ -157,7 +159,7 @@ class Dense(nnx.Module):
         if config.quantization == "int8":
             _set_int8(self, self.INT8_NAMES, kernel, self.n_in, axes, self.in_blocks)
         else:
-            self.kernel = param(kernel, axes)
+            self.kernel = param(kernel, axes, decay=True)
         # a [D] output bias is tiny: whole on every device like the LayerNorms
         bias_axes = tuple("norm" if a == "embed" else a for a in axes[self.n_in:])
         self.bias = param(jnp.zeros(out_shape, pdt), bias_axes)
@@ -421,7 +423,7 @@ class StarCoder(nnx.Module):
             if quantized:
                 _set_int8(self, self.HEAD_INT8_NAMES, head, 1, ("embed", "vocab"))  # [V, D], scale [V]
             else:
-                self.lm_head = param(head, ("embed", "vocab"))
+                self.lm_head = param(head, ("embed", "vocab"), decay=True)
         self.drop = nnx.Dropout(config.embd_pdrop)
         # Recompute block activations in the backward pass (training memory).
         self.remat = False
