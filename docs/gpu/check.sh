@@ -8,8 +8,9 @@
 #   bash docs/gpu/check.sh "decode tests"   # some parts, in the order given
 #
 # FORMS_ARGS passes options to docs/gpu/int8_forms.py (e.g. "--rows 1");
-# TESTS replaces the test files (default: the int8 and parity tests, run
-# with float32 matmuls at full precision: XLA:GPU would use TF32).
+# TESTS replaces the test files (default: tests/ops, with its tests marked gpu,
+# and the parity tests; run with float32 matmuls at full precision:
+# XLA:GPU would use TF32).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -34,7 +35,7 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
         --decode-steps 32 --compare-transformers --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.txt" ;;
     tests)
       JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python3 -m pytest -x -q -p no:cacheprovider \
-        ${TESTS:-tests/test_quant.py tests/test_model_parity.py} 2>&1 | tee "$OUT/tests.txt" ;;
+        ${TESTS:-tests/ops tests/model/test_model_parity.py} 2>&1 | tee "$OUT/tests.txt" ;;
     train)
       timeout 180 $SJ bench --train --dtype bfloat16 --train-batch 4 --train-seq-len 1024 --repeats 5 \
         --compare-transformers --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt" ;;
