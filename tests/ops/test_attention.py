@@ -90,23 +90,25 @@ def test_reference_is_the_definition(multi_query, case):
     assert (q_pos < 0).any() and np.all(got[q_pos < 0] == 0)
 
 
-@pytest.mark.parametrize("form,block", [("cpu_key_major", 64), ("cpu_blocked", 64), ("cpu_blocked", 8)])
 @pytest.mark.parametrize("case", ["own_keys", "cache"])
 @pytest.mark.parametrize("t", [1, 5, 64, 65, 130])
 @pytest.mark.parametrize("multi_query", [True, False])
-def test_each_form_equals_the_reference(form, block, case, t, multi_query):
+def test_each_form_equals_the_reference(case, t, multi_query):
     """Forced on this machine, every form gives the reference's output (1e-5)
-    and gradients for q, k, v (1e-4), padded rows included; blocks of 8 make
-    whole blocks, a shorter last one and (t = 130) more than 16 of them."""
+    and gradients for q, k, v (1e-4), padded rows included; the blocked form
+    (own keys only: forced on a cache read it is the reference) with blocks of
+    64 and of 32 (whole blocks, a shorter last one)."""
     q_pos, k_pos, own_keys = _positions(case, t)
     q, k, v = _qkv(multi_query, 3, t, k_pos.shape[1], seed=t)
-    want, want_grads = _value_and_grads("xla", q, k, v, q_pos, k_pos, own_keys, block)
-    got, got_grads = _value_and_grads(form, q, k, v, q_pos, k_pos, own_keys, block)
-    assert got.shape == want.shape == q.shape and np.isfinite(np.asarray(got)).all()
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
-    for g_got, g_want in zip(got_grads, want_grads):
-        assert np.isfinite(np.asarray(g_got)).all()
-        np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=0, atol=1e-4)
+    want, want_grads = _value_and_grads("xla", q, k, v, q_pos, k_pos, own_keys, 64)
+    runs = [("cpu_key_major", 64)] + ([("cpu_blocked", 64), ("cpu_blocked", 32)] if own_keys else [])
+    for form, block in runs:
+        got, got_grads = _value_and_grads(form, q, k, v, q_pos, k_pos, own_keys, block)
+        assert got.shape == want.shape == q.shape and np.isfinite(np.asarray(got)).all()
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5, err_msg=form)
+        for g_got, g_want in zip(got_grads, want_grads):
+            assert np.isfinite(np.asarray(g_got)).all()
+            np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=0, atol=1e-4, err_msg=form)
 
 
 def test_query_block_size():
@@ -125,9 +127,10 @@ def test_dropout_drops_probabilities(form):
     def dropped(key):
         return _attend(form, q, k, v, q_pos, k_pos, own_keys, block=4, dropout_rate=0.5, dropout_key=key)
 
-    draws = np.asarray(jax.jit(jax.vmap(dropped))(jax.random.split(jax.random.key(0), 800)))
+    draws = np.asarray(jax.jit(jax.vmap(dropped))(jax.random.split(jax.random.key(0), 300)))
     assert np.isfinite(draws).all() and np.abs(draws[0] - plain).max() > 0.1
-    np.testing.assert_allclose(draws.mean(0), plain, rtol=0, atol=0.15)
+    error = np.abs(draws.mean(0) - plain)  # the mean of 300 draws: about 0.06 |v| from the limit
+    assert error.mean() < 0.05 and error.max() < 0.5, (error.mean(), error.max())
     no_key = _attend(form, q, k, v, q_pos, k_pos, own_keys, block=4, dropout_rate=0.5)
     np.testing.assert_array_equal(np.asarray(no_key), plain)
 
