@@ -21,6 +21,7 @@ from flax import nnx
 
 from starcoder_jax.config import QUANTIZATION_MODES, StarCoderConfig, check_quantization
 from starcoder_jax.model.kv_cache import KVCache, LayerCache
+from starcoder_jax.ops.attention import attention
 from starcoder_jax.ops.int8 import (
     QuantizedWeight,
     QuantScale,
@@ -198,22 +199,9 @@ class Dense(nnx.Module):
         return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def attention_mask(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
-    """Causal mask [B, T, S]: key s is visible to query t iff pos(s) <= pos(t)."""
-    return k_positions[:, None, :] <= q_positions[:, :, None]
-
-
-CPU_QUERY_BLOCK = 64  # queries per block of `Attention.attend_query_blocks`...
-CPU_QUERY_BLOCKS = 16  # ...and at most this many blocks (each is its own code: compile time)
-
-
-def _query_block(t: int) -> int:
-    """Queries per block for a sequence of t (see CPU_QUERY_BLOCK)."""
-    return max(CPU_QUERY_BLOCK, -(-t // CPU_QUERY_BLOCKS))
-
-
 class Attention(nnx.Module):
-    """Causal self-attention with N query heads sharing K kv heads (K=1: multi-query)."""
+    """Causal self-attention with N query heads sharing K kv heads (K=1: multi-query);
+    the attention form is config.attention_impl (starcoder_jax.ops.attention)."""
 
     def __init__(self, config: StarCoderConfig, *, rngs: nnx.Rngs):
         d, n, k, h = config.n_embd, config.n_head, config.kv_heads, config.head_dim
@@ -231,6 +219,7 @@ class Attention(nnx.Module):
                          std=std / math.sqrt(2 * config.n_layer), config=config, rngs=rngs)
         self.scale = 1.0 / math.sqrt(h) if config.scale_attn_weights else 1.0
         self.attn_pdrop = config.attn_pdrop
+        self.attention_impl = config.attention_impl  # ops.attention form: "auto" or forced by name
         self.resid_drop = nnx.Dropout(config.resid_pdrop)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
@@ -251,121 +240,14 @@ class Attention(nnx.Module):
             if read_cache:
                 k, v = cache.keys(q.dtype), cache.values(q.dtype)  # [B, S, K, H]
                 k_positions = cache.positions()
-        mask = attention_mask(positions, k_positions)
-        # The keys are these T queries' own tokens, in order (no cache, or a
-        # prefill from position 0), so key j > query i is never visible.
-        out = self._attend(q, k, v, mask, rngs, own_keys=cache is None or not read_cache)
+        # No cache, or a prefill from position 0: the keys are these T queries' own tokens, in order.
+        own_keys = cache is None or not read_cache
+        dropout_key = rngs.dropout() if rngs is not None and self.attn_pdrop > 0 else None
+        out = attention(q, k, v, positions, k_positions, impl=self.attention_impl, own_keys=own_keys,
+                        scale=self.scale, dropout_rate=self.attn_pdrop, dropout_key=dropout_key)
         y = self.out(out)
         y = self.resid_drop(y, deterministic=rngs is None, rngs=rngs)
         return y, cache
-
-    def _attend(self, q, k, v, mask, rngs, *, own_keys=False):
-        """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H].
-
-        own_keys: k/v are the T queries' own tokens in order (S = T), so
-        that the causal mask hides every key after its query.
-        """
-        b, t, n, h = q.shape
-        kv = k.shape[2]
-        q = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
-        if jax.default_backend() != "cpu":
-            attend = self.attend_query_major
-        elif own_keys and t > 1:
-            attend = self.attend_query_blocks
-        else:
-            attend = self.attend_key_major
-        return attend(q, k, v, mask, rngs).reshape(b, t, n, h)
-
-    def attend_query_major(self, q, k, v, mask, rngs=None):
-        """Attention of q [B, T, K, G, H] over k/v [B, S, K, H] -> [B, T, K, G, H],
-        the scores laid out [B, K, G, T, S] (GPU, TPU)."""
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-        scores = scores * self.scale
-        # A large finite negative keeps rows with no visible key (padding) NaN-free.
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = self._dropout(jax.nn.softmax(scores, axis=-1), rngs)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v,
-                         preferred_element_type=jnp.float32)
-        return out.astype(q.dtype)
-
-    def attend_key_major(self, q, k, v, mask, rngs=None):
-        """The same attention with the scores laid out [B, K, S, T, G] (XLA:CPU
-        decode, and any query that reads the cache).
-
-        The key product then reads the cache [B, S, K, H] as it lies, where
-        the query-major form makes XLA:CPU copy the keys transposed at every
-        step, and the value product gets its probabilities [T*G, S] as a
-        standard matrix. Measured on the starcoderbase-1b attention shapes
-        (2-core EPYC, float32, two runs): one decode step at batch 8 with 2048
-        cached positions takes 2.2-2.6 ms per layer instead of 5.1-5.5, with
-        512 positions 0.53-0.74 ms instead of 1.34; at batch 1 with 512
-        positions 75-85 us instead of 89-116; a 512-token prefill 30 ms per
-        layer instead of 32.
-        """
-        b, t, kv, g, h = q.shape
-        s = k.shape[1]
-        rows = jnp.transpose(q, (0, 2, 1, 3, 4)).reshape(b, kv, t * g, h)  # [B, K, T*G, H]
-        scores = jax.lax.dot_general(jnp.swapaxes(k, 1, 2), rows, (((3,), (3,)), ((0, 1), (0, 1))),
-                                     preferred_element_type=jnp.float32)  # [B, K, S, T*G]
-        scores = scores.reshape(b, kv, s, t, g) * self.scale
-        visible = jnp.swapaxes(mask, 1, 2)[:, None, :, :, None]  # [B, 1, S, T, 1]
-        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-        probs = self._dropout(jax.nn.softmax(scores, axis=2), rngs)
-        probs = jnp.swapaxes(probs.reshape(b, kv, s, t * g), 2, 3)  # [B, K, T*G, S]
-        out = jax.lax.dot_general(probs.astype(v.dtype), jnp.swapaxes(v, 1, 2),
-                                  (((3,), (2,)), ((0, 1), (0, 1))),
-                                  preferred_element_type=jnp.float32)  # [B, K, T*G, H]
-        return jnp.transpose(out.reshape(b, kv, t, g, h), (0, 2, 1, 3, 4)).astype(q.dtype)
-
-    def attend_query_blocks(self, q, k, v, mask, rngs=None):
-        """Causal attention over a sequence's own keys in blocks of queries
-        (XLA:CPU prefill and training): q [B, T, K, G, H], k/v [B, T, K, H].
-
-        Block i of queries reads only the keys up to its last query (the
-        causal mask hides the rest), which skips almost half of the scores'
-        work, and bounds the scores held at once to [B, K, block * G, T]
-        (at T = 8192 one layer's full scores would take 4 GiB). Each block
-        lays its scores out [B, K, block * G, keys]: both products get
-        standard matrices and the softmax runs along the minor axis. The
-        softmax divides the block's output by the sums of its exponentials
-        ([block * G, H]) rather than the probabilities ([block * G, keys]).
-        The softmax's max is a constant of the gradient (the softmax does
-        not depend on it), and attention dropout drops exponentials before
-        the division, which is the same as dropping probabilities.
-        Measured on the starcoderbase-1b attention shapes (2-core EPYC,
-        float32, one layer, one sequence): 512 tokens 7.9 ms with blocks of
-        64 queries (9.1 with 128, 11.9 with 256, 25.8 in one block), where
-        the key-major form takes 30-34 ms and the query-major one 43-53;
-        2048 tokens 175 ms with blocks of 64 (203 with 128, 211 with 256)
-        against 857 ms for the key-major form.
-        """
-        b, t, kv, g, h = q.shape
-        rows = jnp.transpose(q, (0, 2, 1, 3, 4))  # [B, K, T, G, H]
-        keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, T, H]
-        size = _query_block(t)
-        outs = []
-        for lo in range(0, t, size):
-            hi = min(t, lo + size)
-            rq = rows[:, :, lo:hi].reshape(b, kv, (hi - lo) * g, h)
-            scores = jax.lax.dot_general(rq, keys[:, :, :hi], (((3,), (3,)), ((0, 1), (0, 1))),
-                                         preferred_element_type=jnp.float32)  # [B, K, rows, keys]
-            scores = scores.reshape(b, kv, hi - lo, g, hi) * self.scale
-            scores = jnp.where(mask[:, None, lo:hi, None, :hi], scores, jnp.finfo(jnp.float32).min)
-            top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-            e = jnp.exp(scores - top)
-            total = jnp.sum(e, axis=-1, keepdims=True)  # [B, K, block, G, 1]
-            e = self._dropout(e, rngs).reshape(b, kv, (hi - lo) * g, hi)
-            out = jax.lax.dot_general(e.astype(v.dtype), values[:, :, :hi], (((3,), (2,)), ((0, 1), (0, 1))),
-                                      preferred_element_type=jnp.float32)  # [B, K, rows, H]
-            outs.append(out.reshape(b, kv, hi - lo, g, h) / total)
-        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-        return jnp.transpose(out, (0, 2, 1, 3, 4)).astype(q.dtype)
-
-    def _dropout(self, probs, rngs):
-        if rngs is not None and self.attn_pdrop > 0:
-            keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.attn_pdrop, probs.shape)
-            probs = jnp.where(keep, probs / (1.0 - self.attn_pdrop), 0.0)
-        return probs
 
 
 class MLP(nnx.Module):
