@@ -33,7 +33,9 @@ class Derived(nnx.Variable):
 
 
 def flat(state) -> dict[str, np.ndarray]:
-    return {path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state)}
+    """"wte/embedding" -> value, for an nnx.State."""
+    return {path_name(p): np.asarray(v.get_value() if isinstance(v, nnx.Variable) else v)
+            for p, v in nnx.to_flat_state(state)}
 
 
 def opt_paths(opt_state) -> set[str]:
