@@ -9,7 +9,7 @@ a GPU and torch sees one, else the CPU), in float32 and bfloat16, and its best
 dtype is the reference. Medians of `--repeats` runs are reported.
 
 `--train` measures training instead: full optimizer steps (forward, backward,
-clipping, AdamW) built by the library's own training loop (starcoder_jax.training.train),
+clipping, AdamW) built by the library's own training loop (starcoder_jax.training.step),
 in tokens/s and in model FLOP/s (and MFU on a GPU with a known peak). With
 `--compare-transformers`, torch AdamW steps of transformers' GPTBigCode on the
 same config and batch run beside it, in float32 and under bfloat16 autocast.
@@ -326,7 +326,7 @@ def train_optim():
     """The optimizer settings both sides use: the library's AdamW defaults
     (weight decay 0.1, betas 0.9 / 0.95, eps 1e-8, global-norm clip 1.0) at a
     constant 1e-4, so no step of the timed window differs from another."""
-    from starcoder_jax.training.train import OptimConfig
+    from starcoder_jax.training.config import OptimConfig
 
     return OptimConfig(learning_rate=1e-4, schedule="constant", warmup_steps=0)
 
@@ -383,15 +383,16 @@ def _train_batch(config, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
 
 
 def bench_train_ours(model, args) -> dict:
-    """Seconds per optimizer step of starcoder_jax.training.train's jitted step (one
-    micro-batch, full loss mask): median of --repeats after a compiling step."""
+    """Seconds per optimizer step of starcoder_jax.training's jitted step (one
+    micro-batch, full loss mask, every parameter trained): median of --repeats
+    after a compiling step."""
     from flax import nnx
 
-    from starcoder_jax.training.train import make_optimizer, make_train_step
+    from starcoder_jax.training.step import make_optimizer, make_train_step
 
     config = model.config
     b, t = args.train_batch, args.train_seq_len
-    graphdef, params = nnx.split(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx, _ = make_optimizer(train_optim(), args.repeats + 1)
     opt_state = tx.init(params)
     dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) > 0
@@ -401,7 +402,7 @@ def bench_train_ours(model, args) -> dict:
     times = []
     for i in range(args.repeats + 1):
         t0 = time.perf_counter()
-        params, opt_state, out = step_fn(params, opt_state, ids, mask, jnp.int32(i))
+        params, opt_state, out = step_fn(params, opt_state, rest, ids, mask, jnp.int32(i))
         jax.block_until_ready((params, opt_state, out))
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times[1:])
@@ -412,7 +413,7 @@ def bench_train_ours(model, args) -> dict:
 def bench_train_transformers(config, args) -> dict:
     """transformers' GPTBigCode + torch AdamW (on CUDA beside a JAX GPU run,
     else the CPU), same config, batch and optimizer settings (decay on matmul
-    weights only, like train.decay_mask): float32, then bfloat16 autocast over
+    weights only, like training.step.decay_mask): float32, then bfloat16 autocast over
     float32 master weights. Each starts from the same fresh model, so its loss
     is comparable with ours."""
     import torch

@@ -73,3 +73,23 @@ def hf_logits(model_dir: str, ids) -> np.ndarray:
     model = GPTBigCodeForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
+
+
+def mean_next_token_loss(model, ids, mask=None):
+    """Mean next-token cross-entropy (nats per target, float32 scalar) of ids [B, T]:
+    the library's token_nll_sum over the targets where mask[:, 1:] (mask [B, T], 1 / True:
+    a real token; None: all real) divided by their count, as transformers' loss with
+    labels -100 on the padding."""
+    import jax.numpy as jnp
+
+    from starcoder_jax.training.losses import token_nll_sum
+
+    mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
+    return token_nll_sum(model, ids, mask) / jnp.maximum(jnp.sum(mask[:, 1:]), 1).astype(jnp.float32)
+
+
+def params_loss(params, graphdef, ids, mask=None):
+    """mean_next_token_loss as a function of the params of `nnx.split(model)`, for jax.grad."""
+    from flax import nnx
+
+    return mean_next_token_loss(nnx.merge(graphdef, params), ids, mask)

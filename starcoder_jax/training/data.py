@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -141,16 +142,33 @@ def split_documents(docs, fraction: float):
     return train, held
 
 
-class PackedDataset:
-    """Fixed-length sequences of a document set, a pure function of (seed, epoch).
+class DataSource(Protocol):
+    """Where the training loop takes its batches from.
 
-    `batch(step, batch_size)` -> (ids [B, seq_len + 1] int32, mask [B, seq_len + 1] bool);
+    `batch(step)` -> (ids [B, T + 1] int32, mask [B, T + 1] bool): the B
+    sequences of global step `step` (T + 1 tokens: the last input's target
+    included; mask False on tokens that are not targets, e.g. padding). It
+    must be a pure function of the step (and the source's own seed): a
+    resumed run asks for the steps it has not done yet and must get the
+    batches the uninterrupted run got.
+    """
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class PackedDataset:
+    """Fixed-length sequences of a document set, a pure function of (seed, epoch); a DataSource.
+
+    `batch(step)` -> (ids [batch_size, seq_len + 1] int32, mask [batch_size, seq_len + 1] bool);
     the mask is False on <fim_pad> padding (when masked) and True elsewhere.
     """
 
     def __init__(self, docs: list[tuple[str, str]], tokenizer: Tokenizer, config: DataConfig, *,
-                 seed: int = 0, shuffle: bool = True, fim: bool = True, progress: bool | None = None):
-        self.config, self.seed, self.shuffle = config, seed, shuffle
+                 batch_size: int, seed: int = 0, shuffle: bool = True, fim: bool = True,
+                 progress: bool | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.config, self.batch_size, self.seed, self.shuffle = config, batch_size, seed, shuffle
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_id
         self.names = [name for name, _ in docs]
@@ -192,10 +210,10 @@ class PackedDataset:
         self._epoch_cache = (e, ids, mask)
         return ids, mask
 
-    def batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The batch of global step `step` (sequences step*B .. step*B + B - 1, across epochs)."""
         rows_ids, rows_mask = [], []
-        for k in range(step * batch_size, (step + 1) * batch_size):
+        for k in range(step * self.batch_size, (step + 1) * self.batch_size):
             e, j = divmod(k, self.sequences_per_epoch)
             ids, mask = self.epoch(e)
             rows_ids.append(ids[j])

@@ -11,6 +11,7 @@ JAX_PLATFORMS=cpu (CPU collectives go over gloo, JAX's default).
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -49,13 +50,13 @@ def main(argv=None) -> int:
                            timeout_s=args.timeout)
 
     import jax
+    from builders import params_loss
     from flax import nnx
     from jax.experimental import multihost_utils
 
     import starcoder_jax as sj
     from starcoder_jax.inference.generate import generate
     from starcoder_jax.parallel.mesh import mesh_from_spec, place_batch, state_shardings
-    from starcoder_jax.training.losses import params_loss
 
     mesh = mesh_from_spec(args.mesh)
     model = sj.load_pretrained(args.model, mesh=mesh)
@@ -85,4 +86,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as a script: this checkout's package and tests/builders come before any installed copy.
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:0] = [os.path.dirname(tests_dir), tests_dir]
     sys.exit(main())

@@ -19,12 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from builders import REPO_ROOT
+from builders import REPO_ROOT, params_loss
 from flax import nnx
 
 import starcoder_jax as sj
 from starcoder_jax.inference.generate import generate
-from starcoder_jax.training.losses import params_loss
 
 sys.path.insert(0, os.path.dirname(__file__))
 import multihost_worker  # noqa: E402

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from builders import REPO_ROOT
+from builders import REPO_ROOT, mean_next_token_loss, params_loss
 from flax import nnx
 
 import starcoder_jax as sj
@@ -37,7 +37,6 @@ from starcoder_jax.model.kv_cache import KVCache, cache_sharding
 from starcoder_jax.model.modules import abstract_model, init_model
 from starcoder_jax.parallel import distributed, rules
 from starcoder_jax.parallel import mesh as pm
-from starcoder_jax.training.losses import next_token_loss, params_loss
 
 EIGHT = os.environ.get("STARCODER_JAX_EIGHT_DEVICES") == "1"
 mesh8 = pytest.mark.skipif(not EIGHT, reason="runs inside test_eight_fake_devices' subprocess")
@@ -210,7 +209,7 @@ def test_next_token_loss_matches_transformers(tiny_model_dir):
     mask = np.ones_like(ids)
     mask[1, 7:] = 0
     mask[2, 3:] = 0
-    ours = float(next_token_loss(sj.load_pretrained(tiny_model_dir), jnp.asarray(ids), jnp.asarray(mask)))
+    ours = float(mean_next_token_loss(sj.load_pretrained(tiny_model_dir), jnp.asarray(ids), jnp.asarray(mask)))
     labels = torch.tensor(np.where(mask == 1, ids, -100), dtype=torch.long)
     hf = GPTBigCodeForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():

@@ -197,6 +197,54 @@ def test_output_dir_of_another_model_is_refused(tmp_path, corpus_dir, tokenizer_
         train.run(other, progress=False)
 
 
+def test_frozen_embeddings_stay_put_through_a_resumed_run(tmp_path, corpus_dir, tokenizer_dir):
+    from flax import nnx
+
+    from starcoder_jax.model.modules import init_model
+
+    out = str(tmp_path / "run")
+    cfg = train.load_config(write_config(tmp_path / "c.yaml", corpus_dir, tokenizer_dir, out,
+                                         **{"train.steps": 6, "train.frozen": ["^wte/", "^wpe/"]}), [])
+    train.run(cfg, progress=False, stop_after=4)
+    model = train.run(cfg, progress=False)["model"]  # resumed from step 4
+    start = init_model(model.config, seed=cfg.train.seed)
+    for name in ("wte", "wpe"):
+        np.testing.assert_array_equal(getattr(model, name).embedding[...], getattr(start, name).embedding[...])
+    assert not np.array_equal(model.blocks[0].mlp.fc.kernel[...], start.blocks[0].mlp.fc.kernel[...])
+    reloaded = train.load_run_model(out)
+    for a, b in zip(jax.tree.leaves(nnx.state(reloaded, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(train.TrainingError, match="holds checkpoints of a different run"):
+        train.run(train.load_config(write_config(tmp_path / "d.yaml", corpus_dir, tokenizer_dir, out,
+                                                 **{"train.steps": 8}), []), progress=False)
+
+
+class RepeatedBatch:
+    """A data source (training.data.DataSource) that gives the same rows at every step."""
+
+    def __init__(self, ids, mask):
+        self.ids, self.mask, self.steps = ids, mask, []
+
+    def batch(self, step):
+        self.steps.append(step)
+        return self.ids, self.mask
+
+
+def test_the_loop_takes_any_data_source(tmp_path, corpus_dir, tokenizer_dir):
+    from starcoder_jax.training.loop import Loop
+    from starcoder_jax.training.state import prepare
+
+    out = str(tmp_path / "run")
+    cfg = train.load_config(write_config(tmp_path / "c.yaml", corpus_dir, tokenizer_dir, out,
+                                         **{"train.steps": 15, "train.eval_every": 100}), [])
+    setup = prepare(cfg, progress=False)
+    source = setup.train_data = RepeatedBatch(*setup.train_data.batch(0))
+    result = Loop(setup, progress=False).run()
+    history = losses(out)
+    assert result.step == 15 and len(history) == 15 and source.steps == list(range(15))
+    assert history[-1][1] < history[0][1] - 0.5, history  # one batch, being learnt by heart
+
+
 def test_overrides_and_unknown_sections():
     cfg = train.parse_config({"train": {"steps": 5}}, ["optim.learning_rate=1e-4", "model.config.n_layer=3"])
     assert cfg.optim.learning_rate == 1e-4 and cfg.model.config == {"n_layer": 3} and cfg.train.steps == 5

@@ -1,0 +1,196 @@
+"""The fine-tuning YAML file as frozen dataclasses: model, tokenizer, data, optim, train.
+
+`load_config(path, overrides)` reads a file (configs/finetune/) and applies
+`section.key=value` overrides from the command line; every key is checked
+against its section's fields, so a typo fails before anything loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import yaml
+
+from starcoder_jax.training.data import DataConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Which model to train.
+
+    preset: a family preset to train from scratch (its shape; random init).
+    path: an HF / orbax directory or hub id to fine-tune (overrides preset).
+    config: StarCoderConfig fields for a from-scratch model (applied on top
+      of the preset; vocab_size defaults to the tokenizer's, rounded up to 128).
+      With `path`, only the runtime fields attention_impl and matmul_impl
+      (the shapes come from the checkpoint).
+    compute_dtype: dtype of activations and matmuls; params stay float32.
+    remat: recompute each block's activations in the backward pass.
+    """
+
+    preset: str | None = None
+    path: str | None = None
+    config: dict = dataclasses.field(default_factory=dict)
+    compute_dtype: str = "float32"
+    remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 3e-4
+    schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr) or "constant", both after warmup
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1  # on the params whose metadata says weight_decay (the matmul kernels)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How long and how the loop runs.
+
+    trainable / frozen: regular expressions searched in each parameter's path
+    ("blocks/0/attn/query/kernel", "wte/embedding"). The trained set is every
+    nnx.Param matching one of `trainable` (empty: every nnx.Param) and none of
+    `frozen`; the others keep their values and have no optimizer state.
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    eval_every: int = 200
+    eval_sequences: int = 64
+    save_every: int = 200
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    log_every: int = 10
+    nan_policy: str = "stop"  # "stop": end the run with an error; "skip": drop that update
+    output_dir: str = "runs/finetune"
+    mesh: str | None = None
+    trainable: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"train.nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size {self.batch_size} is not divisible by train.grad_accum "
+                             f"{self.grad_accum}")
+        for name in ("trainable", "frozen"):
+            object.__setattr__(self, name, _patterns(getattr(self, name), f"train.{name}"))
+
+
+def _patterns(value, where: str) -> tuple[str, ...]:
+    """A list of regular expressions (a single string is a list of one), each checked."""
+    patterns = (value,) if isinstance(value, str) else value
+    if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"{where} must be a list of regular expressions, got {value!r}")
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as err:
+            raise ValueError(f"{where}: {p!r} is not a regular expression ({err})") from None
+    return tuple(patterns)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    model: ModelSection = ModelSection()
+    tokenizer: str | None = None
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: LoopConfig = LoopConfig()
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+_SECTIONS = {"model": ModelSection, "data": DataConfig, "optim": OptimConfig, "train": LoopConfig}
+
+
+def _build_section(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                         f"{where} has: {', '.join(sorted(fields))}")
+    clean = {k: (tuple(v) if isinstance(v, list) and k != "config" else v) for k, v in values.items()}
+    return cls(**clean)
+
+
+def parse_config(raw: dict, overrides: list[str] = ()) -> FinetuneConfig:
+    """A FinetuneConfig from a YAML mapping plus `section.key=value` overrides."""
+    raw = json.loads(json.dumps(raw or {}))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key and key != "tokenizer":
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. optim.learning_rate=1e-4)")
+        parsed = _parse_value(value)
+        if key == "tokenizer":
+            raw["tokenizer"] = parsed
+            continue
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})
+        target = raw[section]
+        if section == "model" and name.startswith("config."):
+            target = target.setdefault("config", {})
+            name = name.removeprefix("config.")
+        target[name] = parsed
+    unknown = sorted(set(raw) - set(_SECTIONS) - {"tokenizer"})
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(unknown)}; a config has: "
+                         f"{', '.join(sorted([*_SECTIONS, 'tokenizer']))}")
+    sections = {name: _build_section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    return FinetuneConfig(tokenizer=raw.get("tokenizer"), **sections)
+
+
+def _parse_value(text: str):
+    """A YAML scalar, with numbers like 1e-4 read as floats (YAML 1.1 wants 1.0e-4)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def load_config(path: str, overrides: list[str] = ()) -> FinetuneConfig:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    base = os.path.dirname(os.path.abspath(path))
+    cfg = parse_config(raw, overrides)
+    return _resolve_paths(cfg, base)
+
+
+def _resolve_paths(cfg: FinetuneConfig, base: str) -> FinetuneConfig:
+    """Relative data/tokenizer paths in a config file are relative to the repo
+    root when they exist there, else to the config file's folder."""
+    def fix(p):
+        if p is None or os.path.isabs(p) or os.path.exists(p):
+            return p
+        candidate = os.path.join(base, p)
+        return candidate if os.path.exists(candidate) or any(c in p for c in "*?[") else p
+
+    data = dataclasses.replace(cfg.data, paths=tuple(fix(p) for p in cfg.data.paths))
+    return dataclasses.replace(cfg, data=data, tokenizer=fix(cfg.tokenizer))

@@ -1,0 +1,166 @@
+"""The training loop of a prepared run (state.prepare): steps, logging, held-out
+evaluation, checkpoints, SIGTERM and non-finite losses.
+
+The loop takes its batches from a `data.DataSource` by step number, so a
+resumed run continues the uninterrupted run's batches and dropout keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from starcoder_jax.training.state import Setup, TrainingError, TrainState
+
+
+class Metrics:
+    """metrics.jsonl (truncated to the resumed step) + TensorBoard events."""
+
+    def __init__(self, out_dir: str, start_step: int):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        kept = []
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        self.file = open(self.path, "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_step + 1)
+        except ImportError:  # optional: metrics.jsonl always has everything
+            self.tb = None
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+@dataclasses.dataclass
+class LoopResult:
+    step: int  # the last step done
+    state: TrainState
+    last: dict  # the last metrics record ({} when nothing was logged)
+    eval_loss: float | None  # the last held-out loss (nats per token)
+    terminated: bool  # ended by SIGTERM (after saving)
+
+
+class Loop:
+    """Runs a Setup's steps until train.steps, a SIGTERM, or `stop_after` steps."""
+
+    def __init__(self, setup: Setup, *, progress: bool | None = None):
+        self.setup, self.loop = setup, setup.cfg.train
+        self.state, self.step = setup.state, setup.start_step
+        self.progress = progress
+        self.last, self.eval_loss = {}, None
+        self.tokens_per_step = self.loop.batch_size * setup.cfg.data.seq_len  # grad_accum splits the batch
+        self.window_start, self.window_tokens = 0.0, 0  # tokens/s since the last record
+
+    def run(self, stop_after: int | None = None) -> LoopResult:
+        loop, checkpoints = self.loop, self.setup.checkpoints
+        terminated = []
+        previous = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True))
+        metrics = Metrics(self.setup.out_dir, self.step)
+        bar = tqdm(total=loop.steps, initial=self.step, desc="finetune", unit="step",
+                   disable=(not self.progress) if self.progress is not None else None)
+        ran, self.window_start = 0, time.perf_counter()
+        try:
+            while self.step < loop.steps:
+                if terminated:
+                    self._save_now()
+                    bar.write(f"SIGTERM: saved step {self.step} to {checkpoints.directory}; "
+                              "run the same command to resume")
+                    break
+                out = self._train_step()
+                ran += 1
+                if not bool(out["finite"]):
+                    self._non_finite(out, bar)
+                if self.step % loop.log_every == 0 or self.step == loop.steps:
+                    metrics.log(self._record(out))
+                    bar.set_postfix(loss=f"{self.last['loss']:.3f}", tok_s=f"{self.last['tokens_per_second']:.0f}")
+                bar.update()
+                if self.step % loop.save_every == 0 or self.step == loop.steps:
+                    checkpoints.save(self.step, self.state.checkpoint(), self.setup.meta(self.step))
+                if stop_after is not None and ran >= stop_after:
+                    break
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            bar.close()
+            metrics.close()
+            checkpoints.close()
+        return LoopResult(self.step, self.state, self.last, self.eval_loss, bool(terminated))
+
+    def _train_step(self) -> dict:
+        """One optimizer step on the batch of `self.step`; returns its metrics (device arrays)."""
+        loop, placement, state = self.loop, self.setup.placement, self.state
+        ids, mask = self.setup.train_data.batch(self.step)
+        shape = (loop.grad_accum, loop.batch_size // loop.grad_accum, -1)  # [A, b, T + 1]
+        ids, mask = placement.batch(ids.reshape(shape)), placement.batch(mask.reshape(shape))
+        with placement.context():
+            params, opt_state, out = self.setup.train_step(state.params, state.opt_state, state.rest, ids, mask,
+                                                           jnp.int32(self.step))
+        self.state = dataclasses.replace(state, params=params, opt_state=opt_state)
+        self.step += 1
+        self.window_tokens += self.tokens_per_step
+        return out
+
+    def _non_finite(self, out: dict, bar) -> None:
+        if self.loop.nan_policy == "stop":
+            raise TrainingError(
+                f"the loss became {float(out['loss'])} at step {self.step} (grad norm "
+                f"{float(out['grad_norm'])}); stopped without saving. The last good checkpoint is "
+                f"step {self.setup.checkpoints.latest_step()}; lower optim.learning_rate or set "
+                "train.nan_policy=skip")
+        bar.write(f"step {self.step}: non-finite loss, update skipped")
+
+    def _record(self, out: dict) -> dict:
+        """The metrics record of this step (with the held-out loss on eval steps)."""
+        elapsed = time.perf_counter() - self.window_start
+        step = self.step
+        self.last = {"step": step, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
+                     "learning_rate": float(self.setup.schedule(step - 1)),
+                     "tokens_per_second": self.window_tokens / elapsed, "finite": bool(out["finite"])}
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        if step % self.loop.eval_every == 0 or step == self.loop.steps:
+            self.eval_loss = self._evaluate()
+            if self.eval_loss is not None:
+                self.last["eval_loss"] = self.eval_loss
+                self.last["eval_perplexity"] = math.exp(min(self.eval_loss, 50))
+        return self.last
+
+    def _evaluate(self) -> float | None:
+        """Mean next-token loss (nats) over the held-out sequences; None without any."""
+        if self.setup.eval_data is None:
+            return None
+        ids, mask = self.setup.eval_data
+        b, state = self.loop.batch_size, self.state
+        total, count = 0.0, 0.0
+        for i in range(0, len(ids), b):
+            s, c = self.setup.eval_step(state.params, state.rest, jnp.asarray(ids[i:i + b]),
+                                        jnp.asarray(mask[i:i + b]))
+            total, count = total + float(s), count + float(c)
+        return total / max(count, 1)
+
+    def _save_now(self) -> None:
+        """Saves the current step (unless it is saved already) and waits for the write."""
+        checkpoints = self.setup.checkpoints
+        checkpoints.wait()
+        if checkpoints.latest_step() != self.step:
+            checkpoints.save(self.step, self.state.checkpoint(), self.setup.meta(self.step), wait=True)

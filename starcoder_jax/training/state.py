@@ -1,0 +1,290 @@
+"""What a fine-tuning run starts from: its data sources, the model on its mesh,
+split into trainable params and the rest, the optimizer state, and the
+checkpoint it resumes from.
+
+A checkpoint holds the trainable params, their optimizer state and, when
+some params are frozen, those too (so a run directory alone gives its
+model); variables that are not nnx.Params (derived arrays) are rebuilt with
+the model, never saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+from starcoder_jax.config import StarCoderConfig, preset
+from starcoder_jax.model.modules import StarCoder, init_model
+from starcoder_jax.tokenizer import Tokenizer, load_tokenizer
+from starcoder_jax.training.checkpoint import Checkpoints, abstract_like
+from starcoder_jax.training.config import FinetuneConfig, LoopConfig, ModelSection, parse_config
+from starcoder_jax.training.data import (
+    DataSource,
+    PackedDataset,
+    collect_documents,
+    eval_sequences,
+    split_documents,
+)
+from starcoder_jax.training.step import make_eval_fn, make_optimizer, make_train_step, path_name, trainable_filter
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (bad settings, a non-finite loss, a mismatched output dir)."""
+
+
+# The model.config fields a model.path model takes: how this machine computes,
+# not the model's shape (which its checkpoint fixes).
+PATH_MODEL_FIELDS = ("attention_impl", "matmul_impl")
+
+
+def build_model(cfg: FinetuneConfig, tokenizer: Tokenizer) -> StarCoder:
+    """The model of `cfg.model` (loaded from model.path, else initialised with seed train.seed)."""
+    m = cfg.model
+    model = _load_path_model(m) if m.path else _new_model(cfg, tokenizer)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                         f"holds {model.config.vocab_size}")
+    if cfg.data.seq_len > model.config.n_positions:
+        raise ValueError(f"data.seq_len is {cfg.data.seq_len} but the model holds "
+                         f"{model.config.n_positions} positions")
+    model.remat = m.remat
+    return model
+
+
+def _load_path_model(m: ModelSection) -> StarCoder:
+    from starcoder_jax.model.pretrained import load_pretrained
+
+    shape_fields = sorted(set(m.config) - set(PATH_MODEL_FIELDS))
+    if shape_fields:
+        raise ValueError(f"model.config sets {', '.join(shape_fields)} but model.path {m.path!r} fixes the "
+                         f"model's shape; with model.path, model.config takes only {', '.join(PATH_MODEL_FIELDS)}")
+    model = load_pretrained(m.path, dtype="float32", compute_dtype=m.compute_dtype, **m.config)
+    if model.config.quantization is not None:
+        raise ValueError(f"model.path {m.path!r} holds a {model.config.quantization}-quantized "
+                         "model (inference only); train from its float checkpoint")
+    return model
+
+
+def _new_model(cfg: FinetuneConfig, tokenizer: Tokenizer) -> StarCoder:
+    m = cfg.model
+    fields = dict(m.config)
+    if "vocab_size" not in fields and not m.preset:
+        fields["vocab_size"] = 128 * math.ceil(tokenizer.vocab_size / 128)
+    fields.update(dtype=m.compute_dtype, param_dtype="float32",
+                  eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.eos_id)
+    config = preset(m.preset, **fields) if m.preset else StarCoderConfig(**fields)
+    return init_model(config, seed=cfg.train.seed)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """A model split for training.
+
+    params: the trainable state, which the optimizer updates; rest: every
+    other variable of the model (frozen params, derived arrays), which the
+    train step reads and leaves as it is; opt_state: the optimizer state of
+    `params` only.
+    """
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    rest: nnx.State
+    opt_state: Any
+
+    @classmethod
+    def create(cls, model: StarCoder, trainable: nnx.filterlib.Filter, tx) -> TrainState:
+        graphdef, params, rest = nnx.split(model, trainable, ...)
+        if not jax.tree.leaves(params):
+            raise ValueError("train.trainable and train.frozen leave no parameter to train")
+        return cls(graphdef, params, rest, tx.init(params))
+
+    def frozen(self) -> nnx.State:
+        """The params that are not trained."""
+        return nnx.filter_state(self.rest, nnx.Param)
+
+    def checkpoint(self) -> dict:
+        """The pytree a checkpoint holds (see the module docstring)."""
+        tree = {"params": self.params, "opt_state": self.opt_state}
+        frozen = self.frozen()
+        if jax.tree.leaves(frozen):  # with none, a checkpoint keeps the layout it had before frozen sets
+            tree["frozen"] = frozen
+        return tree
+
+    def restored(self, checkpoints: Checkpoints, step: int | None = None) -> TrainState:
+        """This state with the values of checkpoint `step` (None: the newest), each array
+        on the sharding it has here."""
+        saved, _ = checkpoints.restore(abstract_like(self.checkpoint()), step)
+        rest = nnx.merge_state(self.rest, saved["frozen"]) if "frozen" in saved else self.rest
+        return dataclasses.replace(self, params=saved["params"], rest=rest, opt_state=saved["opt_state"])
+
+    def model(self) -> StarCoder:
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def fingerprint(cfg: FinetuneConfig, state: TrainState, model_config: StarCoderConfig) -> dict:
+    """What must match for an output dir's checkpoints to be resumed."""
+    out = {"model": model_config.to_hf(), "seq_len": cfg.data.seq_len, "seed": cfg.train.seed}
+    frozen = [path_name(path) for path, _ in nnx.to_flat_state(state.frozen())]
+    if frozen:  # absent when every param trains, as in the runs written before frozen sets
+        out["frozen"] = frozen
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a run's arrays live: the default device (mesh None) or a mesh."""
+
+    mesh: jax.sharding.Mesh | None = None
+
+    @classmethod
+    def from_config(cls, loop: LoopConfig) -> Placement:
+        if not loop.mesh:
+            return cls()
+        from starcoder_jax.parallel.mesh import mesh_from_spec
+
+        mesh = mesh_from_spec(loop.mesh)
+        data_parallel = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+        if loop.batch_size % data_parallel:
+            raise ValueError(f"train.batch_size {loop.batch_size} is not divisible by the data-parallel "
+                             f"size {data_parallel} of mesh {loop.mesh}")
+        return cls(mesh)
+
+    def model(self, model: StarCoder) -> StarCoder:
+        """The model with each parameter on its mesh sharding (parallel.rules)."""
+        if self.mesh is None:
+            return model
+        from starcoder_jax.parallel.mesh import shard_model
+
+        return shard_model(model, self.mesh)
+
+    def state(self, state: TrainState) -> tuple[TrainState, tuple | None]:
+        """The state with its optimizer state on the mesh, and the train step's out_shardings."""
+        if self.mesh is None:
+            return state, None
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from starcoder_jax.parallel.mesh import state_shardings
+
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        # Moments follow their params; scalars (step counts) live on every device.
+        opt_shardings = jax.tree.map(
+            lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state.opt_state)
+        state = dataclasses.replace(state, opt_state=jax.device_put(state.opt_state, opt_shardings))
+        return state, (state_shardings(state.params, self.mesh), opt_shardings, replicated)
+
+    def batch(self, x: np.ndarray) -> jax.Array:
+        """x [A, b, T + 1] on the device(s): the rows of each micro-batch over data and fsdp."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from starcoder_jax.parallel.mesh import place_batch
+
+        return place_batch(x, self.mesh, batch_dim=1)
+
+    def context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run's loop needs, built from its config by `prepare`."""
+
+    cfg: FinetuneConfig
+    out_dir: str
+    train_data: DataSource
+    eval_data: tuple[np.ndarray, np.ndarray] | None  # held-out ids, mask [E, T + 1]; None: no held-out set
+    state: TrainState
+    start_step: int
+    checkpoints: Checkpoints
+    fingerprint: dict
+    placement: Placement
+    schedule: Callable[[int], Any]
+    train_step: Callable  # step.make_train_step
+    eval_step: Callable  # step.make_eval_fn
+
+    def meta(self, step: int) -> dict:
+        """The JSON record saved with checkpoint `step`."""
+        return {"step": step, "fingerprint": self.fingerprint, "config": self.cfg.to_dict()}
+
+
+def prepare(cfg: FinetuneConfig, *, progress: bool | None = None) -> Setup:
+    """Loads the data and the model, places them, and resumes from the newest
+    checkpoint in cfg.train.output_dir (refused when it holds another run's)."""
+    loop = cfg.train
+    out_dir = os.path.abspath(loop.output_dir)
+    if not cfg.tokenizer:
+        raise ValueError("tokenizer is not set: give the path of a tokenizer.json or model directory")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    train_docs, held_docs = split_documents(collect_documents(cfg.data), cfg.data.eval_fraction)
+    model = build_model(cfg, tokenizer)
+    placement = Placement.from_config(loop)
+    tx, schedule = make_optimizer(cfg.optim, loop.steps)
+    state = TrainState.create(placement.model(model), trainable_filter(loop.trainable, loop.frozen), tx)
+    prints = fingerprint(cfg, state, model.config)
+    checkpoints, start_step = _open_checkpoints(out_dir, loop, prints)
+    train_data, eval_data = _data_sources(cfg, tokenizer, train_docs, held_docs, progress)
+    if start_step:
+        state = state.restored(checkpoints)
+    state, out_shardings = placement.state(state)
+    config = model.config
+    dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) > 0
+    train_step = make_train_step(state.graphdef, tx, seed=loop.seed, dropout=dropout,
+                                 skip_nonfinite=loop.nan_policy == "skip", out_shardings=out_shardings)
+    return Setup(cfg, out_dir, train_data, eval_data, state, start_step, checkpoints, prints, placement,
+                 schedule, train_step, make_eval_fn(state.graphdef))
+
+
+def _open_checkpoints(out_dir: str, loop: LoopConfig, prints: dict) -> tuple[Checkpoints, int]:
+    """The output dir's checkpoints and the step to resume from (0: a new run), whose
+    fingerprint must be `prints`."""
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoints = Checkpoints(os.path.join(out_dir, "checkpoints"), keep=loop.keep_checkpoints,
+                              async_save=loop.async_checkpoints)
+    start_step = checkpoints.latest_step() or 0
+    if start_step and checkpoints.read_meta().get("fingerprint") != prints:
+        checkpoints.close()
+        raise TrainingError(
+            f"{out_dir} holds checkpoints of a different run (model config, seq_len, seed or frozen "
+            "params differ); use another --output-dir or delete it")
+    return checkpoints, start_step
+
+
+def _data_sources(cfg: FinetuneConfig, tokenizer: Tokenizer, train_docs, held_docs, progress: bool | None
+                  ) -> tuple[DataSource, tuple[np.ndarray, np.ndarray] | None]:
+    """The training batches and the held-out sequences (None without held-out documents)."""
+    loop = cfg.train
+    train_data = PackedDataset(train_docs, tokenizer, cfg.data, batch_size=loop.batch_size, seed=loop.seed,
+                               progress=progress)
+    if not held_docs:
+        return train_data, None
+    held = PackedDataset(held_docs, tokenizer, cfg.data, batch_size=loop.batch_size, seed=loop.seed,
+                         shuffle=False, fim=False)
+    return train_data, eval_sequences(held, loop.eval_sequences)
+
+
+def load_run_model(output_dir: str, step: int | None = None) -> StarCoder:
+    """The model of a run directory at its newest (or a given) checkpoint."""
+    with open(os.path.join(output_dir, "config.yaml"), encoding="utf-8") as f:
+        cfg = parse_config(yaml.safe_load(f))
+    checkpoints = Checkpoints(os.path.join(output_dir, "checkpoints"), async_save=False)
+    saved = checkpoints.read_meta(step)
+    if saved is None:
+        raise FileNotFoundError(f"{output_dir}: no checkpoints")
+    config = StarCoderConfig.from_hf(saved["fingerprint"]["model"])
+    runtime = {k: v for k, v in cfg.model.config.items() if k in PATH_MODEL_FIELDS}
+    config = config.replace(dtype=cfg.model.compute_dtype, param_dtype="float32", **runtime)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    state = TrainState.create(init_model(config), trainable_filter(cfg.train.trainable, cfg.train.frozen), tx)
+    try:
+        return state.restored(checkpoints, step).model()
+    finally:
+        checkpoints.close()
