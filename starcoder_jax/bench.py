@@ -102,49 +102,43 @@ def weight_bytes_per_step(model) -> int:
     return sum(v.get_value().nbytes for path, v in nnx.to_flat_state(state) if path[0] != "wpe")
 
 
-def decode_consts(config, batch: int, max_new: int, head=None) -> dict:
+def decode_consts(config, batch: int, max_new: int):
     """The fixed arguments of `generate.prefill` / `generate.decode_loop` for a
-    greedy batch with no stop ids, as the Generator passes them."""
-    from starcoder_jax.inference.generate import STOP_ID_SLOTS
-    from starcoder_jax.inference.sampling import SamplingParams
+    greedy batch with no stop ids, as the Generator makes them."""
+    from starcoder_jax.inference.generate import DecodeConsts
 
-    return dict(knobs=SamplingParams().arrays(batch), seed=jnp.asarray([0, 0], jnp.int32),
-                stop_ids=jnp.full((STOP_ID_SLOTS,), -1, jnp.int32),
-                max_new=jnp.int32(max_new), vocab_limit=jnp.int32(config.vocab_size), head=head)
+    return DecodeConsts.make(batch, max_new, config.vocab_size)
 
 
-def prefilled(graphdef, params, config, ids, cache_len: int, consts: dict, kv_cache=None):
+def prefilled(graphdef, params, config, ids, cache_len: int, consts, kv_cache=None):
     """The DecodeState after prefilling ids [B, T] (every row T tokens long) into
-    a fresh cache of cache_len slots: what `generate.decode_loop` continues."""
-    from starcoder_jax.inference.generate import bucket, prefill
+    a fresh cache of cache_len slots: what `generate.decode_loop` continues.
+    consts: a `generate.DecodeConsts`."""
+    from starcoder_jax.inference.generate import MIN_NEW_BUCKET, bucket, prefill
     from starcoder_jax.model.kv_cache import KVCache
 
     b, t = ids.shape
     cache = KVCache.init(config, b, cache_len, quantize=kv_cache)
-    state = prefill(graphdef, params, ids, jnp.full((b,), t, jnp.int32), cache,
-                    out_len_like=jnp.zeros((bucket(int(consts["max_new"]), 16),), jnp.int8),
-                    active=jnp.ones((b,), bool), **consts)
+    state = prefill(graphdef, params, ids, jnp.full((b,), t, jnp.int32), cache, consts,
+                    out_len_like=jnp.zeros((bucket(int(consts.max_new), MIN_NEW_BUCKET),), jnp.int8),
+                    active=jnp.ones((b,), bool))
     return jax.block_until_ready(state)
 
 
 def bench_ours(model, args, batch_sizes) -> dict:
     from flax import nnx
 
-    from starcoder_jax.inference.generate import bucket, cpu_decode_head, decode_loop
+    from starcoder_jax.inference.generate import bucket, decode_loop
 
     config = model.config
     graphdef, params = nnx.split(model)
-    head = cpu_decode_head(model)  # the head layout the Generator uses
     weight_bytes = weight_bytes_per_step(model)
     rng = np.random.default_rng(0)
     results = {}
 
-    def consts(b, max_new):
-        return decode_consts(config, b, max_new, head)
-
     def run_prefill(b, t, s, max_new):
         ids = jnp.asarray(rng.integers(1, config.vocab_size, (b, t)), jnp.int32)
-        return prefilled(graphdef, params, config, ids, s, consts(b, max_new), args.kv_cache)
+        return prefilled(graphdef, params, config, ids, s, decode_consts(config, b, max_new), args.kv_cache)
 
     # Prefill: one prompt of prompt_len tokens.
     t = args.prompt_len
@@ -158,13 +152,13 @@ def bench_ours(model, args, batch_sizes) -> dict:
         total_new = steps * (args.repeats + 1) + 1
         s = bucket(args.decode_context + total_new, 16)
         state = run_prefill(b, args.decode_context, s, total_new)
-        c = consts(b, total_new)
-        state = decode_loop(graphdef, params, state, jnp.int32(steps), **c)  # compile + warm
+        c = decode_consts(config, b, total_new)
+        state = decode_loop(graphdef, params, state, jnp.int32(steps), c)  # compile + warm
         jax.block_until_ready(state)
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            state = decode_loop(graphdef, params, state, jnp.int32(steps), **c)
+            state = decode_loop(graphdef, params, state, jnp.int32(steps), c)
             jax.block_until_ready(state)
             times.append(time.perf_counter() - t0)
         seconds = statistics.median(times) / steps

@@ -175,5 +175,5 @@ def test_cpu_attention_form_per_use(monkeypatch):
     state = prefilled(graphdef, params, config, ids, 16, consts)
     assert set(calls) == {"attend_query_blocks"}
     calls.clear()
-    decode_loop(graphdef, params, state, jnp.int32(2), **consts)
+    decode_loop(graphdef, params, state, jnp.int32(2), consts)
     assert set(calls) == {"attend_key_major"}
