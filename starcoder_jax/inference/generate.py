@@ -8,8 +8,11 @@ programs and then only runs them:
   and the pad id of StarCoder is also its eos id, so padding is never
   detected by token value);
 - the cache length and the output buffer are buckets as well;
-- sampling settings, step counts and stop ids are device arrays, never
-  Python constants baked into a program.
+- sampling settings, step counts and stop ids are device arrays (one
+  `DecodeConsts` pytree), never Python constants baked into a program;
+- `generate` / `stream` keep one prepared `Generator` per model, tokenizer,
+  mesh and kv_cache (`generator_for`), so repeated calls neither re-split
+  nor re-place the weights.
 
 The decode loop (`jax.lax.while_loop`) leaves as soon as every row has hit
 eos, a stop id, or its token budget. Stop strings are checked on the host
