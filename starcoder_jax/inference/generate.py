@@ -403,12 +403,13 @@ class Generator:
         self.tokenizer = tokenizer
         self.kv_cache = check_quantization(kv_cache, "kv_cache", " (the compute dtype)")  # an error before any run
         self.graphdef, self.params = nnx.split(model)
-        self._source = tuple(jax.tree.leaves(self.params))  # the model's own arrays, as split
         # mesh (a jax Mesh or a spec like "data=2,tensor=4"): params resharded per the
-        # rules, a sharded cache, jitted calls with out_shardings. None: one device, as is.
+        # rules (in place: the model's variables get the placed arrays), a sharded cache,
+        # jitted calls with out_shardings. None: one device, as is.
         self._runner = None if mesh is None else MeshRunner(config, self.params, mesh)
         if self._runner is not None:
             self.params = self._runner.place_params(self.params)
+        self._source = tuple(jax.tree.leaves(self.params))  # the model's arrays as this runs them
         self._eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
         self._vocab_limit = tokenizer.vocab_size if tokenizer is not None else config.vocab_size
 
@@ -501,19 +502,23 @@ def generator_for(model: StarCoder, tokenizer: Tokenizer | None = None, *, mesh=
     spec string or jax Mesh, compared by value) and kv_cache returns the same
     Generator, so it neither re-splits nor re-places the weights nor compiles
     again. Once the model's config or any of its parameter arrays changed
-    (`quantize_`, weights assigned into it), every Generator of that model is
-    dropped and a new one made.
+    (`quantize_`, weights assigned into it, or placed on another mesh by a
+    Generator with `mesh`), the Generators made before are dropped and a new
+    one made.
     """
     entries = _GENERATORS.setdefault(model, {})
     key = (id(tokenizer), mesh, kv_cache)
     gen = entries.get(key)
     if gen is not None and gen.prepared_for(model, tokenizer):
         return gen
-    if gen is not None:  # the model changed: every entry is stale
-        entries.clear()
     while len(entries) >= _GENERATORS_PER_MODEL:
         entries.pop(next(iter(entries)))
     gen = entries[key] = Generator(model, tokenizer, mesh=mesh, kv_cache=kv_cache)
+    # Drop what no longer matches the model (changed weights, or arrays this Generator
+    # just placed on its mesh), so no stale entry keeps old buffers alive.
+    for other_key, other in list(entries.items()):
+        if not other.prepared_for(model, other.tokenizer):
+            del entries[other_key]
     return gen
 
 
