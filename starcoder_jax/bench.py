@@ -1,4 +1,5 @@
-"""`starcoder-jax bench`: prefill and decode throughput, against the physical limits.
+"""Measurements behind `starcoder-jax bench` (starcoder_jax.cli.bench): prefill and decode
+throughput, against the physical limits.
 
 Decode reads every weight (and the whole static KV cache) once per step, so
 its yardstick is memory bandwidth: limit tok/s = batch * bandwidth / bytes
@@ -17,43 +18,13 @@ same config and batch run beside it, in float32 and under bfloat16 autocast.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import inspect
-import json
-import platform
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from starcoder_jax.config import QUANTIZATION_MODES
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model directory (default: random weights of --preset)")
-    p.add_argument("--preset", default="starcoderbase-1b", help="shape to benchmark with random weights")
-    p.add_argument("--layers", type=int, help="override the number of layers (quick runs)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--quantize", default="none",
-                   help="our variants, comma separated, run one after the other: none (the --dtype "
-                        "weights) and/or int8 (weight-only int8), e.g. none,int8")
-    p.add_argument("--batch-sizes", default="1,8", help="decode batch sizes, comma separated")
-    p.add_argument("--kv-cache", choices=QUANTIZATION_MODES, default=None,
-                   help="int8: an int8 KV cache with a scale per token (default: the compute dtype)")
-    p.add_argument("--prompt-len", type=int, default=512, help="prefill length (tokens)")
-    p.add_argument("--decode-context", type=int, default=128, help="prompt length before decoding")
-    p.add_argument("--decode-steps", type=int, default=16, help="decode steps per timed run")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compare-transformers", action="store_true")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--train", action="store_true",
-                   help="time training steps (forward + backward + AdamW) instead of prefill/decode; "
-                        "--dtype is then the compute dtype, params and optimizer state stay float32")
-    p.add_argument("--train-batch", type=int, default=8, help="--train: sequences per step")
-    p.add_argument("--train-seq-len", type=int, default=512, help="--train: tokens per sequence")
 
 
 def memory_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> list[float]:
@@ -102,49 +73,43 @@ def weight_bytes_per_step(model) -> int:
     return sum(v.get_value().nbytes for path, v in nnx.to_flat_state(state) if path[0] != "wpe")
 
 
-def decode_consts(config, batch: int, max_new: int, head=None) -> dict:
+def decode_consts(config, batch: int, max_new: int):
     """The fixed arguments of `generate.prefill` / `generate.decode_loop` for a
-    greedy batch with no stop ids, as the Generator passes them."""
-    from starcoder_jax.inference.generate import STOP_ID_SLOTS
-    from starcoder_jax.inference.sampling import SamplingParams
+    greedy batch with no stop ids, as the Generator makes them."""
+    from starcoder_jax.inference.generate import DecodeConsts
 
-    return dict(knobs=SamplingParams().arrays(batch), seed=jnp.asarray([0, 0], jnp.int32),
-                stop_ids=jnp.full((STOP_ID_SLOTS,), -1, jnp.int32),
-                max_new=jnp.int32(max_new), vocab_limit=jnp.int32(config.vocab_size), head=head)
+    return DecodeConsts.make(batch, max_new, config.vocab_size)
 
 
-def prefilled(graphdef, params, config, ids, cache_len: int, consts: dict, kv_cache=None):
+def prefilled(graphdef, params, config, ids, cache_len: int, consts, kv_cache=None):
     """The DecodeState after prefilling ids [B, T] (every row T tokens long) into
-    a fresh cache of cache_len slots: what `generate.decode_loop` continues."""
-    from starcoder_jax.inference.generate import bucket, prefill
+    a fresh cache of cache_len slots: what `generate.decode_loop` continues.
+    consts: a `generate.DecodeConsts`."""
+    from starcoder_jax.inference.generate import MIN_NEW_BUCKET, bucket, prefill
     from starcoder_jax.model.kv_cache import KVCache
 
     b, t = ids.shape
     cache = KVCache.init(config, b, cache_len, quantize=kv_cache)
-    state = prefill(graphdef, params, ids, jnp.full((b,), t, jnp.int32), cache,
-                    out_len_like=jnp.zeros((bucket(int(consts["max_new"]), 16),), jnp.int8),
-                    active=jnp.ones((b,), bool), **consts)
+    state = prefill(graphdef, params, ids, jnp.full((b,), t, jnp.int32), cache, consts,
+                    out_len_like=jnp.zeros((bucket(int(consts.max_new), MIN_NEW_BUCKET),), jnp.int8),
+                    active=jnp.ones((b,), bool))
     return jax.block_until_ready(state)
 
 
 def bench_ours(model, args, batch_sizes) -> dict:
     from flax import nnx
 
-    from starcoder_jax.inference.generate import bucket, cpu_decode_head, decode_loop
+    from starcoder_jax.inference.generate import bucket, decode_loop
 
     config = model.config
     graphdef, params = nnx.split(model)
-    head = cpu_decode_head(model)  # the head layout the Generator uses
     weight_bytes = weight_bytes_per_step(model)
     rng = np.random.default_rng(0)
     results = {}
 
-    def consts(b, max_new):
-        return decode_consts(config, b, max_new, head)
-
     def run_prefill(b, t, s, max_new):
         ids = jnp.asarray(rng.integers(1, config.vocab_size, (b, t)), jnp.int32)
-        return prefilled(graphdef, params, config, ids, s, consts(b, max_new), args.kv_cache)
+        return prefilled(graphdef, params, config, ids, s, decode_consts(config, b, max_new), args.kv_cache)
 
     # Prefill: one prompt of prompt_len tokens.
     t = args.prompt_len
@@ -158,13 +123,13 @@ def bench_ours(model, args, batch_sizes) -> dict:
         total_new = steps * (args.repeats + 1) + 1
         s = bucket(args.decode_context + total_new, 16)
         state = run_prefill(b, args.decode_context, s, total_new)
-        c = consts(b, total_new)
-        state = decode_loop(graphdef, params, state, jnp.int32(steps), **c)  # compile + warm
+        c = decode_consts(config, b, total_new)
+        state = decode_loop(graphdef, params, state, jnp.int32(steps), c)  # compile + warm
         jax.block_until_ready(state)
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            state = decode_loop(graphdef, params, state, jnp.int32(steps), **c)
+            state = decode_loop(graphdef, params, state, jnp.int32(steps), c)
             jax.block_until_ready(state)
             times.append(time.perf_counter() - t0)
         seconds = statistics.median(times) / steps
@@ -224,98 +189,6 @@ def bench_transformers(config, args, batch_sizes) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
-
-
-def main(args) -> int:
-    if args.train:
-        return main_train(args)
-    from starcoder_jax.config import preset
-    from starcoder_jax.model.modules import init_model
-    from starcoder_jax.model.pretrained import load_pretrained
-
-    batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x]
-    variants = [v.strip() for v in args.quantize.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in ("none", *QUANTIZATION_MODES)]
-    if unknown or not variants or len(set(variants)) != len(variants):
-        raise ValueError(f"--quantize takes none and/or {', '.join(QUANTIZATION_MODES)}, comma separated, "
-                         f"each once; got {args.quantize!r}")
-    # unquantized first: quantizing is done in place on the same weights
-    variants.sort(key=lambda v: v != "none")
-    if args.model:
-        model = load_pretrained(args.model, dtype=args.dtype)
-        config = model.config
-        name = args.model
-    else:
-        overrides = {"dtype": args.dtype, "param_dtype": args.dtype}
-        if args.layers:
-            overrides["n_layer"] = args.layers
-        config = preset(args.preset, **overrides)
-        model = init_model(config)
-        name = args.preset + (f" ({args.layers} layers)" if args.layers else "")
-    device = jax.devices()[0]
-    print(f"model: {name}  params: {config.param_count():,}  dtype: {args.dtype}  "
-          f"variants: {', '.join(variants)}")
-    print(f"device: {device.platform} {device.device_kind}  jax {jax.__version__}  "
-          f"host: {platform.machine()} {platform.processor() or ''}".rstrip())
-    report = {"model": name, "dtype": args.dtype, "params": config.param_count(),
-              "device": f"{device.platform} {device.device_kind}", "jax": jax.__version__}
-    # Sampled before and after each variant, and the median taken: the
-    # decode figures are medians over the same minutes, and on a shared host
-    # a best-of-n bandwidth catches moments the decode runs never see.
-    samples = memory_bandwidth()
-    ours = {}
-    for variant in variants:
-        if variant == "int8":
-            model.quantize_("int8")
-        ours[variant] = bench_ours(model, args, batch_sizes)
-        samples += memory_bandwidth()
-    report["ours"] = ours
-    bandwidth = statistics.median(samples)
-    report["bandwidth_bytes_per_s"] = bandwidth
-    report["bandwidth_samples_bytes_per_s"] = samples
-    print(f"{'host' if device.platform == 'cpu' else device.platform} read bandwidth: "
-          f"{bandwidth / 1e9:.1f} GB/s (median of {len(samples)} samples, "
-          f"{min(samples) / 1e9:.1f}-{max(samples) / 1e9:.1f})")
-    del model
-    theirs = bench_transformers(config, args, batch_sizes) if args.compare_transformers else None
-    report["transformers"] = theirs
-
-    rows = [("prefill", f"prefill {args.prompt_len} tok")] + [
-        (f"decode_b{b}", f"decode batch {b}") for b in batch_sizes]
-    label = {"none": args.dtype, "int8": "int8"}
-    header = f"{'':20s}"
-    for v in variants:
-        header += f" {label[v] + ' tok/s':>12s}"
-        if bandwidth:
-            header += f" {'% limit':>8s}"
-    if theirs:
-        header += f" {'hf f32':>9s} {'hf bf16':>9s}" + "".join(f" {label[v] + ' vs best':>14s}" for v in variants)
-    print(header)
-    for key, text in rows:
-        line = f"{text:20s}"
-        for v in variants:
-            r = ours[v][key]
-            line += f" {r['tokens_per_s']:12.2f}"
-            if bandwidth and key.startswith("decode"):
-                limit = r["batch"] * bandwidth / r["bytes_per_step"]
-                r["bandwidth_limit_tokens_per_s"] = limit
-                r["fraction_of_limit"] = r["tokens_per_s"] / limit
-                line += f" {100 * r['fraction_of_limit']:7.0f}%"
-            elif bandwidth:
-                line += f" {'':>8s}"
-        if theirs:
-            f32 = theirs["float32"][key]["tokens_per_s"]
-            b16 = theirs["bfloat16"][key]["tokens_per_s"]
-            line += f" {f32:9.2f} {b16:9.2f}"
-            for v in variants:
-                ratio = ours[v][key]["tokens_per_s"] / max(f32, b16)
-                ours[v][key]["vs_transformers_best"] = ratio
-                line += f" {ratio:13.2f}x"
-        print(line)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -453,73 +326,3 @@ def bench_train_transformers(config, args) -> dict:
                      "device": str(device)}
         del model, optimizer, step  # free the float32 model before the next one
     return out
-
-
-def main_train(args) -> int:
-    from starcoder_jax.config import preset
-    from starcoder_jax.model.modules import init_model
-    from starcoder_jax.model.pretrained import load_pretrained
-
-    if args.quantize != "none":
-        raise ValueError(f"--quantize {args.quantize} applies to prefill/decode; --train trains float32 weights")
-    for name in ("train_batch", "train_seq_len", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.model:
-        model = load_pretrained(args.model, dtype="float32", compute_dtype=args.dtype)
-        if model.config.quantization is not None:
-            raise ValueError(f"--model {args.model!r} is {model.config.quantization}-quantized; "
-                             "--train needs a float checkpoint")
-        name = args.model
-    else:
-        overrides = {"dtype": args.dtype, "param_dtype": "float32"}
-        if args.layers:
-            overrides["n_layer"] = args.layers
-        model = init_model(preset(args.preset, **overrides))
-        name = args.preset + (f" ({args.layers} layers)" if args.layers else "")
-    config = model.config
-    b, t = args.train_batch, args.train_seq_len
-    if t > config.n_positions:
-        raise ValueError(f"--train-seq-len is {t} but the model holds {config.n_positions} positions")
-    device = jax.devices()[0]
-    flops_token = train_flops_per_token(config, t)
-    o = train_optim()
-    print(f"model: {name}  params: {config.param_count():,}  compute dtype: {args.dtype} "
-          f"(params and AdamW state float32)")
-    print(f"device: {device.platform} {device.device_kind}  jax {jax.__version__}  "
-          f"host: {platform.machine()} {platform.processor() or ''}".rstrip())
-    print(f"train step: batch {b} x {t} tokens; AdamW lr {o.learning_rate:g}, weight decay {o.weight_decay:g}, "
-          f"betas ({o.b1:g}, {o.b2:g}), clip {o.clip_norm:g}; "
-          f"model FLOPs 6N + 12 L D T = {flops_token / 1e9:.3f} GFLOP/token")
-    report = {"model": name, "dtype": args.dtype, "params": config.param_count(),
-              "device": f"{device.platform} {device.device_kind}", "jax": jax.__version__,
-              "train": {"batch": b, "seq_len": t, "tokens_per_step": b * t, "flops_per_token": flops_token,
-                        "optimizer": dataclasses.asdict(o)}}
-    ours = bench_train_ours(model, args)
-    del model
-    theirs = bench_train_transformers(config, args) if args.compare_transformers else None
-    report["ours"], report["transformers"] = ours, theirs
-
-    rows = [(f"ours ({args.dtype})", ours)]
-    if theirs:
-        rows += [("hf float32", theirs["float32"]), ("hf bf16 autocast", theirs["bfloat16_autocast"])]
-        best = max(r["tokens_per_s"] for r in theirs.values())
-        ours["vs_transformers_best"] = ours["tokens_per_s"] / best
-    print(f"{'':18s} {'tok/s':>10s} {'s/step':>9s} {'GFLOP/s':>9s} {'loss':>7s}")
-    for label, r in rows:
-        r["flops_per_s"] = r["tokens_per_s"] * flops_token
-        print(f"{label:18s} {r['tokens_per_s']:10.1f} {r['seconds_per_step']:9.3f} "
-              f"{r['flops_per_s'] / 1e9:9.1f} {r['loss']:7.3f}")
-    if theirs:
-        print(f"ours / best transformers: {ours['vs_transformers_best']:.2f}x")
-    if device.platform == "gpu":
-        peak = peak_flops(device.device_kind, args.dtype)
-        if peak is None:
-            print(f"MFU: unknown (no peak FLOP/s listed for {device.device_kind!r})")
-        else:
-            ours["peak_flops_per_s"], ours["mfu"] = peak, ours["flops_per_s"] / peak
-            print(f"MFU: {100 * ours['mfu']:.1f}% of {peak / 1e12:g} TFLOP/s ({args.dtype} dense peak)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-    return 0

@@ -1,8 +1,37 @@
-"""What the subcommands share: the default model and how a command names its model."""
+"""What the subcommands share: the model flags and the one loader of a model and its tokenizer."""
 
 from __future__ import annotations
 
+import argparse
+
+from starcoder_jax.config import ATTENTION_IMPLS, MATMUL_IMPLS, QUANTIZATION_MODES
 from starcoder_jax.model.pretrained import DEFAULT_MODEL  # the small model shipped in the package
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_model_args(parser, *, model_help: str | None = None, dtypes: tuple[str, ...] = DTYPES,
+                   dtype_default: str | None = "float32", dtype_help: str | None = None,
+                   quantize: dict | None = None) -> None:
+    """Adds --model, --dtype, --quantize, --attention-impl and --matmul-impl to a parser (or group).
+
+    model_help, dtype_help: the flags' help where a command means something else
+    by them (bench: random weights without --model). quantize: add_argument
+    keywords replacing --quantize's defaults (bench takes a list of variants).
+    """
+    default = f" (default: {DEFAULT_MODEL})" if DEFAULT_MODEL else ""
+    parser.add_argument("--model", default=None,
+                        help=model_help or f"model directory (HF or converted orbax) or hub id{default}")
+    parser.add_argument("--dtype", default=dtype_default, choices=dtypes,
+                        help=dtype_help or "parameter and compute dtype (float32 is the fast one on CPU)")
+    parser.add_argument("--quantize", **{
+        "choices": QUANTIZATION_MODES, "default": None,
+        "help": "int8: weight-only int8 matmul weights (per-output-channel scales); "
+                "a quantized orbax directory needs no flag", **(quantize or {})})
+    parser.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS,
+                        help="which attention kernel runs (default auto: chosen per backend and phase)")
+    parser.add_argument("--matmul-impl", default="auto", choices=MATMUL_IMPLS,
+                        help="which projection kernel runs (default auto: chosen per backend)")
 
 
 def model_name(given: str | None) -> str:
@@ -12,3 +41,33 @@ def model_name(given: str | None) -> str:
     if DEFAULT_MODEL:
         return DEFAULT_MODEL
     raise ValueError("--model is required (a model directory or a hub id); there is no default model")
+
+
+def load_model(args: argparse.Namespace, *, name: str | None = None, **overrides):
+    """The model named by `name` (default: --model, else the shipped model), loaded with the
+    command's --dtype, --quantize, --attention-impl and --matmul-impl.
+
+    A flag a command does not declare takes load_pretrained's default;
+    overrides (any load_pretrained keyword) replace what the flags say.
+    """
+    from starcoder_jax.model.pretrained import load_pretrained
+
+    kwargs = {"dtype": getattr(args, "dtype", None) or "float32", "quantize": getattr(args, "quantize", None),
+              "attention_impl": getattr(args, "attention_impl", "auto"),
+              "matmul_impl": getattr(args, "matmul_impl", "auto")}
+    return load_pretrained(_model_dir(args, name), **(kwargs | overrides))
+
+
+def load_model_and_tokenizer(args: argparse.Namespace, *, name: str | None = None, **overrides):
+    """(model, tokenizer): `load_model(args, name=name, **overrides)` and the tokenizer of the
+    model's directory."""
+    from starcoder_jax.tokenizer import load_tokenizer
+
+    path = _model_dir(args, name)
+    return load_model(args, name=path, **overrides), load_tokenizer(path)
+
+
+def _model_dir(args: argparse.Namespace, name: str | None) -> str:
+    from starcoder_jax.model.pretrained import resolve_model_dir
+
+    return resolve_model_dir(name or model_name(getattr(args, "model", None)))

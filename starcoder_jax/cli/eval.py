@@ -10,7 +10,9 @@ the harness), or a model (--model, default: the project's default model).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import json
 import logging
 import os
 import sys
@@ -18,7 +20,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from starcoder_jax.cli import common as cli_common
-from starcoder_jax.config import QUANTIZATION_MODES
 from starcoder_jax.eval import common, humaneval, infilling, multipl_e, sandbox
 from starcoder_jax.eval.model_samples import SamplingSettings
 
@@ -68,21 +69,28 @@ def _add_benchmarks(benchmarks) -> None:
                     help="FIM prompt order (default psm)")
     fi.set_defaults(func=_user_errors_reported(run_infilling))
 
-    from starcoder_jax.eval import heldout
-
-    heldout.register(benchmarks).set_defaults(func=heldout.run)
+    ho = benchmarks.add_parser("heldout",
+                               help="bits per byte, parse rate and FIM exact match on held-out files")
+    cli_common.add_model_args(ho, model_help="model directory or name (default: the project's default model)")
+    ho.add_argument("--data", nargs="+", default=["{stdlib}"],
+                    help="the training data paths ({stdlib} = this Python's standard library)")
+    ho.add_argument("--extensions", default=".py")
+    ho.add_argument("--eval-fraction", type=float, default=0.05,
+                    help="the held-out fraction the model was trained with")
+    ho.add_argument("--parse-samples", type=int, default=100)
+    ho.add_argument("--fim-samples", type=int, default=200)
+    ho.add_argument("--seed", type=int, default=0)
+    ho.add_argument("--json", help="also write the report to this JSON file")
+    ho.set_defaults(func=run_heldout)
 
 
 def _add_common(parser: argparse.ArgumentParser, *, n: int, timeout: float) -> None:
     source = parser.add_argument_group("where completions come from")
     source.add_argument("--samples", help="JSONL of task_id + completion (several lines per task = several "
                         "samples); no model is loaded")
-    source.add_argument("--model",
-                        help="local model directory or hub id (default: the project's default model)")
-    source.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="parameter dtype for the model (default: the loader's, float32)")
-    source.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
-                        help="int8: weight-only int8 matmul weights (per-output-channel scales)")
+    cli_common.add_model_args(
+        source, model_help="local model directory or hub id (default: the project's default model)",
+        dtype_default=None, dtype_help="parameter dtype for the model (default: the loader's, float32)")
     sampling = parser.add_argument_group("sampling (model only)")
     sampling.add_argument("--n", type=int, default=n, help=f"samples per task (default {n})")
     sampling.add_argument("--temperature", type=float, default=0.2)
@@ -181,6 +189,21 @@ def run_infilling(args: argparse.Namespace) -> int:
                    extra_metrics=lambda rows: infilling.extra_metrics(rows, sets))
 
 
+def run_heldout(args: argparse.Namespace) -> int:
+    """`eval heldout`: bits per byte, parse rate and FIM exact match (see starcoder_jax.eval.heldout)."""
+    from starcoder_jax.eval import heldout
+
+    model, tokenizer = _model(args)
+    texts = heldout.heldout_texts(args.data, args.extensions, args.eval_fraction)
+    report = heldout.evaluate(model, tokenizer, texts, parse_samples=args.parse_samples,
+                              fim_samples=args.fim_samples, seed=args.seed, progress=True)
+    print(report.table())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(report), f, indent=2)
+    return 0
+
+
 def _samples_from_file(path: str, problems: Sequence, chosen: Sequence) -> dict[str, list[dict]]:
     """The file's samples of the chosen problems (ids are checked against all problems, so --limit works)."""
     samples = common.load_samples(path, [p.task_id for p in problems])
@@ -204,15 +227,16 @@ def _skipped(task_ids: Sequence[str], n: int) -> dict[str, list[dict]]:
     return {task_id: [{"completion": "", "skipped": True}] * n for task_id in task_ids}
 
 
-@functools.cache
-def _loaded(name: str, dtype: str | None, quantize: str | None = None):
-    from starcoder_jax.eval.model_samples import load_model
-
-    return load_model(name, dtype, quantize)
+_LOADED: dict[tuple, tuple] = {}  # the model flags -> (model, tokenizer): one load per process
 
 
 def _model(args):
-    return _loaded(_model_name(args.model), args.dtype, args.quantize)
+    """(model, tokenizer) of the model flags, loaded once (multipl-e samples per group of stops)."""
+    name = _model_name(args.model)
+    key = (name, args.dtype, args.quantize, args.attention_impl, args.matmul_impl)
+    if key not in _LOADED:
+        _LOADED[key] = cli_common.load_model_and_tokenizer(args, name=name)
+    return _LOADED[key]
 
 
 def _model_name(given: str | None) -> str:

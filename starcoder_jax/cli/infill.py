@@ -13,7 +13,6 @@ import re
 import sys
 
 from starcoder_jax.cli import common
-from starcoder_jax.config import QUANTIZATION_MODES
 from starcoder_jax.inference.fim import MODES
 
 _CURSOR = re.compile(r"^(\d+):(\d+)$")
@@ -31,12 +30,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                     "(--prefix/--suffix) or as a file and a cursor position (--file/--cursor). "
                     "Prints the middle followed by a newline; --json prints the exact text and ids.",
     )
-    p.add_argument("--model", default=None,
-                   help="model directory or hub id (default: the CLI's default model, if it has one)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="parameter and compute dtype (float32 is the fast one on CPU)")
-    p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
-                   help="int8: weight-only int8 matmul weights (per-output-channel scales)")
+    common.add_model_args(p)
     p.add_argument("--prefix", default=None, help="the text before the cursor")
     p.add_argument("--suffix", default=None, help="the text after the cursor")
     p.add_argument("--file", default=None, metavar="PATH", help="a UTF-8 source file to infill")
@@ -58,11 +52,10 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
 def run_infill(args: argparse.Namespace) -> int:
     """The `infill` handler: returns the process exit code."""
     try:
-        model_name = _model_name(args)
         prefix, suffix = _prefix_suffix(args)
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
-        model, tokenizer = _load(model_name, args.dtype, args.quantize)
+        model, tokenizer = common.load_model_and_tokenizer(args)
         from starcoder_jax.inference.fim import infill_generations
 
         gen = infill_generations(model, tokenizer, [(prefix, suffix)], mode=args.mode,
@@ -77,13 +70,6 @@ def run_infill(args: argparse.Namespace) -> int:
     else:
         print(gen.text)
     return 0
-
-
-def _model_name(args: argparse.Namespace) -> str:
-    try:
-        return common.model_name(args.model)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
 
 
 def _prefix_suffix(args: argparse.Namespace) -> tuple[str, str]:
@@ -138,12 +124,3 @@ def cursor_offset(text: str, cursor: str, *, source: str = "the file") -> int:
         raise UsageError(f"--cursor {cursor} is outside line {line} of {source}: "
                          f"it has {width} characters, so columns 1..{width + 1}")
     return sum(len(s) + 1 for s in lines[:line - 1]) + col - 1
-
-
-def _load(model_name: str, dtype: str, quantize: str | None = None):
-    from starcoder_jax import load_pretrained
-    from starcoder_jax.model.pretrained import resolve_model_dir
-    from starcoder_jax.tokenizer import load_tokenizer
-
-    path = resolve_model_dir(model_name)
-    return load_pretrained(path, dtype=dtype, quantize=quantize), load_tokenizer(path)

@@ -6,42 +6,18 @@ import argparse
 import json
 import sys
 
-from starcoder_jax.cli.common import DEFAULT_MODEL, model_name
+from starcoder_jax.cli import bench, common, infill, plan
+from starcoder_jax.cli import eval as eval_command
 from starcoder_jax.config import QUANTIZATION_MODES
-
-
-def _add_model_args(p: argparse.ArgumentParser, *, dtype_default: str = "float32") -> None:
-    p.add_argument("--model", default=None,
-                   help="model directory (HF or converted orbax) or hub id"
-                        + (f" (default: {DEFAULT_MODEL})" if DEFAULT_MODEL else ""))
-    p.add_argument("--dtype", default=dtype_default, choices=("float32", "bfloat16", "float16"),
-                   help="parameter and compute dtype (float32 is the fast one on CPU)")
-    p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
-                   help="int8: weight-only int8 matmul weights (per-output-channel scales); "
-                        "a quantized orbax directory needs no flag")
-
-
-def _model_path(args) -> str:
-    return model_name(args.model)
-
-
-def _load(args):
-    """The model and tokenizer named by --model (or the default model)."""
-    from starcoder_jax.model.pretrained import load_pretrained, resolve_model_dir
-    from starcoder_jax.tokenizer import load_tokenizer
-
-    path = resolve_model_dir(_model_path(args))
-    return load_pretrained(path, dtype=args.dtype, quantize=args.quantize), load_tokenizer(path)
-
 
 # ---- convert ----
 
 def cmd_convert(args) -> int:
     from starcoder_jax.model import weights
-    from starcoder_jax.model.pretrained import load_pretrained, resolve_model_dir
+    from starcoder_jax.model.pretrained import resolve_model_dir
 
     src = resolve_model_dir(args.src)
-    model = load_pretrained(src, dtype=args.dtype, progress=True, quantize=args.quantize)
+    model = common.load_model(args, name=src, progress=True)
     if args.direction == "hf-to-jax":
         weights.save_orbax(model, args.dst, tokenizer_from=src)
     else:
@@ -71,7 +47,7 @@ def cmd_generate(args) -> int:
     from starcoder_jax.inference.generate import generate
 
     prompts = _read_prompts(args)
-    model, tokenizer = _load(args)
+    model, tokenizer = common.load_model_and_tokenizer(args)
     kwargs = dict(tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -81,19 +57,22 @@ def cmd_generate(args) -> int:
             print(json.dumps({"prompt": prompt, "prompt_ids": r.prompt_ids, "ids": r.ids,
                               "text": r.text, "finish_reason": r.finish_reason}))
         return 0
-    for i, prompt in enumerate(prompts):
-        if len(prompts) > 1:
-            print(f"--- prompt {i + 1} ---")
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
-
-        def show(event):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-
-        generate(model, [prompt], on_event=show, **kwargs)
-        sys.stdout.write("\n")
+    if len(prompts) == 1:
+        _write(prompts[0])
+        generate(model, prompts, on_event=lambda event: _write(event.text), **kwargs)
+        _write("\n")
+        return 0
+    # Several prompts run as one batch (one prefill, one decode loop) and are printed after it,
+    # each under its header: streamed, their pieces would interleave on the terminal.
+    for i, (prompt, r) in enumerate(zip(prompts, generate(model, prompts, **kwargs))):
+        print(f"--- prompt {i + 1} ---")
+        _write(prompt + r.text + "\n")
     return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 # ---- finetune ----
@@ -137,14 +116,6 @@ def cmd_train_tokenizer(args) -> int:
     return 0
 
 
-# ---- bench ----
-
-def cmd_bench(args) -> int:
-    from starcoder_jax.bench import main as bench_main
-
-    return bench_main(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="starcoder-jax", description="StarCoder (GPTBigCode) models in JAX / Flax NNX")
@@ -154,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("direction", choices=("hf-to-jax", "jax-to-hf"))
     p.add_argument("src", help="source model directory (or hub id for hf-to-jax)")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=common.DTYPES)
     p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
                    help="hf-to-jax: store int8 matmul weights (per-output-channel scales), "
                         "so loading the directory needs no quantization step")
@@ -162,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest safetensors shard written by jax-to-hf (GiB)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("generate", help="generate text, streaming it to the terminal")
-    _add_model_args(p)
+    p = sub.add_parser("generate", help="generate text (one prompt streams to the terminal; several run as one batch)")
+    common.add_model_args(p)
     p.add_argument("prompt", nargs="*", help="prompt text(s)")
     p.add_argument("--prompts-file", help="read a prompt from a file (- for stdin); "
                                           "a .jsonl file gives one prompt per line ({'prompt': ...})")
@@ -203,22 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_train_tokenizer)
 
-    from starcoder_jax.cli import plan
-
     plan.register(sub)
-
-    from starcoder_jax.cli.eval import register as register_eval
-    from starcoder_jax.cli.infill import register_cli as register_infill
-
-    register_infill(sub)
-    register_eval(sub)
-
-    p = sub.add_parser("bench", help="prefill / decode throughput against the memory-bandwidth limit; "
-                                    "--train: training-step throughput and MFU")
-    from starcoder_jax.bench import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=cmd_bench)
+    infill.register_cli(sub)
+    eval_command.register(sub)
+    bench.register(sub)
     return parser
 
 

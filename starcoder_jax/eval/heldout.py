@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import math
 import re
 import textwrap
@@ -37,7 +36,6 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from starcoder_jax.config import QUANTIZATION_MODES
 from starcoder_jax.inference.fim import encode_literal, infill_batch
 from starcoder_jax.inference.generate import generate
 from starcoder_jax.training.data import DataConfig, collect_documents, split_documents
@@ -184,38 +182,14 @@ def evaluate(model, tokenizer, texts, *, parse_samples: int = 100, fim_samples: 
         fim_exact_match=hits / max(len(cases), 1), fim_samples=len(cases))
 
 
-def register(benchmarks) -> None:
-    p = benchmarks.add_parser("heldout", help="bits per byte, parse rate and FIM exact match on held-out files")
-    p.add_argument("--model", help="model directory or name (default: the project's default model)")
-    p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
-                   help="int8: weight-only int8 matmul weights (per-output-channel scales)")
-    p.add_argument("--data", nargs="+", default=["{stdlib}"],
-                   help="the training data paths ({stdlib} = this Python's standard library)")
-    p.add_argument("--extensions", default=".py")
-    p.add_argument("--eval-fraction", type=float, default=0.05,
-                   help="the held-out fraction the model was trained with")
-    p.add_argument("--parse-samples", type=int, default=100)
-    p.add_argument("--fim-samples", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the report to this JSON file")
-    return p
+def heldout_texts(paths, extensions: str = ".py", eval_fraction: float = 0.05) -> list[str]:
+    """The texts of the documents `data.split_documents` holds out of the training data.
 
-
-def run(args) -> int:
-    from starcoder_jax.model.pretrained import DEFAULT_MODEL, load_pretrained, resolve_model_dir
-    from starcoder_jax.tokenizer import load_tokenizer
-
-    path = resolve_model_dir(args.model or DEFAULT_MODEL)
-    model, tokenizer = load_pretrained(path, quantize=args.quantize), load_tokenizer(path)
-    config = DataConfig(paths=tuple(args.data), extensions=tuple(args.extensions.split(",")),
-                        eval_fraction=args.eval_fraction)
-    _, held = split_documents(collect_documents(config), args.eval_fraction)
+    paths: what the training read (directories, globs, .jsonl; "{stdlib}" is this
+    Python's standard library); extensions: comma-separated file endings.
+    """
+    config = DataConfig(paths=tuple(paths), extensions=tuple(extensions.split(",")), eval_fraction=eval_fraction)
+    _, held = split_documents(collect_documents(config), eval_fraction)
     if not held:
-        raise ValueError("no held-out documents: raise --eval-fraction")
-    report = evaluate(model, tokenizer, [text for _, text in held], parse_samples=args.parse_samples,
-                      fim_samples=args.fim_samples, seed=args.seed, progress=True)
-    print(report.table())
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(report), f, indent=2)
-    return 0
+        raise ValueError(f"no held-out documents at eval_fraction={eval_fraction}: raise --eval-fraction")
+    return [text for _, text in held]

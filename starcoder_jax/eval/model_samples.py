@@ -55,16 +55,6 @@ class _Row:
     budget: int      # new tokens this row may keep
 
 
-def load_model(name: str, dtype: str | None = None, quantize: str | None = None):
-    """(model, tokenizer) for a local directory or hub id."""
-    from starcoder_jax.model.pretrained import load_pretrained, resolve_model_dir
-    from starcoder_jax.tokenizer import load_tokenizer
-
-    path = resolve_model_dir(name)
-    model = load_pretrained(path, dtype=dtype or "float32", quantize=quantize)
-    return model, load_tokenizer(path)
-
-
 def sample_completions(model, tokenizer, prompts: Mapping[str, str], settings: SamplingSettings,
                        stops: Sequence[str]) -> tuple[dict[str, list[str]], list[str]]:
     """(task_id -> n completions cut at `stops`, task ids skipped for a too-long prompt)."""

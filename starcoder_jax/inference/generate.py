@@ -8,8 +8,11 @@ programs and then only runs them:
   and the pad id of StarCoder is also its eos id, so padding is never
   detected by token value);
 - the cache length and the output buffer are buckets as well;
-- sampling settings, step counts and stop ids are device arrays, never
-  Python constants baked into a program.
+- sampling settings, step counts and stop ids are device arrays (one
+  `DecodeConsts` pytree), never Python constants baked into a program;
+- `generate` / `stream` keep one prepared `Generator` per model, tokenizer,
+  mesh and kv_cache (`generator_for`), so repeated calls neither re-split
+  nor re-place the weights.
 
 The decode loop (`jax.lax.while_loop`) leaves as soon as every row has hit
 eos, a stop id, or its token budget. Stop strings are checked on the host
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from starcoder_jax.config import check_quantization
+from starcoder_jax.config import StarCoderConfig, check_quantization
 from starcoder_jax.inference.runner import MeshRunner
 from starcoder_jax.inference.sampling import SamplingParams, sample
 from starcoder_jax.model.kv_cache import KVCache
@@ -87,17 +91,46 @@ def _row_keys(seed: jax.Array, step: jax.Array, batch: int) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(base, r))(seed[1] + jnp.arange(batch))
 
 
-def _choose(logits, seen, knobs, seed, step, vocab_limit):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeConsts:
+    """What prefill and every decode step read and never change during one generation.
+
+    All fields are device arrays, so new settings reuse the compiled programs.
+    """
+
+    knobs: dict[str, jax.Array]  # SamplingParams.arrays(B): one value per row
+    seed: jax.Array  # [2] int32: (seed, index of the batch's first row)
+    stop_ids: jax.Array  # [STOP_ID_SLOTS] int32, -1 in unused slots
+    max_new: jax.Array  # [] int32, new tokens per row at most
+    vocab_limit: jax.Array  # [] int32, ids >= it are never sampled (padded vocab rows)
+
+    @classmethod
+    def make(cls, batch: int, max_new: int, vocab_limit: int, *, sampling: SamplingParams | None = None,
+             stop_ids: Sequence[int] = (), seed: int = 0, first_row: int = 0) -> DecodeConsts:
+        """batch: rows B; sampling: None is greedy; stop_ids: at most STOP_ID_SLOTS ids (eos
+        included) that end a row."""
+        sampling = SamplingParams() if sampling is None else sampling
+        if len(stop_ids) > STOP_ID_SLOTS:
+            raise ValueError(f"stop_ids holds at most {STOP_ID_SLOTS} ids, got {len(stop_ids)}")
+        slots = np.full((STOP_ID_SLOTS,), -1, np.int32)
+        slots[:len(stop_ids)] = stop_ids
+        return cls(knobs=sampling.arrays(batch), seed=jnp.asarray([seed, first_row], jnp.int32),
+                   stop_ids=jnp.asarray(slots), max_new=jnp.int32(max_new),
+                   vocab_limit=jnp.int32(vocab_limit))
+
+
+def _choose(logits, seen, consts: DecodeConsts, step):
     """Masks padded vocab rows, samples, and returns (token [B], raw logprob [B])."""
     b, v = logits.shape
-    logits = jnp.where(jnp.arange(v) < vocab_limit, logits, -jnp.inf)
-    token = sample(logits, knobs, _row_keys(seed, step, b), seen)
+    logits = jnp.where(jnp.arange(v) < consts.vocab_limit, logits, -jnp.inf)
+    token = sample(logits, consts.knobs, _row_keys(consts.seed, step, b), seen)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), token[:, None], -1)[:, 0]
     return token, logprob
 
 
-def _record(state: DecodeState, token, logprob, stop_ids, max_new) -> DecodeState:
-    """Appends token to the rows still running and updates done flags."""
+def _record(state: DecodeState, token, logprob, consts: DecodeConsts) -> DecodeState:
+    """Appends token to the rows still running, updates done flags and advances the step."""
     active = ~state.done
     b = token.shape[0]
     rows = jnp.arange(b)
@@ -106,30 +139,29 @@ def _record(state: DecodeState, token, logprob, stop_ids, max_new) -> DecodeStat
     logprobs = state.logprobs.at[rows, slot].set(
         jnp.where(active, logprob, state.logprobs[rows, slot]))
     n_out = state.n_out + active.astype(jnp.int32)
-    is_stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1) & active
-    done = state.done | is_stop | (n_out >= max_new)
+    is_stop = jnp.any(token[:, None] == consts.stop_ids[None, :], axis=-1) & active
+    done = state.done | is_stop | (n_out >= consts.max_new)
     seen = state.seen.at[rows, token].set(True)
     return dataclasses.replace(
         state, token=jnp.where(active, token, state.token), out=out, logprobs=logprobs,
-        n_out=n_out, done=done, hit_stop=state.hit_stop | is_stop, seen=seen)
+        n_out=n_out, done=done, hit_stop=state.hit_stop | is_stop, seen=seen, step=state.step + 1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def prefill(graphdef, params, ids, lengths, cache, knobs, seed, stop_ids, max_new,
-            vocab_limit, out_len_like, active, head=None) -> DecodeState:
+def prefill(graphdef, params, ids, lengths, cache, consts: DecodeConsts, out_len_like,
+            active) -> DecodeState:
     """Runs the whole padded prompt batch in one call and samples each row's first token.
 
     ids [B, T] right-padded; lengths [B]; cache of S >= T slots (donated);
     `out_len_like` [M] only carries the output-buffer length M as a shape;
-    active [B] is False for rows that only pad the batch; head: the LM head
-    as [D, V] (`StarCoder.output_head()`), or None to use the model's own.
+    active [B] is False for rows that only pad the batch.
     """
     model: StarCoder = nnx.merge(graphdef, params)
     b, t = ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     hidden, cache = model.hidden(ids, positions, cache, read_cache=False)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-    logits = model.logits(last, head)[:, 0]  # [B, V]
+    logits = model.logits(last)[:, 0]  # [B, V]
     v = logits.shape[-1]
     in_prompt = jnp.arange(t)[None, :] < lengths[:, None]
     seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], ids].max(in_prompt)
@@ -139,27 +171,23 @@ def prefill(graphdef, params, ids, lengths, cache, knobs, seed, stop_ids, max_ne
         out=jnp.zeros((b, m), jnp.int32), logprobs=jnp.zeros((b, m), jnp.float32),
         n_out=jnp.zeros((b,), jnp.int32), done=~active, hit_stop=jnp.zeros((b,), bool),
         seen=seen, step=jnp.zeros((), jnp.int32))
-    token, logprob = _choose(logits, seen, knobs, seed, state.step, vocab_limit)
-    state = _record(state, token, logprob, stop_ids, max_new)
-    return dataclasses.replace(state, step=state.step + 1)
+    token, logprob = _choose(logits, seen, consts, state.step)
+    return _record(state, token, logprob, consts)
 
 
-def decode_step(model: StarCoder, state: DecodeState, knobs, seed, stop_ids, max_new,
-                vocab_limit, head=None) -> DecodeState:
+def decode_step(model: StarCoder, state: DecodeState, consts: DecodeConsts) -> DecodeState:
     """Feeds each row's last token, samples the next one. Finished rows idle."""
     s = state.cache.length
     position = jnp.minimum(state.position, s - 1)
     hidden, cache = model.hidden(state.token[:, None], position[:, None], state.cache)
-    logits = model.logits(hidden, head)[:, 0]
+    logits = model.logits(hidden)[:, 0]
     state = dataclasses.replace(state, cache=cache, position=state.position + (~state.done))
-    token, logprob = _choose(logits, state.seen, knobs, seed, state.step, vocab_limit)
-    state = _record(state, token, logprob, stop_ids, max_new)
-    return dataclasses.replace(state, step=state.step + 1)
+    token, logprob = _choose(logits, state.seen, consts, state.step)
+    return _record(state, token, logprob, consts)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def decode_loop(graphdef, params, state: DecodeState, n_steps, knobs, seed, stop_ids, max_new,
-                vocab_limit, head=None) -> DecodeState:
+def decode_loop(graphdef, params, state: DecodeState, n_steps, consts: DecodeConsts) -> DecodeState:
     """Up to n_steps decode steps on device; leaves early once every row is done."""
     model: StarCoder = nnx.merge(graphdef, params)
     limit = state.step + n_steps
@@ -167,10 +195,7 @@ def decode_loop(graphdef, params, state: DecodeState, n_steps, knobs, seed, stop
     def cond(st):
         return (st.step < limit) & ~jnp.all(st.done)
 
-    def body(st):
-        return decode_step(model, st, knobs, seed, stop_ids, max_new, vocab_limit, head)
-
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, lambda st: decode_step(model, st, consts), state)
 
 
 # ---------------------------------------------------------------------------
@@ -196,8 +221,7 @@ def _encode_prompts(prompts, tokenizer: Tokenizer | None) -> list[list[int]]:
     return encoded
 
 
-def _check_fits(model: StarCoder, encoded, max_new_tokens: int, tokenizer: Tokenizer | None):
-    config = model.config
+def _check_fits(config: StarCoderConfig, encoded, max_new_tokens: int, tokenizer: Tokenizer | None):
     if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
@@ -213,6 +237,32 @@ def _check_fits(model: StarCoder, encoded, max_new_tokens: int, tokenizer: Token
         if bad:
             raise ValueError(
                 f"prompt {i} contains token id {bad[0]}, outside the vocabulary [0, {config.vocab_size})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Packed:
+    """Prompts right-padded into one (batch bucket, length bucket) array for prefill."""
+
+    ids: np.ndarray  # [B, T] int32
+    lengths: np.ndarray  # [B] int32, 1 for rows that only pad the batch
+    active: np.ndarray  # [B] bool, False for those padding rows
+    cache_len: int  # S: the prompt bucket plus the new tokens, as a bucket
+    out_len: int  # M: the output buffer's bucket
+
+
+def _pack(encoded: list[list[int]], max_new_tokens: int, n_positions: int,
+          round_batch: Callable[[int], int]) -> _Packed:
+    """round_batch: the batch bucket rounded up to what the device layout splits evenly."""
+    b = round_batch(bucket(len(encoded), 1))
+    t = bucket(max(len(ids) for ids in encoded), MIN_PROMPT_BUCKET, n_positions)
+    ids = np.zeros((b, t), np.int32)
+    lengths = np.ones((b,), np.int32)
+    for i, row in enumerate(encoded):
+        ids[i, :len(row)] = row
+        lengths[i] = len(row)
+    return _Packed(ids, lengths, np.arange(b) < len(encoded),
+                   cache_len=min(n_positions, bucket(t + max_new_tokens, MIN_PROMPT_BUCKET)),
+                   out_len=bucket(max_new_tokens, MIN_NEW_BUCKET))
 
 
 class _TextTracker:
@@ -258,155 +308,68 @@ class StreamEvent:
     finished: bool
 
 
-def cpu_decode_head(model: StarCoder) -> jax.Array | None:
-    """The LM head decode passes to `model.logits` on one device, or None for the model's own.
+class _Rows:
+    """The host's side of a batch's real rows: stop strings, streamed text, the results."""
 
-    XLA:CPU reads a [D, V] head about 1.8x faster than the tied [V, D] table in
-    a matrix-vector product, so on CPU a float model with a tied head decodes
-    with a transposed copy (one more V x D array in memory). int8 models read
-    their int8 [V, D] table in place; other backends use the model's own head.
-    """
-    if (model.config.tie_word_embeddings and model.config.quantization is None
-            and jax.default_backend() == "cpu"):
-        return jax.block_until_ready(model.output_head())
-    return None
+    def __init__(self, n: int, tokenizer: Tokenizer | None, stop: tuple[str, ...], stop_ids: list[int],
+                 on_event: Callable[[StreamEvent], None] | None):
+        self.tokenizer, self.stop_ids, self.on_event = tokenizer, stop_ids, on_event
+        self.trackers = [_TextTracker(tokenizer, stop) for _ in range(n)]
+        self.by_string = [False] * n  # ended on a stop string
+        self.reported = [False] * n  # done, and its last event sent
 
+    def check(self, state: DecodeState) -> tuple[DecodeState, bool]:
+        """Ends the rows whose text holds a stop string and streams new text.
 
-class Generator:
-    """Generation for one model: prepares prompts, runs prefill and the decode loop.
+        Returns the state (its done flags updated) and whether every real row is done.
+        """
+        done = np.asarray(state.done)
+        if self.on_event is not None or self.trackers[0].stop:
+            new_done = self._scan(state, done)
+            if (new_done != done).any():
+                state = dataclasses.replace(state, done=jnp.asarray(new_done))
+            done = new_done
+        return state, bool(done[:len(self.trackers)].all())
 
-    Holds the split model (graphdef + params) so repeated calls reuse the
-    compiled programs. `generate()` / `stream()` below are the functional API.
-    """
-
-    def __init__(self, model: StarCoder, tokenizer: Tokenizer | None = None, *, mesh=None,
-                 kv_cache: str | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.kv_cache = check_quantization(kv_cache, "kv_cache", " (the compute dtype)")  # an error before any run
-        self.graphdef, self.params = nnx.split(model)
-        # mesh (a jax Mesh or a spec like "data=2,tensor=4"): params resharded per the
-        # rules, a sharded cache, jitted calls with out_shardings. None: one device, as is.
-        self._runner = None if mesh is None else MeshRunner(model.config, self.params, mesh)
-        if self._runner is not None:
-            self.params = self._runner.place_params(self.params)
-        # on meshes, the model's own head
-        self.head = None if self._runner is not None else cpu_decode_head(model)
-
-    def _call(self, fn, donate, *args, **kwargs):
-        if self._runner is None:
-            return fn(*args, **kwargs)
-        return self._runner.call(fn, donate, *args, **kwargs)
-
-    def run(self, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-            top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-            stop: Sequence[str] = (), stop_ids: Sequence[int] = (), seed: int = 0,
-            first_row: int = 0, logprobs: bool = False, ignore_eos: bool = False,
-            chunk: int | None = None,
-            on_event: Callable[[StreamEvent], None] | None = None) -> list[Generation]:
-        knobs_host = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
-        if isinstance(stop, str):
-            stop = (stop,)
-        encoded = _encode_prompts(prompts, self.tokenizer)
-        _check_fits(self.model, encoded, max_new_tokens, self.tokenizer)
-        if stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; use stop_ids for token ids")
-        config = self.model.config
-
-        n = len(encoded)
-        b = bucket(n, 1) if self._runner is None else self._runner.round_batch(bucket(n, 1))
-        longest = max(len(ids) for ids in encoded)
-        t = bucket(longest, MIN_PROMPT_BUCKET, config.n_positions)
-        m = bucket(max_new_tokens, MIN_NEW_BUCKET)
-        s = min(config.n_positions, bucket(t + max_new_tokens, MIN_PROMPT_BUCKET))
-        ids = np.zeros((b, t), np.int32)
-        lengths = np.ones((b,), np.int32)
-        for i, row in enumerate(encoded):
-            ids[i, :len(row)] = row
-            lengths[i] = len(row)
-        active = np.arange(b) < n
-
-        eos = self.tokenizer.eos_id if self.tokenizer is not None else config.eos_token_id
-        stops = [x for x in ((None if ignore_eos else eos), *stop_ids) if x is not None]
-        if len(stops) > STOP_ID_SLOTS:
-            raise ValueError(f"at most {STOP_ID_SLOTS - 1} stop_ids are supported, got {len(stop_ids)}")
-        stop_arr = np.full((STOP_ID_SLOTS,), -1, np.int32)
-        stop_arr[:len(stops)] = stops
-        vocab_limit = self.tokenizer.vocab_size if self.tokenizer is not None else config.vocab_size
-
-        knobs = knobs_host.arrays(b)
-        self._stops = stops
-        consts = dict(knobs=knobs, seed=jnp.asarray([seed, first_row], jnp.int32),
-                      stop_ids=jnp.asarray(stop_arr),
-                      max_new=jnp.int32(max_new_tokens), vocab_limit=jnp.int32(vocab_limit),
-                      head=self.head)
-        cache_sharding = None if self._runner is None else self._runner.cache
-        cache = KVCache.init(config, b, s, sharding=cache_sharding, quantize=self.kv_cache)
-        state = self._call(prefill, ("cache",), self.graphdef, self.params, jnp.asarray(ids),
-                           jnp.asarray(lengths), cache,
-                        out_len_like=jnp.zeros((m,), jnp.int8), active=jnp.asarray(active), **consts)
-
-        trackers = [_TextTracker(self.tokenizer, stop) for _ in range(n)]
-        stopped_by_string = [False] * n
-        reported_done = [False] * n
-        streaming = on_event is not None
-        if chunk is None:
-            chunk = 1 if streaming else (16 if stop else max_new_tokens)
-        while True:
-            done = np.asarray(state.done)
-            if streaming or stop:
-                state, done = self._host_checks(state, done, n, trackers, stopped_by_string,
-                                                reported_done, on_event)
-            if done[:n].all():
-                break
-            state = self._call(decode_loop, ("state",), self.graphdef, self.params, state,
-                               jnp.int32(chunk), **consts)
-
-        return self._collect(state, encoded, trackers, stopped_by_string, eos, stops, logprobs)
-
-    def _row_ids(self, state_out, n_out, i) -> list[int]:
-        return [int(x) for x in state_out[i, :n_out[i]]]
-
-    def _host_checks(self, state, done, n, trackers, stopped_by_string, reported_done, on_event):
+    def _scan(self, state: DecodeState, done: np.ndarray) -> np.ndarray:
         out, n_out = np.asarray(state.out), np.asarray(state.n_out)
-        new_done = done.copy()
-        for i in range(n):
-            if reported_done[i]:
+        done = done.copy()
+        for i, tracker in enumerate(self.trackers):
+            if self.reported[i]:
                 continue
-            row = self._row_ids(out, n_out, i)
-            text = trackers[i].text(row)
-            if trackers[i].stop and trackers[i].find_stop(text) is not None:
-                stopped_by_string[i] = True
-                new_done[i] = True
-            if on_event is not None:
-                if new_done[i] and self.tokenizer is not None:
-                    text = _final_text(self.tokenizer, row, trackers[i], stop_ids=self._stops)
-                on_event(StreamEvent(i, row, trackers[i].delta(text, bool(new_done[i])),
-                                     bool(new_done[i])))
-            reported_done[i] = bool(new_done[i])
-        if (new_done != done).any():
-            state = dataclasses.replace(state, done=jnp.asarray(new_done))
-        return state, new_done
+            row = _row_ids(out, n_out, i)
+            text = tracker.text(row)
+            if tracker.stop and tracker.find_stop(text) is not None:
+                self.by_string[i] = done[i] = True
+            if self.on_event is not None:
+                if done[i] and self.tokenizer is not None:
+                    text = _final_text(self.tokenizer, row, tracker, self.stop_ids)
+                self.on_event(StreamEvent(i, row, tracker.delta(text, bool(done[i])), bool(done[i])))
+            self.reported[i] = bool(done[i])
+        return done
 
-    def _collect(self, state, encoded, trackers, stopped_by_string, eos, stops, want_logprobs):
+    def collect(self, state: DecodeState, encoded: list[list[int]], eos: int | None,
+                want_logprobs: bool) -> list[Generation]:
         out, n_out = np.asarray(state.out), np.asarray(state.n_out)
         hit_stop, lps = np.asarray(state.hit_stop), np.asarray(state.logprobs)
         results = []
         for i, prompt in enumerate(encoded):
-            row = self._row_ids(out, n_out, i)
-            reason = "length"
-            if hit_stop[i]:
-                reason = "eos" if row and row[-1] == eos else "stop"
+            row = _row_ids(out, n_out, i)
+            reason = ("eos" if row and row[-1] == eos else "stop") if hit_stop[i] else "length"
             text = None
             if self.tokenizer is not None:
-                text = _final_text(self.tokenizer, row, trackers[i], stop_ids=stops)
-                if stopped_by_string[i]:
+                text = _final_text(self.tokenizer, row, self.trackers[i], self.stop_ids)
+                if self.by_string[i]:
                     reason = "stop"
-                    row = _ids_through_stop(self.tokenizer, row, trackers[i])
+                    row = _ids_through_stop(self.tokenizer, row, self.trackers[i])
             results.append(Generation(
                 prompt_ids=list(prompt), ids=row, text=text, finish_reason=reason,
                 logprobs=[float(x) for x in lps[i, :len(row)]] if want_logprobs else None))
         return results
+
+
+def _row_ids(out: np.ndarray, n_out: np.ndarray, i: int) -> list[int]:
+    return [int(x) for x in out[i, :n_out[i]]]
 
 
 def _final_text(tokenizer: Tokenizer, row: list[int], tracker: _TextTracker, stop_ids) -> str:
@@ -422,6 +385,141 @@ def _ids_through_stop(tokenizer: Tokenizer, row: list[int], tracker: _TextTracke
         if tracker.find_stop(tokenizer.decode(row[:k])) is not None:
             return row[:k]
     return row
+
+
+class Generator:
+    """Generation for one model: prepares prompts, runs prefill and the decode loop.
+
+    Holds the split model (graphdef + params, placed on the mesh when one is
+    given) so repeated calls reuse the placed weights and compiled programs;
+    it keeps no reference to the model object itself. `generate()` /
+    `stream()` below are the functional API and reuse one Generator per
+    (model, tokenizer, mesh, kv_cache) through `generator_for`.
+    """
+
+    def __init__(self, model: StarCoder, tokenizer: Tokenizer | None = None, *, mesh=None,
+                 kv_cache: str | None = None):
+        self.config = config = model.config
+        self.tokenizer = tokenizer
+        self.kv_cache = check_quantization(kv_cache, "kv_cache", " (the compute dtype)")  # an error before any run
+        self.graphdef, self.params = nnx.split(model)
+        # mesh (a jax Mesh or a spec like "data=2,tensor=4"): params resharded per the
+        # rules (in place: the model's variables get the placed arrays), a sharded cache,
+        # jitted calls with out_shardings. None: one device, as is.
+        self._runner = None if mesh is None else MeshRunner(config, self.params, mesh)
+        if self._runner is not None:
+            self.params = self._runner.place_params(self.params)
+        self._source = tuple(jax.tree.leaves(self.params))  # the model's arrays as this runs them
+        self._eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
+        self._vocab_limit = tokenizer.vocab_size if tokenizer is not None else config.vocab_size
+
+    def prepared_for(self, model: StarCoder, tokenizer: Tokenizer | None) -> bool:
+        """Whether this Generator still runs `model` as it is now (same config, the very same
+        parameter arrays) with this tokenizer."""
+        if tokenizer is not self.tokenizer or model.config != self.config:
+            return False
+        leaves = jax.tree.leaves(nnx.state(model))
+        return len(leaves) == len(self._source) and all(a is b for a, b in zip(leaves, self._source))
+
+    def _call(self, fn, donate, *args, **kwargs):
+        if self._runner is None:
+            return fn(*args, **kwargs)
+        return self._runner.call(fn, donate, *args, **kwargs)
+
+    def run(self, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+            top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+            stop: Sequence[str] = (), stop_ids: Sequence[int] = (), seed: int = 0,
+            first_row: int = 0, logprobs: bool = False, ignore_eos: bool = False,
+            chunk: int | None = None,
+            on_event: Callable[[StreamEvent], None] | None = None) -> list[Generation]:
+        """Generates for one device batch of prompts; the arguments are those of `generate`.
+
+        first_row: the index of prompts[0] among all of a request's prompts (its random stream).
+        chunk: decode steps per device call between host checks (default: 1 when streaming,
+          16 with stop strings, else all of max_new_tokens in one call).
+        """
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        encoded = self._encode(prompts, max_new_tokens, stop)
+        batch = _pack(encoded, max_new_tokens, self.config.n_positions, self._round_batch)
+        ends = self._stop_ids(stop_ids, ignore_eos)
+        consts = DecodeConsts.make(len(batch.lengths), max_new_tokens, self._vocab_limit, sampling=sampling,
+                                   stop_ids=ends, seed=seed, first_row=first_row)
+        rows = _Rows(len(encoded), self.tokenizer, stop, ends, on_event)
+        if chunk is None:
+            chunk = 1 if on_event is not None else (16 if stop else max_new_tokens)
+        state = self._decode(self._prefill(batch, consts), consts, rows, chunk)
+        return rows.collect(state, encoded, self._eos, logprobs)
+
+    def _encode(self, prompts, max_new_tokens: int, stop: tuple[str, ...]) -> list[list[int]]:
+        encoded = _encode_prompts(prompts, self.tokenizer)
+        _check_fits(self.config, encoded, max_new_tokens, self.tokenizer)
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_ids for token ids")
+        return encoded
+
+    def _round_batch(self, batch: int) -> int:
+        return batch if self._runner is None else self._runner.round_batch(batch)
+
+    def _stop_ids(self, stop_ids: Sequence[int], ignore_eos: bool) -> list[int]:
+        """The ids that end a row: eos (unless ignored) and stop_ids."""
+        eos = [] if ignore_eos or self._eos is None else [self._eos]
+        if len(stop_ids) > STOP_ID_SLOTS - len(eos):
+            raise ValueError(f"at most {STOP_ID_SLOTS - len(eos)} stop_ids are supported"
+                             f"{' beside eos' if eos else ''}, got {len(stop_ids)}")
+        return eos + [int(x) for x in stop_ids]
+
+    def _prefill(self, batch: _Packed, consts: DecodeConsts) -> DecodeState:
+        sharding = None if self._runner is None else self._runner.cache
+        cache = KVCache.init(self.config, len(batch.lengths), batch.cache_len, sharding=sharding,
+                             quantize=self.kv_cache)
+        return self._call(prefill, ("cache",), self.graphdef, self.params, jnp.asarray(batch.ids),
+                          jnp.asarray(batch.lengths), cache, consts,
+                          out_len_like=jnp.zeros((batch.out_len,), jnp.int8), active=jnp.asarray(batch.active))
+
+    def _decode(self, state: DecodeState, consts: DecodeConsts, rows: _Rows, chunk: int) -> DecodeState:
+        """Decode loops of `chunk` steps until every real row is done; between them the host
+        checks stop strings and streams text."""
+        while True:
+            state, finished = rows.check(state)
+            if finished:
+                return state
+            state = self._call(decode_loop, ("state",), self.graphdef, self.params, state,
+                               jnp.int32(chunk), consts)
+
+
+# model -> {(id(tokenizer), mesh, kv_cache): Generator}. Weak keys: the entries go with the model
+# (a Generator holds the model's arrays, never the model).
+_GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GENERATORS_PER_MODEL = 8  # the oldest goes first beyond this (each may hold a mesh-placed copy)
+
+
+def generator_for(model: StarCoder, tokenizer: Tokenizer | None = None, *, mesh=None,
+                  kv_cache: str | None = None) -> Generator:
+    """The Generator that `generate` and `stream` use for these arguments, made once and reused.
+
+    A second call with the same model, tokenizer (the same object), mesh (a
+    spec string or jax Mesh, compared by value) and kv_cache returns the same
+    Generator, so it neither re-splits nor re-places the weights nor compiles
+    again. Once the model's config or any of its parameter arrays changed
+    (`quantize_`, weights assigned into it, or placed on another mesh by a
+    Generator with `mesh`), the Generators made before are dropped and a new
+    one made.
+    """
+    entries = _GENERATORS.setdefault(model, {})
+    key = (id(tokenizer), mesh, kv_cache)
+    gen = entries.get(key)
+    if gen is not None and gen.prepared_for(model, tokenizer):
+        return gen
+    while len(entries) >= _GENERATORS_PER_MODEL:
+        entries.pop(next(iter(entries)))
+    gen = entries[key] = Generator(model, tokenizer, mesh=mesh, kv_cache=kv_cache)
+    # Drop what no longer matches the model (changed weights, or arrays this Generator
+    # just placed on its mesh), so no stale entry keeps old buffers alive.
+    for other_key, other in list(entries.items()):
+        if not other.prepared_for(model, other.tokenizer):
+            del entries[other_key]
+    return gen
 
 
 def generate(model: StarCoder, prompts, *, tokenizer: Tokenizer | None = None,
@@ -445,11 +543,15 @@ def generate(model: StarCoder, prompts, *, tokenizer: Tokenizer | None = None,
     batch_size: prompts per device batch (default: all at once).
     on_event: called with a StreamEvent as text is produced (streaming).
     mesh: run on a device mesh (a jax Mesh or a spec such as "data=2,tensor=4");
-      see starcoder_jax.parallel.sharding.
+      see docs/sharding.md.
     kv_cache: "int8" keeps keys and values as int8 with a scale per token
       (a quarter of float32's memory; see starcoder_jax.model.kv_cache).
+
+    Calls with the same model, tokenizer, mesh and kv_cache share one prepared
+    Generator (`generator_for`): after the first, a call whose prompts and
+    token budget fall in the same buckets compiles nothing.
     """
-    gen = Generator(model, tokenizer, mesh=mesh, kv_cache=kv_cache)
+    gen = generator_for(model, tokenizer, mesh=mesh, kv_cache=kv_cache)
     prompts = list(prompts) if not isinstance(prompts, str) else prompts
     size = batch_size or max(1, len(prompts))
     if size < 1:

@@ -1,6 +1,9 @@
 """Generation: parity with transformers' greedy generate, cache correctness, sampling, compilation counts."""
 
+import gc
 import json
+import logging
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +108,71 @@ def test_no_recompilation_within_buckets(varied_model_dir):
     assert gen_mod.decode_loop._cache_size() == loops
     generate(model, [list(range(1, 40))], max_new_tokens=8)  # a longer prompt bucket compiles once more
     assert gen_mod.prefill._cache_size() == prefills + 1
+
+
+def _compiled(caplog, fn) -> list[str]:
+    """What XLA compiled while fn ran (jax's compile log)."""
+    caplog.clear()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        fn()
+    return [r.getMessage()[:120] for r in caplog.records if r.getMessage().startswith("Compiling ")]
+
+
+@pytest.mark.parametrize("mesh", [None, "data=1"])
+def test_a_second_identical_generate_compiles_nothing(varied_model_dir, tokenizer_dir, caplog, monkeypatch, mesh):
+    """Nothing compiles and nothing is prepared again (no re-split, no re-placement on the mesh).
+
+    jax's own caches already spare a re-made Generator its compilations, so
+    the Generators made are counted too: that count is what a lost reuse shows.
+    """
+    model, tok = sj.load_pretrained(varied_model_dir), load_tokenizer(tokenizer_dir)
+    kwargs = dict(tokenizer=tok, max_new_tokens=6, stop=["\n\n"], mesh=mesh)
+    first = sj.generate(model, ["def f(x):", "import os"], **kwargs)
+    made = []
+    init = gen_mod.Generator.__init__
+    monkeypatch.setattr(gen_mod.Generator, "__init__", lambda self, *a, **k: made.append(a) or init(self, *a, **k))
+    again = []
+    assert _compiled(caplog, lambda: again.extend(sj.generate(model, ["def f(x):", "import os"], **kwargs))) == []
+    assert again == first
+    pieces = []
+    assert _compiled(caplog, lambda: pieces.extend(sj.stream(model, "def f(x):", **kwargs))) == []
+    assert "".join(pieces) == first[0].text
+    assert made == []
+
+
+def test_generate_reuses_one_generator_per_model_and_settings(varied_model_dir, tokenizer_dir):
+    model, tok = sj.load_pretrained(varied_model_dir), load_tokenizer(tokenizer_dir)
+    # A mesh Generator places the model's own arrays on its mesh: the one before it no longer matches.
+    before_mesh = gen_mod.generator_for(model, tok)
+    on_mesh = gen_mod.generator_for(model, tok, mesh="data=1")
+    gen = gen_mod.generator_for(model, tok)
+    assert gen is not before_mesh and gen_mod.generator_for(model, tok) is gen
+    others = [on_mesh, gen_mod.generator_for(model, load_tokenizer(tokenizer_dir)), gen_mod.generator_for(model),
+              gen_mod.generator_for(model, tok, kv_cache="int8"),
+              gen_mod.generator_for(sj.load_pretrained(varied_model_dir), tok)]
+    assert all(other is not gen for other in others) and len({id(o) for o in others}) == len(others)
+    assert gen_mod.generator_for(model, tok) is gen  # the others did not replace it
+    assert gen_mod.generator_for(model, tok, mesh="data=1") is on_mesh
+
+    # New weights in the same model: a new Generator, and it runs them.
+    prompt = [[5, 6, 7]]
+    before = generate(model, prompt, max_new_tokens=8, ignore_eos=True)[0].ids
+    wpe = model.wpe.embedding
+    wpe.set_value(wpe.get_value()[::-1])
+    assert gen_mod.generator_for(model, tok) is not gen
+    after = generate(model, prompt, max_new_tokens=8, ignore_eos=True)[0].ids
+    assert after == gen_mod.Generator(model).run(prompt, max_new_tokens=8, ignore_eos=True)[0].ids
+    assert after != before
+    # A new config (int8 weights): the same.
+    gen = gen_mod.generator_for(model)
+    model.quantize_("int8")
+    assert gen_mod.generator_for(model) is not gen
+
+    # The cache holds no model alive.
+    ref = weakref.ref(model)
+    del model, gen, others, on_mesh, before_mesh, wpe
+    gc.collect()
+    assert ref() is None
 
 
 def test_stops_on_eos_and_stop_ids(varied_model_dir):

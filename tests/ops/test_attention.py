@@ -211,10 +211,10 @@ def test_auto_form_per_use_in_the_model():
     assert _forms_in(jax.jit(jax.grad(train_loss)).lower(params)) == {"cpu_blocked"}
     consts = decode_consts(config, 1, 4)
     lowered = prefill.lower(graphdef, params, ids, jnp.full((1,), 6, jnp.int32), KVCache.init(config, 1, 16),
-                            out_len_like=jnp.zeros((16,), jnp.int8), active=jnp.ones((1,), bool), **consts)
+                            consts, out_len_like=jnp.zeros((16,), jnp.int8), active=jnp.ones((1,), bool))
     assert _forms_in(lowered) == {"cpu_blocked"}
     state = prefilled(graphdef, params, config, ids, 16, consts)
-    assert _forms_in(decode_loop.lower(graphdef, params, state, jnp.int32(2), **consts)) == {"cpu_key_major"}
+    assert _forms_in(decode_loop.lower(graphdef, params, state, jnp.int32(2), consts)) == {"cpu_key_major"}
 
 
 @pytest.mark.parametrize("form", FORMS)

@@ -171,7 +171,7 @@ def test_decode_loop_converts_no_int8_kernel_outside_its_loop():
     graphdef, params = nnx.split(init_model(config).quantize_())
     consts = decode_consts(config, 1, 8)
     state = prefilled(graphdef, params, config, jnp.ones((1, 4), jnp.int32), 16, consts)
-    hlo = decode_loop.lower(graphdef, params, state, jnp.int32(4), **consts).compile().as_text()
+    hlo = decode_loop.lower(graphdef, params, state, jnp.int32(4), consts).compile().as_text()
     entry = hlo[hlo.index("\nENTRY") + 1:].splitlines()
     assert "qkernel" in entry[0]  # the int8 kernels are parameters of the program
     outside = [line.strip()[:160] for line in entry[1:]
