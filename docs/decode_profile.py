@@ -30,7 +30,7 @@ from flax import nnx
 
 from starcoder_jax.bench import decode_consts, prefilled
 from starcoder_jax.config import preset
-from starcoder_jax.inference.generate import bucket, cpu_decode_head, decode_loop
+from starcoder_jax.inference.generate import bucket, decode_loop
 from starcoder_jax.model.modules import init_model
 
 
@@ -53,10 +53,10 @@ def main() -> None:
     model = init_model(config)
     if args.quantize == "int8":
         model.quantize_("int8")
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(model.adapt_to_backend_())  # laid out as the Generator runs it
     b, steps = args.batch, args.steps
     max_new = 3 * steps + 1
-    consts = decode_consts(config, b, max_new, cpu_decode_head(model))
+    consts = decode_consts(config, b, max_new)
     ids = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (b, args.context)), jnp.int32)
     state = prefilled(graphdef, params, config, ids, bucket(args.context + max_new, 16), consts)
 

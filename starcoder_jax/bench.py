@@ -93,16 +93,21 @@ def _torch_device():
 
 
 def weight_bytes_per_step(model) -> int:
-    """Bytes of weights a decode step reads: every array of the model (int8
-    weights, their scales, float biases and norms) but the position table, of
-    which a step reads one row; the token table is read whole as the LM head."""
+    """Bytes of weights a decode step reads: every weight of the model (int8
+    weights with their scales, float biases and norms) but the position table
+    (its logical axes start with "positions"), of which a step reads one row;
+    the token table counts once, read whole as the LM head (itself, or its
+    derived [D, V] copy, which is not counted again)."""
     from flax import nnx
 
-    _, state = nnx.split(model)
-    return sum(v.get_value().nbytes for path, v in nnx.to_flat_state(state) if path[0] != "wpe")
+    from starcoder_jax.model.modules import Derived
+
+    state = nnx.state(model, nnx.Not(Derived))
+    return sum(v.get_value().nbytes for _, v in nnx.to_flat_state(state)
+               if v.get_metadata()["out_sharding"][0] != "positions")
 
 
-def decode_consts(config, batch: int, max_new: int, head=None) -> dict:
+def decode_consts(config, batch: int, max_new: int) -> dict:
     """The fixed arguments of `generate.prefill` / `generate.decode_loop` for a
     greedy batch with no stop ids, as the Generator passes them."""
     from starcoder_jax.inference.generate import STOP_ID_SLOTS
@@ -110,7 +115,7 @@ def decode_consts(config, batch: int, max_new: int, head=None) -> dict:
 
     return dict(knobs=SamplingParams().arrays(batch), seed=jnp.asarray([0, 0], jnp.int32),
                 stop_ids=jnp.full((STOP_ID_SLOTS,), -1, jnp.int32),
-                max_new=jnp.int32(max_new), vocab_limit=jnp.int32(config.vocab_size), head=head)
+                max_new=jnp.int32(max_new), vocab_limit=jnp.int32(config.vocab_size))
 
 
 def prefilled(graphdef, params, config, ids, cache_len: int, consts: dict, kv_cache=None):
@@ -130,17 +135,16 @@ def prefilled(graphdef, params, config, ids, cache_len: int, consts: dict, kv_ca
 def bench_ours(model, args, batch_sizes) -> dict:
     from flax import nnx
 
-    from starcoder_jax.inference.generate import bucket, cpu_decode_head, decode_loop
+    from starcoder_jax.inference.generate import bucket, decode_loop
 
     config = model.config
-    graphdef, params = nnx.split(model)
-    head = cpu_decode_head(model)  # the head layout the Generator uses
+    graphdef, params = nnx.split(model.adapt_to_backend_())  # laid out as the Generator runs it
     weight_bytes = weight_bytes_per_step(model)
     rng = np.random.default_rng(0)
     results = {}
 
     def consts(b, max_new):
-        return decode_consts(config, b, max_new, head)
+        return decode_consts(config, b, max_new)
 
     def run_prefill(b, t, s, max_new):
         ids = jnp.asarray(rng.integers(1, config.vocab_size, (b, t)), jnp.int32)

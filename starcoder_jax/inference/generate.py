@@ -116,20 +116,19 @@ def _record(state: DecodeState, token, logprob, stop_ids, max_new) -> DecodeStat
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def prefill(graphdef, params, ids, lengths, cache, knobs, seed, stop_ids, max_new,
-            vocab_limit, out_len_like, active, head=None) -> DecodeState:
+            vocab_limit, out_len_like, active) -> DecodeState:
     """Runs the whole padded prompt batch in one call and samples each row's first token.
 
     ids [B, T] right-padded; lengths [B]; cache of S >= T slots (donated);
     `out_len_like` [M] only carries the output-buffer length M as a shape;
-    active [B] is False for rows that only pad the batch; head: the LM head
-    as [D, V] (`StarCoder.output_head()`), or None to use the model's own.
+    active [B] is False for rows that only pad the batch.
     """
     model: StarCoder = nnx.merge(graphdef, params)
     b, t = ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     hidden, cache = model.hidden(ids, positions, cache, read_cache=False)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-    logits = model.logits(last, head)[:, 0]  # [B, V]
+    logits = model.logits(last)[:, 0]  # [B, V]
     v = logits.shape[-1]
     in_prompt = jnp.arange(t)[None, :] < lengths[:, None]
     seen = jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], ids].max(in_prompt)
@@ -145,12 +144,12 @@ def prefill(graphdef, params, ids, lengths, cache, knobs, seed, stop_ids, max_ne
 
 
 def decode_step(model: StarCoder, state: DecodeState, knobs, seed, stop_ids, max_new,
-                vocab_limit, head=None) -> DecodeState:
+                vocab_limit) -> DecodeState:
     """Feeds each row's last token, samples the next one. Finished rows idle."""
     s = state.cache.length
     position = jnp.minimum(state.position, s - 1)
     hidden, cache = model.hidden(state.token[:, None], position[:, None], state.cache)
-    logits = model.logits(hidden, head)[:, 0]
+    logits = model.logits(hidden)[:, 0]
     state = dataclasses.replace(state, cache=cache, position=state.position + (~state.done))
     token, logprob = _choose(logits, state.seen, knobs, seed, state.step, vocab_limit)
     state = _record(state, token, logprob, stop_ids, max_new)
@@ -159,7 +158,7 @@ def decode_step(model: StarCoder, state: DecodeState, knobs, seed, stop_ids, max
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
 def decode_loop(graphdef, params, state: DecodeState, n_steps, knobs, seed, stop_ids, max_new,
-                vocab_limit, head=None) -> DecodeState:
+                vocab_limit) -> DecodeState:
     """Up to n_steps decode steps on device; leaves early once every row is done."""
     model: StarCoder = nnx.merge(graphdef, params)
     limit = state.step + n_steps
@@ -168,7 +167,7 @@ def decode_loop(graphdef, params, state: DecodeState, n_steps, knobs, seed, stop
         return (st.step < limit) & ~jnp.all(st.done)
 
     def body(st):
-        return decode_step(model, st, knobs, seed, stop_ids, max_new, vocab_limit, head)
+        return decode_step(model, st, knobs, seed, stop_ids, max_new, vocab_limit)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -258,20 +257,6 @@ class StreamEvent:
     finished: bool
 
 
-def cpu_decode_head(model: StarCoder) -> jax.Array | None:
-    """The LM head decode passes to `model.logits` on one device, or None for the model's own.
-
-    XLA:CPU reads a [D, V] head about 1.8x faster than the tied [V, D] table in
-    a matrix-vector product, so on CPU a float model with a tied head decodes
-    with a transposed copy (one more V x D array in memory). int8 models read
-    their int8 [V, D] table in place; other backends use the model's own head.
-    """
-    if (model.config.tie_word_embeddings and model.config.quantization is None
-            and jax.default_backend() == "cpu"):
-        return jax.block_until_ready(model.output_head())
-    return None
-
-
 class Generator:
     """Generation for one model: prepares prompts, runs prefill and the decode loop.
 
@@ -284,14 +269,13 @@ class Generator:
         self.model = model
         self.tokenizer = tokenizer
         self.kv_cache = check_quantization(kv_cache, "kv_cache", " (the compute dtype)")  # an error before any run
-        self.graphdef, self.params = nnx.split(model)
+        # laid out for the projection form it will run (a stale derived copy is remade)
+        self.graphdef, self.params = nnx.split(model.adapt_to_backend_(sharded=mesh is not None))
         # mesh (a jax Mesh or a spec like "data=2,tensor=4"): params resharded per the
         # rules, a sharded cache, jitted calls with out_shardings. None: one device, as is.
         self._runner = None if mesh is None else MeshRunner(model.config, self.params, mesh)
         if self._runner is not None:
             self.params = self._runner.place_params(self.params)
-        # on meshes, the model's own head
-        self.head = None if self._runner is not None else cpu_decode_head(model)
 
     def _call(self, fn, donate, *args, **kwargs):
         if self._runner is None:
@@ -338,8 +322,7 @@ class Generator:
         self._stops = stops
         consts = dict(knobs=knobs, seed=jnp.asarray([seed, first_row], jnp.int32),
                       stop_ids=jnp.asarray(stop_arr),
-                      max_new=jnp.int32(max_new_tokens), vocab_limit=jnp.int32(vocab_limit),
-                      head=self.head)
+                      max_new=jnp.int32(max_new_tokens), vocab_limit=jnp.int32(vocab_limit))
         cache_sharding = None if self._runner is None else self._runner.cache
         cache = KVCache.init(config, b, s, sharding=cache_sharding, quantize=self.kv_cache)
         state = self._call(prefill, ("cache",), self.graphdef, self.params, jnp.asarray(ids),
