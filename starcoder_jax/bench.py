@@ -138,7 +138,7 @@ def bench_ours(model, args, batch_sizes) -> dict:
     from starcoder_jax.inference.generate import bucket, decode_loop
 
     config = model.config
-    graphdef, params = nnx.split(model.adapt_to_backend_())  # laid out as the Generator runs it
+    graphdef, params = nnx.split(model.adapt_to_backend_(decode=True))  # laid out as the Generator runs it
     weight_bytes = weight_bytes_per_step(model)
     rng = np.random.default_rng(0)
     results = {}

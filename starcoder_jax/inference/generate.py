@@ -270,7 +270,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.kv_cache = check_quantization(kv_cache, "kv_cache", " (the compute dtype)")  # an error before any run
         # laid out for the projection form it will run (a stale derived copy is remade)
-        self.graphdef, self.params = nnx.split(model.adapt_to_backend_(sharded=mesh is not None))
+        self.graphdef, self.params = nnx.split(model.adapt_to_backend_(sharded=mesh is not None, decode=True))
         # mesh (a jax Mesh or a spec like "data=2,tensor=4"): params resharded per the
         # rules, a sharded cache, jitted calls with out_shardings. None: one device, as is.
         self._runner = None if mesh is None else MeshRunner(model.config, self.params, mesh)

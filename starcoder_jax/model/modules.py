@@ -471,30 +471,32 @@ class StarCoder(nnx.Module):
             return None
         return copy.get_value()
 
-    def adapt_to_backend_(self, *, sharded: bool = False) -> StarCoder:
+    def adapt_to_backend_(self, *, sharded: bool = False, decode: bool = False) -> StarCoder:
         """Lays the weights out for the matmul form config.matmul_impl resolves
-        to here (ops.matmul.resolve; sharded: the model will run under a mesh);
-        in place, idempotent; returns self.
+        to here (ops.matmul.resolve; sharded: the model will run under a
+        mesh); in place, idempotent; returns self.
 
         On the "cpu" form int8 kernels take the CPU tile loop's input blocks
-        (ops.int8.QuantizedWeight.for_cpu), and a tied float head gets a
-        [D, V] copy (`decode_head`, a `Derived` variable): XLA:CPU's
-        matrix-vector product reads it about 1.8x faster than the [V, D]
-        table (BENCHMARKS.md, "CPU decode LM head"). A copy made from an
-        older table (the weights were trained, updated or quantized since) is
-        remade or dropped here, and `logits` never reads one outside a traced
-        program. Other forms: the stored layout and no copy.
+        (ops.int8.QuantizedWeight.for_cpu), and with `decode` (the model is
+        about to generate) a tied float head gets a [D, V] copy
+        (`decode_head`, a `Derived` variable): XLA:CPU's matrix-vector
+        product reads it about 1.8x faster than the [V, D] table
+        (BENCHMARKS.md, "CPU decode LM head"). A copy made from an older
+        table (the weights were trained, updated or quantized since) is
+        remade here (or dropped without `decode`), and `logits` never reads
+        one outside a traced program. Other forms: the stored layout and no copy.
         """
         cpu = resolve(self.config.matmul_impl, sharded=sharded) == "cpu"
         for var in self._int8_matmul_weights():
             w = var.get_value()
             var.set_value(w.for_cpu() if cpu else w.neutral())
-        if cpu and self.config.tie_word_embeddings and not self.wte.quantized:
-            if self._decode_head() is None:
-                table = self.wte.embedding.get_value()
-                self.decode_head = Derived(jnp.transpose(table), source=_Source(table),
-                                           out_sharding=("embed", "vocab"), eager_sharding=False)
-        elif "decode_head" in vars(self):
+        fresh = self._decode_head() is not None
+        wanted = cpu and self.config.tie_word_embeddings and not self.wte.quantized
+        if wanted and decode and not fresh:
+            table = self.wte.embedding.get_value()
+            self.decode_head = Derived(jnp.transpose(table), source=_Source(table),
+                                       out_sharding=("embed", "vocab"), eager_sharding=False)
+        elif "decode_head" in vars(self) and not (wanted and fresh):
             del self.decode_head
         return self
 

@@ -1,7 +1,7 @@
 """The tied LM head's derived [D, V] copy on the "cpu" projection form.
 
-It is made where the model is laid out for the backend (load, Generator),
-is never trained or saved, and never read once its source table has
+It is made where the model is laid out for decoding (the Generator), is
+never trained or saved, and never read once its source table has
 changed: a model whose weights changed decodes exactly what a model that
 never had a copy decodes.
 """
@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import starcoder_jax as sj
-from starcoder_jax.inference.generate import generate
+from starcoder_jax.inference.generate import Generator, generate
 from starcoder_jax.model.modules import Derived
 from starcoder_jax.model.weights import save_hf, save_orbax
 
@@ -29,16 +29,21 @@ def _tokens(model):
 
 @pytest.fixture()
 def loaded(tiny_model_dir):
-    return sj.load_pretrained(tiny_model_dir)
+    model = sj.load_pretrained(tiny_model_dir)
+    assert "decode_head" not in vars(model)  # loading (for training, converting, scoring) makes none
+    Generator(model)
+    return model
 
 
-def test_the_copy_is_made_at_load_for_the_cpu_form_only(loaded, tiny_model_dir):
+def test_the_copy_is_made_for_decoding_on_the_cpu_form_only(loaded, tiny_model_dir):
     table = np.asarray(loaded.wte.embedding[...])
     copy = loaded.decode_head
     assert isinstance(copy, Derived) and not isinstance(copy, nnx.Param)
     np.testing.assert_array_equal(np.asarray(copy.get_value()), table.T)
-    assert "decode_head" not in vars(sj.load_pretrained(tiny_model_dir, matmul_impl="xla"))
-    assert "decode_head" not in vars(sj.load_pretrained(tiny_model_dir, quantize="int8"))
+    for model in (sj.load_pretrained(tiny_model_dir, matmul_impl="xla"),
+                  sj.load_pretrained(tiny_model_dir, quantize="int8")):
+        Generator(model)
+        assert "decode_head" not in vars(model)
     # decoding reads it, and reads what the table gives
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 1, table.shape[1])), jnp.float32)
     np.testing.assert_allclose(np.asarray(loaded.logits(x)), np.asarray(loaded.wte.attend(x)),
@@ -54,6 +59,8 @@ def test_the_copy_is_not_trained_nor_saved(loaded, tmp_path):
         saved = json.load(f)["tree_metadata"]
     assert any("'wte'" in key for key in saved) and not any("decode_head" in key for key in saved)
     again = sj.load_pretrained(out)
+    assert "decode_head" not in vars(again)
+    Generator(again)
     np.testing.assert_array_equal(np.asarray(again.decode_head.get_value()), np.asarray(loaded.decode_head.get_value()))
     save_hf(loaded, str(tmp_path / "hf"))  # the weight table writes only the model's own weights
     assert sj.load_pretrained(str(tmp_path / "hf"), matmul_impl="xla").config.tie_word_embeddings
