@@ -53,7 +53,7 @@ def main() -> None:
     model = init_model(config)
     if args.quantize == "int8":
         model.quantize_("int8")
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(model.adapt_to_backend_(decode=True))  # laid out as the Generator runs it
     b, steps = args.batch, args.steps
     max_new = 3 * steps + 1
     consts = decode_consts(config, b, max_new)

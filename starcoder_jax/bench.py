@@ -64,13 +64,18 @@ def _torch_device():
 
 
 def weight_bytes_per_step(model) -> int:
-    """Bytes of weights a decode step reads: every array of the model (int8
-    weights, their scales, float biases and norms) but the position table, of
-    which a step reads one row; the token table is read whole as the LM head."""
+    """Bytes of weights a decode step reads: every weight of the model (int8
+    weights with their scales, float biases and norms) but the position table
+    (its logical axes start with "positions"), of which a step reads one row;
+    the token table counts once, read whole as the LM head (itself, or its
+    derived [D, V] copy, which is not counted again)."""
     from flax import nnx
 
-    _, state = nnx.split(model)
-    return sum(v.get_value().nbytes for path, v in nnx.to_flat_state(state) if path[0] != "wpe")
+    from starcoder_jax.model.modules import Derived
+
+    state = nnx.state(model, nnx.Not(Derived))
+    return sum(v.get_value().nbytes for _, v in nnx.to_flat_state(state)
+               if v.get_metadata()["out_sharding"][0] != "positions")
 
 
 def decode_consts(config, batch: int, max_new: int):
@@ -102,7 +107,7 @@ def bench_ours(model, args, batch_sizes) -> dict:
     from starcoder_jax.inference.generate import bucket, decode_loop
 
     config = model.config
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(model.adapt_to_backend_(decode=True))  # laid out as the Generator runs it
     weight_bytes = weight_bytes_per_step(model)
     rng = np.random.default_rng(0)
     results = {}

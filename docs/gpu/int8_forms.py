@@ -9,11 +9,11 @@ is checked against the float32 product of the dequantized weights.
 
     python docs/gpu/int8_forms.py            # on the device JAX picks
     python docs/gpu/int8_forms.py --small    # a quick run of the script itself
-    python docs/gpu/int8_forms.py --forms ours --rows 1   # the library's own int8_matmul only
+    python docs/gpu/int8_forms.py --forms ours --rows 1   # the library's own projection only
 
-"ours" is `starcoder_jax.ops.int8.int8_matmul` on the library's stored layout
-(input blocks included), i.e. whatever form it picks on this backend: the
-CPU tiles on a CPU.
+"ours" is `starcoder_jax.ops.matmul.project` with matmul_impl "auto" on the
+layout the library gives the weight on this backend (the CPU's input blocks
+on a CPU), i.e. whatever form it picks here: the CPU tiles on a CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from starcoder_jax.ops import int8 as quant
+from starcoder_jax.ops.matmul import project, resolve
 
 SHAPES = {"c_attn": (2304, 2048), "attn out": (2048, 2048), "mlp c_fc": (8192, 2048), "mlp c_proj": (2048, 8192),
           "lm head": (49152, 2048)}
@@ -80,22 +81,26 @@ def main() -> None:
         deq = q.astype(np.float32) * scale[..., None]
         wb = jnp.asarray(deq, jnp.bfloat16)
         qj, sj = jnp.asarray(q), jnp.asarray(scale, jnp.float32)
-        blocks = quant.input_blocks((i,))
-        # the library's layout: quantize_int8 takes [in, out]; same int8 values and scales
-        q_ours = jnp.stack([quant.quantize_int8(jnp.asarray(deq[k].T), 1, blocks)[0] for k in range(args.stack)])
+        # the library's layout: quantize takes [in, out]; same int8 values and scales
+        cpu = resolve("auto") == "cpu"
+        q_ours = [quant.quantize(jnp.asarray(deq[k].T), 1) for k in range(args.stack)]
+        q_ours = [w.for_cpu() if cpu else w for w in q_ours]
         for m in rows:
             x = rng.standard_normal((m, i), np.float32)
             xb = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
             ref = np.stack([xb @ deq[k].T for k in range(args.stack)])
-            all_forms = dict(forms(), ours=lambda x, q, s, c=blocks: quant.int8_matmul(x, q, s, 1, c))
+            all_forms = dict(forms(), ours=lambda x, w, _: project(x, w, 1))
             wanted = [w for w in args.forms.split(",") if w]
             for form_name, f in all_forms.items():
                 if wanted and not any(w in form_name for w in wanted):
                     continue
-                weights = wb if form_name.startswith("bf16") else q_ours if form_name == "ours" else qj
-                nbytes = weights.nbytes + (0 if form_name.startswith("bf16") else sj.nbytes)
-                # separate arrays, like the layers' weights (slicing one stacked array would copy)
-                weights = list(weights)
+                if form_name == "ours":
+                    weights, nbytes = q_ours, sum(w.nbytes for w in q_ours)
+                else:
+                    weights = wb if form_name.startswith("bf16") else qj
+                    nbytes = weights.nbytes + (0 if form_name.startswith("bf16") else sj.nbytes)
+                    # separate arrays, like the layers' weights (slicing one stacked array would copy)
+                    weights = list(weights)
 
                 @jax.jit
                 def run(x, weights, sj, f=f):

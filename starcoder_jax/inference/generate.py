@@ -402,7 +402,8 @@ class Generator:
         self.config = config = model.config
         self.tokenizer = tokenizer
         self.kv_cache = check_quantization(kv_cache, "kv_cache", " (the compute dtype)")  # an error before any run
-        self.graphdef, self.params = nnx.split(model)
+        # laid out for the projection form it runs (a stale derived copy is remade)
+        self.graphdef, self.params = nnx.split(model.adapt_to_backend_(sharded=mesh is not None, decode=True))
         # mesh (a jax Mesh or a spec like "data=2,tensor=4"): params resharded per the
         # rules (in place: the model's variables get the placed arrays), a sharded cache,
         # jitted calls with out_shardings. None: one device, as is.

@@ -13,6 +13,7 @@ one carries its own head axes (which the sharding rules name).
 from __future__ import annotations
 
 import math
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +23,8 @@ from flax import nnx
 from starcoder_jax.config import QUANTIZATION_MODES, StarCoderConfig, check_quantization
 from starcoder_jax.model.kv_cache import KVCache, LayerCache
 from starcoder_jax.ops.attention import attention
-from starcoder_jax.ops.int8 import (
-    QuantizedWeight,
-    QuantScale,
-    input_blocks,
-    int8_lookup,
-    int8_matmul,
-    quantize_int8,
-)
-from starcoder_jax.ops.matmul import as_rows, bfloat16_matmul, cpu_bfloat16_products
+from starcoder_jax.ops.int8 import int8_lookup, quantize
+from starcoder_jax.ops.matmul import project, resolve
 from starcoder_jax.parallel.rules import ACTIVATION, constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -52,74 +46,76 @@ def param(value: jax.Array, axes: tuple[str | None, ...], *, decay: bool = False
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False, weight_decay=decay)
 
 
-def _set_int8(module: nnx.Module, names: tuple[str, str], w: jax.Array, n_in: int, axes,
-              blocks: int = 1) -> None:
-    """Stores w [*in, *out] (logical axes `axes`) on `module` as int8 (attribute
-    names[0], [*out, *in] or its input-blocked form, see ops.int8.quantize_int8)
-    and its per-output-channel scales (names[1])."""
-    q, scale = quantize_int8(w, n_in, blocks)
-    in_axes, out_axes = tuple(axes[:n_in]), tuple(axes[n_in:])
-    if blocks > 1:  # [C, *out, in0 / C, *in_rest]: the blocks split like in0
-        q_axes = (in_axes[0],) + out_axes + ("in_block",) + in_axes[1:]
-    else:
-        q_axes = out_axes + in_axes
-    setattr(module, names[0], QuantizedWeight(q, out_sharding=q_axes, eager_sharding=False))
-    setattr(module, names[1], QuantScale(scale, out_sharding=out_axes, eager_sharding=False))
+class Int8(nnx.Variable):
+    """A matmul weight held as an ops.int8.QuantizedWeight (not an nnx.Param:
+    never trained). Its `out_sharding` names the axes of the float weight it
+    stands for, [*in, *out]; parallel.mesh derives those of q and scale."""
 
 
-def _quantize_attr_(module: nnx.Module, name: str, names: tuple[str, str], n_in: int,
-                    as_in_out=lambda w: w, blocks: int = 1) -> None:
-    """Replaces the float parameter `name` by its int8 form, in place (freed first)."""
-    var = getattr(module, name)
-    w, axes = var[...], var.get_metadata()["out_sharding"]
-    if as_in_out is jnp.transpose:
-        axes = axes[::-1]
-    delattr(module, name)
-    _set_int8(module, names, as_in_out(w), n_in, axes, blocks)
+class Derived(nnx.Variable):
+    """A copy of other weights in another layout, made for a backend's form
+    (`StarCoder.adapt_to_backend_`): not an nnx.Param (never trained), never
+    saved, remade whenever its source changes."""
+
+
+def int8_weight(w: jax.Array, n_in: int, axes) -> Int8:
+    """w [*in, *out] (logical axes `axes`) quantized to int8 (ops.int8.quantize)."""
+    return Int8(quantize(w, n_in), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def _quantized(var: nnx.Variable, n_in: int) -> Int8:
+    """The int8 form of a float [*in, *out] parameter, or var itself if it is int8 already."""
+    if isinstance(var, Int8):
+        return var
+    return int8_weight(var[...], n_in, var.get_metadata()["out_sharding"])
+
+
+def _check_equation(equation: str, n_in: int, n_out: int) -> None:
+    """A Dense equation such as "BTD,DNH->BTNH": leading axes, then n_in inputs and n_out outputs."""
+    lhs, _, out = equation.partition("->")
+    x, _, w = lhs.partition(",")
+    if len(w) != n_in + n_out or x[len(x) - n_in:] != w[:n_in] or out[len(out) - n_out:] != w[n_in:]:
+        raise ValueError(f"Dense equation {equation!r} does not contract {n_in} input axes into "
+                         f"{n_out} output axes (expected e.g. 'BTD,DF->BTF')")
 
 
 class Embedding(nnx.Module):
     """A lookup table [rows, D]; also the tied LM head.
 
-    With quantize=True (the token table of an int8 model) the table is
-    `qembedding` int8 [rows, D] with one scale per row, `embedding_scale`.
+    With quantize=True (the token table of an int8 model) `embedding` holds
+    the table's transpose [D, rows] as an int8 weight: q [rows, D], one scale
+    per row.
     """
 
     def __init__(self, rows: int, dim: int, axes: tuple[str, str], *, config: StarCoderConfig,
                  rngs: nnx.Rngs, quantize: bool = False):
         table = _normal(rngs, (rows, dim), config.initializer_range, jnp_dtype(config.param_dtype))
         self.dtype = jnp_dtype(config.dtype)
-        if quantize:  # one scale per row: the table seen as a [D, rows] matmul weight
-            _set_int8(self, self.INT8_NAMES, jnp.transpose(table), 1, axes[::-1])
-        else:
-            self.embedding = param(table, axes)
-
-    INT8_NAMES = ("qembedding", "embedding_scale")
+        self.matmul_impl = config.matmul_impl
+        self.embedding = int8_weight(jnp.transpose(table), 1, axes[::-1]) if quantize else param(table, axes)
 
     @property
     def quantized(self) -> bool:
-        return hasattr(self, "qembedding")
+        return isinstance(self.embedding, Int8)
 
     def quantize_(self) -> None:
         """Replaces the float table by its int8 form, in place."""
-        _quantize_attr_(self, "embedding", self.INT8_NAMES, 1, jnp.transpose)
+        if not self.quantized:
+            table = self.embedding
+            self.embedding = int8_weight(jnp.transpose(table[...]), 1,
+                                         table.get_metadata()["out_sharding"][::-1])
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         if self.quantized:
-            return int8_lookup(self.qembedding[...], self.embedding_scale[...], ids, self.dtype)
+            return int8_lookup(self.embedding.get_value(), ids, self.dtype)
         # sharding: gather the table's fsdp shards before the lookup (no-op without a mesh)
         table = constrain(self.embedding[...], (jax.P.UNCONSTRAINED, None))
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> logits [B, T, V] against the table (tied LM head)."""
-        if self.quantized:  # the table is already [out = V, in = D]
-            return int8_matmul(x, self.qembedding[...], self.embedding_scale[...], 1)
-        if cpu_bfloat16_products(self.dtype):
-            table = self.embedding[...]
-            return as_rows(x, 1, lambda x2: bfloat16_matmul(x2, table, True), table.shape[:1])
-        table = self.embedding[...].astype(self.dtype)
-        return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
+        return project(x, self.embedding.get_value(), 1, impl=self.matmul_impl, dtype=self.dtype,
+                       out_major=not self.quantized)
 
 
 class LayerNorm(nnx.Module):
@@ -142,23 +138,23 @@ class LayerNorm(nnx.Module):
 
 
 class Dense(nnx.Module):
-    """An einsum projection with a bias: kernel [*in_axes, *out_axes], bias [*out_axes].
+    """A projection with a bias: kernel [*in_axes, *out_axes], bias [*out_axes],
+    computed by ops.matmul.project in the form config.matmul_impl picks.
 
-    Quantized (config.quantization="int8", or `quantize_()`), the kernel is
-    `qkernel` int8 [*out_axes, *in_axes] with `kernel_scale` [*out_axes]; a
-    kernel with more inputs than one CPU tile holds is stored in `in_blocks`
-    input blocks, [C, *out_axes, in0 / C, *in_rest] (quant.quantize_int8).
+    equation: the product written out ("BTD,DNH->BTNH"), checked against the
+    shapes. Quantized (config.quantization="int8", or `quantize_()`), the
+    kernel is an int8 weight (ops.int8.QuantizedWeight) under the same name.
     """
 
     def __init__(self, equation: str, in_shape, out_shape, axes: tuple[str, ...], *, std: float,
                  config: StarCoderConfig, rngs: nnx.Rngs):
+        _check_equation(equation, len(in_shape), len(out_shape))
         pdt = jnp_dtype(config.param_dtype)
-        self.equation = equation
         self.n_in = len(in_shape)
-        self.in_blocks = input_blocks(in_shape)
+        self.matmul_impl = config.matmul_impl
         kernel = _normal(rngs, (*in_shape, *out_shape), std, pdt)
         if config.quantization == "int8":
-            _set_int8(self, self.INT8_NAMES, kernel, self.n_in, axes, self.in_blocks)
+            self.kernel = int8_weight(kernel, self.n_in, axes)
         else:
             self.kernel = param(kernel, axes, decay=True)
         # a [D] output bias is tiny: whole on every device like the LayerNorms
@@ -166,36 +162,16 @@ class Dense(nnx.Module):
         self.bias = param(jnp.zeros(out_shape, pdt), bias_axes)
         self.dtype = jnp_dtype(config.dtype)
 
-    INT8_NAMES = ("qkernel", "kernel_scale")
-
     @property
     def quantized(self) -> bool:
-        return hasattr(self, "qkernel")
+        return isinstance(self.kernel, Int8)
 
     def quantize_(self) -> None:
         """Replaces the float kernel by its int8 form, in place."""
-        _quantize_attr_(self, "kernel", self.INT8_NAMES, self.n_in, blocks=self.in_blocks)
+        self.kernel = _quantized(self.kernel, self.n_in)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.quantized:
-            y = int8_matmul(x, self.qkernel[...], self.kernel_scale[...], self.n_in, self.in_blocks)
-        elif self.n_in == 1 and not cpu_bfloat16_products(self.dtype):
-            kernel = self.kernel[...].astype(self.dtype)
-            y = jnp.einsum(self.equation, x, kernel, preferred_element_type=jnp.float32)
-        else:
-            # One [M, I] x [I, O] product. Contracting two axes (N, H) at once,
-            # XLA:CPU reads the [N, H, D] kernel about 3x slower than the same
-            # bytes as one [N*H, D] matrix (a decode step's output projection:
-            # 1.7 ms vs 0.5 ms); bfloat16 compute on CPU needs 2-D operands.
-            kernel = self.kernel[...]
-            w2 = kernel.reshape(math.prod(kernel.shape[:self.n_in]), -1)
-            if cpu_bfloat16_products(self.dtype):
-                def product(x2):
-                    return bfloat16_matmul(x2, w2, False)
-            else:
-                def product(x2):
-                    return jnp.dot(x2, w2.astype(self.dtype), preferred_element_type=jnp.float32)
-            y = as_rows(x, self.n_in, product, kernel.shape[self.n_in:])
+        y = project(x, self.kernel.get_value(), self.n_in, impl=self.matmul_impl, dtype=self.dtype)
         return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
@@ -302,8 +278,8 @@ class StarCoder(nnx.Module):
         if not config.tie_word_embeddings:
             head = _normal(rngs, (config.n_embd, config.vocab_size), config.initializer_range,
                            jnp_dtype(config.param_dtype))
-            if quantized:
-                _set_int8(self, self.HEAD_INT8_NAMES, head, 1, ("embed", "vocab"))  # [V, D], scale [V]
+            if quantized:  # q [V, D], scale [V]
+                self.lm_head = int8_weight(head, 1, ("embed", "vocab"))
             else:
                 self.lm_head = param(head, ("embed", "vocab"), decay=True)
         self.drop = nnx.Dropout(config.embd_pdrop)
@@ -349,44 +325,78 @@ class StarCoder(nnx.Module):
             cache = cache.replace_layers(layers)
         return x, cache
 
-    def logits(self, x: jax.Array, head: jax.Array | None = None) -> jax.Array:
+    def logits(self, x: jax.Array) -> jax.Array:
         """Hidden states [B, T, D] -> float32 logits [B, T, V].
 
-        head: an optional [D, V] copy of the tied embedding (`output_head()`).
-        With one token per row (decode), XLA:CPU's matrix-vector product reads
-        a [D, V] matrix about 1.8x faster than the [V, D] table, so the
-        generation loop makes that copy once and passes it here.
+        One token per row (decode) on the "cpu" form reads the tied head from
+        the [D, V] copy `adapt_to_backend_` makes, when there is one and it
+        was made from the current table.
         """
-        if head is None and self.config.tie_word_embeddings:
-            return self.wte.attend(x)
-        if head is None and hasattr(self, "lm_head_q"):
-            return int8_matmul(x, self.lm_head_q[...], self.lm_head_scale[...], 1)
+        impl = self.config.matmul_impl
+        if not self.config.tie_word_embeddings:
+            return project(x, self.lm_head.get_value(), 1, impl=impl, dtype=x.dtype)
+        head = self._decode_head() if x.shape[1] == 1 and resolve(impl) == "cpu" else None
         if head is None:
-            head = self.lm_head[...]
-        if cpu_bfloat16_products(x.dtype):
-            return as_rows(x, 1, lambda x2: bfloat16_matmul(x2, head, False), head.shape[1:])
-        return jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+            return self.wte.attend(x)
+        return project(x, head, 1, impl=impl, dtype=self.wte.dtype)
 
-    def output_head(self) -> jax.Array:
-        """The LM head as a [D, V] array (a transposed copy when tied).
+    def _decode_head(self) -> jax.Array | None:
+        """The [D, V] copy of the tied table, or None: none made, or made from
+        another table than the current one (its weights changed since)."""
+        copy = vars(self).get("decode_head")
+        if copy is None:
+            return None
+        table = self.wte.embedding.get_value()
+        # Inside a traced program the table is a tracer: the copy was checked
+        # where the program's parameters were split off (adapt_to_backend_).
+        if not isinstance(table, jax.core.Tracer) and not copy.get_metadata()["source"].made_from(table):
+            return None
+        return copy.get_value()
 
-        Quantized models have none: their int8 head is read in place.
+    def adapt_to_backend_(self, *, sharded: bool = False, decode: bool = False) -> StarCoder:
+        """Lays the weights out for the matmul form config.matmul_impl resolves
+        to here (ops.matmul.resolve; sharded: the model will run under a
+        mesh); in place, idempotent; returns self.
+
+        On the "cpu" form int8 kernels take the CPU tile loop's input blocks
+        (ops.int8.QuantizedWeight.for_cpu), and with `decode` (the model is
+        about to generate) a tied float head gets a [D, V] copy
+        (`decode_head`, a `Derived` variable): XLA:CPU's matrix-vector
+        product reads it about 1.8x faster than the [V, D] table
+        (BENCHMARKS.md, "CPU decode LM head"). A copy made from an older
+        table (the weights were trained, updated or quantized since) is
+        remade here (or dropped without `decode`), and `logits` never reads
+        one outside a traced program. Other forms: the stored layout and no copy.
         """
-        if self.config.quantization is not None:
-            raise ValueError("a quantized model's LM head is int8; it has no float [D, V] copy")
-        if self.config.tie_word_embeddings:
-            return jnp.transpose(self.wte.embedding[...])
-        return self.lm_head[...]
+        cpu = resolve(self.config.matmul_impl, sharded=sharded) == "cpu"
+        for var in self._int8_matmul_weights():
+            w = var.get_value()
+            var.set_value(w.for_cpu() if cpu else w.neutral())
+        fresh = self._decode_head() is not None
+        wanted = cpu and self.config.tie_word_embeddings and not self.wte.quantized
+        if wanted and decode and not fresh:
+            table = self.wte.embedding.get_value()
+            self.decode_head = Derived(jnp.transpose(table), source=_Source(table),
+                                       out_sharding=("embed", "vocab"), eager_sharding=False)
+        elif "decode_head" in vars(self) and not (wanted and fresh):
+            del self.decode_head
+        return self
 
-    HEAD_INT8_NAMES = ("lm_head_q", "lm_head_scale")  # an untied head of an int8 model
+    def _int8_matmul_weights(self) -> list[Int8]:
+        """The int8 weights read only by products (not the token table, which lookups read)."""
+        found = [m.kernel for _, m in nnx.iter_modules(self) if isinstance(m, Dense) and m.quantized]
+        if not self.config.tie_word_embeddings and isinstance(self.lm_head, Int8):
+            found.append(self.lm_head)
+        return found
 
-    def quantize_(self, mode: str = "int8") -> StarCoder:
+    def quantize_(self, mode: str = "int8", *, sharded: bool = False) -> StarCoder:
         """Quantizes every matmul weight in place (see starcoder_jax.ops.int8); returns self.
 
         Dense kernels, the token table (also the tied LM head) and an untied
-        head become int8 with per-output-channel float32 scales; LayerNorms,
-        biases and the position table stay as they are. Each float weight is
-        freed as soon as its int8 form exists.
+        head become int8 weights under the same names; LayerNorms, biases and
+        the position table stay as they are. Each float weight is released
+        as soon as its int8 form exists. The result is laid out for the
+        matmul form (`adapt_to_backend_(sharded=sharded)`).
         """
         if check_quantization(mode, "quantize_ mode") is None:
             raise ValueError("quantize_ needs a mode: one of " + ", ".join(QUANTIZATION_MODES))
@@ -397,9 +407,21 @@ class StarCoder(nnx.Module):
                 module.quantize_()
         self.wte.quantize_()
         if not self.config.tie_word_embeddings:
-            _quantize_attr_(self, "lm_head", self.HEAD_INT8_NAMES, 1)
+            self.lm_head = _quantized(self.lm_head, 1)
         self.config = self.config.replace(quantization=mode)
-        return self
+        return self.adapt_to_backend_(sharded=sharded)
+
+
+class _Source:
+    """Which array a derived copy was made from (by identity: jax arrays never
+    change in place, so another array object means other weights). Held
+    weakly: a stale copy does not keep its old source alive."""
+
+    def __init__(self, array: jax.Array):
+        self._ref = weakref.ref(array)
+
+    def made_from(self, array) -> bool:
+        return self._ref() is array
 
 
 def _block_without_cache(block: Block, x, positions, rngs):

@@ -73,6 +73,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
     attention_impl, matmul_impl: which form of the attention and projection
       kernels runs (config.ATTENTION_IMPLS, config.MATMUL_IMPLS; starcoder_jax.ops).
       "auto" picks per backend and phase; they are never written to config.json.
+      The model comes laid out for the projection form (`StarCoder.adapt_to_backend_`).
     """
     impls = dict(attention_impl=attention_impl, matmul_impl=matmul_impl)
     StarCoderConfig(**impls)  # checks both names before anything is read
@@ -98,10 +99,11 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
     else:
         model = weights.load_hf(path, dtype=dtype, compute_dtype=compute_dtype,
                                 progress=progress, shardings=shardings, **impls)
+    sharded = mesh is not None or shardings is not None
     if quantize is not None and model.config.quantization is None:
-        model.quantize_(quantize)
+        model.quantize_(quantize, sharded=sharded)
         if mesh is not None:  # the int8 weights and scales go where the rules put them
             from starcoder_jax.parallel.mesh import shard_model
 
             shard_model(model, mesh)
-    return model
+    return model.adapt_to_backend_(sharded=sharded)

@@ -30,7 +30,8 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from starcoder_jax.config import StarCoderConfig
-from starcoder_jax.model.modules import StarCoder, abstract_model
+from starcoder_jax.model.modules import Derived, StarCoder, abstract_model
+from starcoder_jax.ops.int8 import QuantizedWeight
 
 Path = tuple  # a parameter path such as ("blocks", 0, "attn", "query", "kernel")
 
@@ -283,6 +284,30 @@ def _variables(model: StarCoder):
     return graphdef, state, flat
 
 
+def stored_state(model: StarCoder) -> nnx.State:
+    """The state a checkpoint holds: every variable but the `Derived` copies,
+    int8 weights in their stored layout (QuantizedWeight.neutral)."""
+    def stored(_, var):
+        w = var.get_value()
+        return var.replace(w.neutral()) if isinstance(w, QuantizedWeight) else var
+
+    return nnx.map_state(stored, nnx.state(model, nnx.Not(Derived)))
+
+
+def _placed(value, want, sharding):
+    """value (an array, or a QuantizedWeight of arrays) in the dtypes of `want`
+    (float params take the config's param dtype; int8 weights and their
+    scales keep theirs), on `sharding` (the same structure) or the default device."""
+    def put(a, w, s):
+        a = np.asarray(a).astype(w.dtype, copy=False)
+        return jax.device_put(a, s) if s is not None else jnp.asarray(a)
+
+    if not isinstance(want, QuantizedWeight):
+        return put(value, want, sharding)
+    s = sharding if sharding is not None else QuantizedWeight(None, None, want.n_in)
+    return QuantizedWeight(put(value.q, want.q, s.q), put(value.scale, want.scale, s.scale), want.n_in)
+
+
 def model_from_arrays(config: StarCoderConfig, arrays, *, total: int | None = None,
                       progress: bool | None = None, shardings: dict | None = None,
                       desc: str = "loading") -> StarCoder:
@@ -297,17 +322,22 @@ def model_from_arrays(config: StarCoderConfig, arrays, *, total: int | None = No
                             disable=(not progress) if progress is not None else None):
         var = flat[path]
         want = var.get_value()
-        if tuple(array.shape) != tuple(want.shape):
-            raise CheckpointError(f"{'.'.join(map(str, path))}: shape {array.shape}, expected {want.shape}")
-        # float params take the config's param dtype; int8 weights and their scales stay as they are
-        value = np.asarray(array).astype(want.dtype, copy=False)
-        sharding = (shardings or {}).get(path)
-        var.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
+        if tuple(array.shape) != tuple(want.shape) or isinstance(array, QuantizedWeight) != isinstance(
+                want, QuantizedWeight):
+            raise CheckpointError(f"{'.'.join(map(str, path))}: {_describe(array)}, expected {_describe(want)}")
+        if isinstance(array, QuantizedWeight):
+            array = array.neutral()
+        var.set_value(_placed(array, want, (shardings or {}).get(path)))
         filled.add(path)
     missing = [".".join(map(str, p)) for p in flat if p not in filled]
     if missing:
         raise CheckpointError(f"parameters never filled: {', '.join(missing)}")
     return nnx.merge(graphdef, state)
+
+
+def _describe(value) -> str:
+    kind = "int8 weight of shape" if isinstance(value, QuantizedWeight) else "shape"
+    return f"{kind} {tuple(value.shape)}"
 
 
 def load_hf(path: str, config: StarCoderConfig | None = None, *, dtype: str = "float32",
@@ -429,9 +459,8 @@ def save_orbax(model: StarCoder, out_dir: str, *, tokenizer_from: str | None = N
     target = os.path.join(out_dir, ORBAX_PARAMS)
     if os.path.exists(target):
         shutil.rmtree(target)
-    _, state = nnx.split(model)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(target, state)
+        ckptr.save(target, stored_state(model))
         ckptr.wait_until_finished()
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(model.config.to_hf(), f, indent=2)
@@ -447,19 +476,87 @@ def load_orbax(path: str, *, dtype: str = "float32", compute_dtype: str | None =
 
     path = os.path.abspath(path)
     saved = StarCoderConfig.from_hf(path)
+    config = saved.replace(param_dtype=dtype, dtype=compute_dtype or dtype, **impls)
+    if _int8_layout_1(path):
+        return model_from_arrays(config, _layout_1_arrays(path, saved), progress=False, shardings=shardings)
     graphdef, state, flat = _variables(abstract_model(saved))
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     for p, var in flat.items():
-        sds = var.get_value()
-        sharding = (shardings or {}).get(p) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        var.set_value(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding))
+        value, sharding = var.get_value(), (shardings or {}).get(p)
+        if sharding is None:
+            sharding = jax.tree.map(lambda _: one_device, value)
+        var.set_value(jax.tree.map(lambda sds, s: jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=s),
+                                   value, sharding))
     with ocp.StandardCheckpointer() as ckptr:
         try:
             restored = ckptr.restore(os.path.join(path, ORBAX_PARAMS), state)
         except Exception as err:
             raise CheckpointError(f"{path}: cannot restore the orbax params ({err})") from None
     model = nnx.merge(graphdef, restored)
-    config = saved.replace(param_dtype=dtype, dtype=compute_dtype or dtype, **impls)
     if config == saved:
         return model
     arrays = ((p, a) for p, a in param_arrays(model).items())
     return model_from_arrays(config, arrays, progress=False, shardings=shardings)
+
+
+# The int8 directories of the first layout (before QuantizedWeight): each int8
+# weight as two variables, int8 values under the first name and scales under
+# the second, and kernels with more than 2048 inputs input-blocked,
+# [C, *out, in0 / C, *in_rest]. They load converted to today's layout.
+_LAYOUT_1_NAMES = {"qkernel": ("kernel_scale", "kernel"), "qembedding": ("embedding_scale", "embedding"),
+                   "lm_head_q": ("lm_head_scale", "lm_head")}
+RECONVERT = "starcoder-jax convert hf-to-jax SRC DST --quantize int8"
+
+
+def _int8_layout_1(path: str) -> bool:
+    """Whether an orbax directory holds int8 weights in the first layout."""
+    with open(os.path.join(path, ORBAX_PARAMS, "_METADATA"), encoding="utf-8") as f:
+        keys = json.load(f).get("tree_metadata", {})
+    return any(f"'{name}'" in key for key in keys for name in _LAYOUT_1_NAMES)
+
+
+def _layout_1_arrays(path: str, saved: StarCoderConfig):
+    """(parameter path, value) pairs of a first-layout int8 directory, int8
+    weights as QuantizedWeights in the stored layout."""
+    import orbax.checkpoint as ocp
+
+    def fail(why):
+        return CheckpointError(f"{path}: an int8 directory of an earlier layout that cannot be converted "
+                               f"({why}); convert its float checkpoint again with `{RECONVERT}`")
+
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            tree = ckptr.restore(os.path.join(path, ORBAX_PARAMS))
+        except Exception as err:
+            raise fail(f"orbax cannot restore it: {err}") from None
+    flat = {tuple(int(k) if k.isdigit() else k for k in p[:-1]): np.asarray(v)
+            for p, v in _flat_dict(tree)}
+    _, _, want = _variables(abstract_model(saved))
+    for p, a in flat.items():
+        *module, name = p
+        if name in _LAYOUT_1_NAMES:
+            scale_name, new_name = _LAYOUT_1_NAMES[name]
+            target = want.get((*module, new_name))
+            scale = flat.get((*module, scale_name))
+            if target is None or scale is None or not isinstance(target.get_value(), QuantizedWeight):
+                raise fail(f"{'.'.join(map(str, p))} has no int8 weight to become")
+            n_in = target.get_value().n_in
+            blocks = a.shape[0] if a.ndim == n_in + scale.ndim + 1 else 1
+            w = QuantizedWeight(a, scale, n_in, blocks)
+            if w.shape != target.get_value().shape:
+                raise fail(f"{'.'.join(map(str, p))} has shape {a.shape}, which stands for no "
+                           f"weight of shape {target.get_value().shape}")
+            yield (*module, new_name), w
+        elif not any(name == s for s, _ in _LAYOUT_1_NAMES.values()):
+            if p not in want:
+                raise fail(f"it holds {'.'.join(map(str, p))}, which this model does not have")
+            yield p, a
+
+
+def _flat_dict(tree, prefix=()):
+    """(key path, leaf) of a nested dict."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat_dict(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v

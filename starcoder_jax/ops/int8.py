@@ -1,62 +1,30 @@
 """Weight-only int8 quantization: symmetric, one float32 scale per output channel.
 
-A quantized weight is stored output-major, `q [*out, *in]` int8 with
-`scale [*out]`, so that w[..., o] ~= q[o, ...] * scale[o]. A projection with
-more inputs than one CPU tile (2048) is stored in C input blocks,
-`q [C, *out, in0 / C, *in_rest]` (`input_blocks`, e.g. starcoderbase-1b's MLP
-output projection: [4, 2048, 2048]), so that each tile is contiguous. Every matmul weight
-is quantized (attention and MLP projections, the token embedding that is also
-the tied LM head, an untied LM head); LayerNorms, biases and the position table
-stay in floating point.
+A `QuantizedWeight` stands for a float matrix w [*in, *out]: int8 values
+`q [*out, *in]` (output-major) and float32 `scale [*out]`, with
+w[..., o] ~= q[o, ...] * scale[o]. That is the layout every backend reads and
+the only one ever written to disk. The XLA:CPU tile loop reads a weight with
+more inputs than one CPU tile faster from input blocks,
+`q [C, *out, in0 / C, *in_rest]`, so that each tile is one contiguous piece
+(`QuantizedWeight.for_cpu`, applied when a model is laid out for the "cpu"
+form; `neutral` undoes it). Every matmul weight is quantized (attention and MLP
+projections, the token embedding that is also the tied LM head, an untied LM
+head); LayerNorms, biases and the position table stay in floating point.
 
-How `int8_matmul` computes x @ dequant(q), chosen per backend by measurement
-(`starcoder-jax bench`, BENCHMARKS.md):
+The products (`int8_product`), each a named form that any backend can run:
 
-- XLA:CPU, no mesh. Converting a whole int8 matrix to float before the dot
-  makes XLA write and re-read the converted matrix, which is slower than
-  reading float32 weights in the first place (a 2048x8192 matrix-vector
-  product: 25 ms vs 1.7 ms for float32). A loop over tiles of at most 512
-  output rows x 2048 inputs converts one tile at a time while it is in cache
-  and adds up the partial products of a row's input tiles. Measured on the
-  starcoderbase-1b shapes (2-core EPYC, 30 GB/s):
-  - M = 1 (decoding one sequence): tiles converted to float32, the product
-    written `x @ tile.T`: 0.47 ms for the 8192x2048 MLP input projection,
-    0.78 ms for the 2048x8192 output projection (weights in cache; 0.55 ms
-    is the bandwidth limit for one byte per weight; one block of whole rows
-    runs the latter at 1.3 ms, and `x @ block.T` with 8192-long rows at
-    26 ms), 3.0 ms for the 49152x2048 LM head (limit 3.3). Out of cache
-    (8 distinct weights) the output projection took 1.2-1.4 ms while its
-    tiles were 2048-byte pieces of 8192-byte rows; stored in input blocks,
-    so that each tile is one contiguous 1 MB piece, it takes 0.50 ms
-    (34 GB/s), like the input projection (0.54 ms). Smaller tiles (64-256
-    rows) are slower for every starcoderbase-1b shape.
-  - 1 < M <= 4 (decoding a few sequences): the M = 1 product once per row,
-    every row reading the same converted tile while it is in cache. The MLP
-    input projection at 2 rows: 0.96 ms against 1.68 for the bfloat16 tile
-    product below (at 4 rows 1.66 vs 1.89, at 8 rows 3.0 vs 2.1); a whole
-    int8 decode step of starcoderbase-1b at batch 2: 68 ms instead of 151,
-    at batch 4 128 instead of 158.
-  - M > 4 (batched decoding, prefill): tiles converted to bfloat16 and a
-    bfloat16 `dot_general` with float32 accumulation; XLA:CPU's bfloat16
-    products run about 1.7x faster than float32 ones on this class of CPU
-    (AVX512-BF16). At 8 rows the tiles halve the LM head's time against
-    blocks of whole rows (12.6 vs 25 ms); at 512 rows every form is bound by
-    the products (~365 GFLOP/s) and the tiles match the best of them.
-- GPU, M = 1: `sum(x[None, :] * q, axis=-1) * scale` in float32, a
-  multiply-and-reduce that XLA:GPU fuses into one pass over q. Measured on an
-  H100 (jax 0.11.2, `docs/gpu/int8_forms.py`, 8 distinct weights so none
-  comes from cache): 16.6 us for the 8192x2048 MLP input projection (1.0 TB/s
-  of int8 weights) and 59 us for the 49152x2048 LM head (1.7 TB/s), where the
-  einsum below takes 72 and 350 us and the same product with bfloat16 weights
-  76 and 369 us (upper bounds: those dots read slices of one stacked array,
-  which may have been copied first). In the whole model (no slices) int8
-  decodes one sequence 1.6x faster than bfloat16 weights (BENCHMARKS.md).
-- GPU with M > 1, TPU, or any program under a mesh on the CPU:
-  `x @ q.astype(bfloat16).T * scale` as one expression; XLA fuses the
-  conversion into the matmul, and each shard of q keeps its scale (scales
-  are split like their weight's output axes). On the H100 at M = 8 this runs
-  at 0.38 TB/s of int8 weights (44 us for the MLP input projection, bfloat16
-  weights 24 us).
+- "cpu_rows": a loop over tiles of at most 512 output rows x 2048 inputs,
+  each converted to float32 while it is in cache, one matrix-vector product
+  per row of x (XLA:CPU, up to 4 rows);
+- "cpu_tiles": the same tiles converted to bfloat16 and one bfloat16
+  product with float32 sums per tile (XLA:CPU, more rows);
+- "reduce": `sum(x * q) * scale` in float32 for one row, which XLA:GPU
+  fuses into one pass over q;
+- "dot": `x @ q.astype(bfloat16).T * scale` as one expression (GPU with
+  more rows, TPU, any program under a mesh: each shard of q keeps its scales).
+
+Why each backend takes its forms, with the measurements: BENCHMARKS.md,
+"int8 product forms".
 
 Every form rounds the activations to bfloat16 first (weight-only int8 with
 bfloat16 activations, float32 sums): int8 values are exact in bfloat16 and a
@@ -68,33 +36,97 @@ error beyond the weights' own is the activations' rounding (relative 2^-9).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-
-from starcoder_jax.ops.matmul import on_cpu_without_mesh
 
 CPU_TILE_ROWS = 512  # output rows per converted tile (the largest divisor of the output size up to this)
 CPU_TILE_INPUTS = 2048  # inputs per converted tile (likewise)
 CPU_ROWS_ONE_BY_ONE = 4  # up to this many rows: a float32 matrix-vector product per row
+INT8_FORMS = ("cpu_rows", "cpu_tiles", "reduce", "dot")
 
 
-class QuantizedWeight(nnx.Variable):
-    """int8 values of a quantized matrix (not an nnx.Param: never trained)."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A float matrix w [*in, *out] (n_in input axes) as int8 values and scales.
+
+    q: int8 [*out, *in], or with blocks = C > 1 the CPU input-blocked
+    [C, *out, in0 / C, *in_rest]; scale: float32 [*out]. `shape` is w's
+    shape, so that code reading logical axes ([*in, *out]) treats it like
+    the float weight it replaces.
+    """
+
+    q: jax.Array
+    scale: jax.Array
+    n_in: int = dataclasses.field(metadata=dict(static=True))
+    blocks: int = dataclasses.field(default=1, metadata=dict(static=True))
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.scale.shape)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        n_out = len(self.scale.shape)
+        if self.blocks == 1:
+            return tuple(self.q.shape[n_out:])
+        rest = self.q.shape[1 + n_out:]
+        return (rest[0] * self.blocks, *rest[1:])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.in_shape, *self.out_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+    def neutral(self) -> QuantizedWeight:
+        """The same weight in the stored layout, q [*out, *in]."""
+        if self.blocks == 1:
+            return self
+        n_out = len(self.out_shape)
+        q = jnp.moveaxis(self.q, 0, n_out)  # [*out, C, in0/C, *in_rest]
+        q = q.reshape(*self.out_shape, *self.in_shape)
+        return QuantizedWeight(q, self.scale, self.n_in)
+
+    def for_cpu(self) -> QuantizedWeight:
+        """The same weight in the CPU tile loop's layout: input blocks when it
+        has more inputs than one tile (`cpu_input_blocks`), else as it is."""
+        c = cpu_input_blocks(self.in_shape)
+        if c == self.blocks:
+            return self
+        w = self.neutral()
+        if c == 1:
+            return w
+        n_out = len(self.out_shape)
+        q = w.q.reshape(*self.out_shape, c, self.in_shape[0] // c, *self.in_shape[1:])
+        return QuantizedWeight(jnp.moveaxis(q, n_out, 0), self.scale, self.n_in, c)
+
+    def rows(self) -> jax.Array:
+        """q as [C, O, I / C]: block c holds inputs c * I/C ... (C = 1 unblocked)."""
+        o, i = math.prod(self.out_shape), math.prod(self.in_shape)
+        return self.q.reshape(self.blocks, o, i // self.blocks)
+
+    def leaf_axes(self, axes) -> QuantizedWeight:
+        """The logical axes of q and scale in the stored layout, from w's axes [*in, *out]."""
+        in_axes, out_axes = tuple(axes[:self.n_in]), tuple(axes[self.n_in:])
+        return QuantizedWeight(out_axes + in_axes, out_axes, self.n_in)
+
+    def neutral_shapes(self) -> QuantizedWeight:
+        """The shapes of q and scale in the stored layout."""
+        return QuantizedWeight((*self.out_shape, *self.in_shape), self.out_shape, self.n_in)
 
 
-class QuantScale(nnx.Variable):
-    """float32 per-output-channel scales of a QuantizedWeight."""
+def cpu_input_blocks(in_shape) -> int:
+    """How many blocks the CPU layout cuts a weight's inputs into.
 
-
-def input_blocks(in_shape) -> int:
-    """How many blocks a projection's quantized weight stores its inputs in.
-
-    A weight with more than CPU_TILE_INPUTS inputs is stored as C blocks of
-    at most that many inputs each (C must divide the first input axis), so
-    that every tile the CPU loop reads is contiguous; 1 means not blocked.
+    A weight with more than CPU_TILE_INPUTS inputs takes C blocks of at most
+    that many inputs each (C must divide the first input axis), so that
+    every tile the CPU loop reads is contiguous; 1 means not blocked.
     """
     i = math.prod(in_shape)
     if i <= CPU_TILE_INPUTS:
@@ -103,45 +135,26 @@ def input_blocks(in_shape) -> int:
     return c if in_shape[0] % c == 0 else 1
 
 
-def quantize_int8(w: jax.Array, n_in: int, blocks: int = 1) -> tuple[jax.Array, jax.Array]:
-    """w [*in, *out] (n_in leading input axes) -> (q int8, scale [*out] float32).
+def quantize(w: jax.Array, n_in: int) -> QuantizedWeight:
+    """w [*in, *out] (n_in leading input axes) -> its QuantizedWeight (stored layout).
 
     Symmetric: scale = max |w| over the inputs / 127, q = round(w / scale) in
-    [-127, 127]; an all-zero column gets scale 1 (and q = 0). q is stored
-    output-major, [*out, *in]; with blocks = C > 1 the first input axis in0
-    is cut into C blocks that lead: [C, *out, in0 / C, *in_rest].
+    [-127, 127]; an all-zero column gets scale 1 (and q = 0).
     """
     w = jnp.asarray(w, jnp.float32)
     in_axes = tuple(range(n_in))
     amax = jnp.max(jnp.abs(w), axis=in_axes)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
     q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
-    if blocks > 1:
-        q = q.reshape(blocks, w.shape[0] // blocks, *w.shape[1:])
-        # [C, in0/C, *in_rest, *out] -> [C, *out, in0/C, *in_rest]
-        n_out = w.ndim - n_in
-        perm = (0,) + tuple(range(n_in + 1, n_in + 1 + n_out)) + tuple(range(1, n_in + 1))
-        return jnp.transpose(q, perm), scale
-    perm = tuple(range(n_in, w.ndim)) + in_axes
-    return jnp.transpose(q, perm), scale
+    return QuantizedWeight(jnp.transpose(q, tuple(range(n_in, w.ndim)) + in_axes), scale, n_in)
 
 
-def _in_out(q: jax.Array, n_in: int, blocks: int) -> jax.Array:
-    """A stored q -> [*out, *in] (the unblocked, output-major layout)."""
-    if blocks == 1:
-        return q
-    n_out = q.ndim - 1 - n_in
-    q = jnp.moveaxis(q, 0, n_out)  # [*out, C, in0/C, *in_rest]
-    return q.reshape(*q.shape[:n_out], -1, *q.shape[n_out + 2:])
-
-
-def dequantize(q: jax.Array, scale: jax.Array, n_in: int, dtype=jnp.float32, blocks: int = 1) -> jax.Array:
-    """The float matrix [*in, *out] that (q, scale) stand for."""
-    q = _in_out(q, n_in, blocks)
-    w = q.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * n_in)
-    n_out = q.ndim - n_in
-    perm = tuple(range(n_out, q.ndim)) + tuple(range(n_out))
-    return jnp.transpose(w, perm).astype(dtype)
+def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
+    """The float matrix [*in, *out] that w stands for."""
+    n = w.neutral()
+    q = n.q.astype(jnp.float32) * n.scale.reshape(n.scale.shape + (1,) * w.n_in)
+    n_out = len(w.out_shape)
+    return jnp.transpose(q, tuple(range(n_out, q.ndim)) + tuple(range(n_out))).astype(dtype)
 
 
 def _block(n: int, target: int) -> int:
@@ -164,9 +177,8 @@ def _tiled(x2: jax.Array, q3: jax.Array, *, per_row: bool) -> jax.Array:
         # At least two tiles, so that the conversion stays inside a loop. A
         # weight converted whole (one tile) is loop-invariant inside the
         # decode loop, and XLA hoists its conversion out of it: the program
-        # then converts starcoderbase-1b's 48 key/value kernels to float32 on
-        # every call (0.5 ms each, 29 ms per call: per token when streaming)
-        # and reads them at four bytes a weight on every step.
+        # then converts every such kernel to float32 on each call and reads
+        # it at four bytes a weight on every step.
         rows = o // 2
 
     def row_block(b, y):
@@ -192,43 +204,38 @@ def _tiled(x2: jax.Array, q3: jax.Array, *, per_row: bool) -> jax.Array:
     return jax.lax.fori_loop(0, o // rows, row_block, jnp.zeros((m, o), jnp.float32))
 
 
-def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int, blocks: int = 1) -> jax.Array:
-    """x [..., *in] @ dequant(q, scale) -> float32 [..., *out], for q stored as
-    `quantize_int8(w, n_in, blocks)` stores it."""
-    lead_q = 1 if blocks > 1 else 0
-    n_out = q.ndim - lead_q - n_in
-    out_shape = q.shape[lead_q:lead_q + n_out]
-    in_shape = q.shape[lead_q + n_out:]
-    if blocks > 1:
-        in_shape = (in_shape[0] * blocks, *in_shape[1:])
-        if q.shape[0] != blocks:
-            raise ValueError(f"int8_matmul: q {q.shape} does not lead with its {blocks} input blocks")
-    lead = x.shape[:x.ndim - n_in]
-    if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):
-        raise ValueError(f"int8_matmul: x {x.shape} does not end with the weight's input axes {in_shape}")
+def int8_product(x: jax.Array, w: QuantizedWeight, form: str) -> jax.Array:
+    """x [..., *in] @ dequantize(w) -> float32 [..., *out], computed by `form`
+    (one of INT8_FORMS; every form reads either layout of w)."""
+    if form not in INT8_FORMS:
+        raise ValueError(f"int8 form must be one of {', '.join(INT8_FORMS)}, got {form!r}")
+    in_shape, out_shape = w.in_shape, w.out_shape
+    lead = x.shape[:x.ndim - w.n_in]
+    if tuple(x.shape[x.ndim - w.n_in:]) != in_shape:
+        raise ValueError(f"int8 product: x {x.shape} does not end with the weight's input axes {in_shape}")
     m, i, o = math.prod(lead), math.prod(in_shape), math.prod(out_shape)
-    x2 = x.reshape(m, i)
-    # [C, O, K]: the rows of block c hold inputs c*K...(c+1)*K (C = 1: unblocked)
-    q3 = q.reshape(blocks, o, i // blocks) if blocks > 1 else q.reshape(1, o, i)
+    q3 = w.rows()  # [C, O, K]
     c, k = q3.shape[0], q3.shape[2]
-    if on_cpu_without_mesh():
-        x2 = x2.astype(jnp.bfloat16)  # the same rounded activations in every form
-        if m <= CPU_ROWS_ONE_BY_ONE:
-            y = _tiled(x2.astype(jnp.float32), q3, per_row=True)
-        else:
-            y = _tiled(x2, q3, per_row=False)
-    elif m == 1 and jax.default_backend() == "gpu":
-        # one fused pass over q: each int8 weight read once, converted in registers
-        xf = x2.astype(jnp.bfloat16).astype(jnp.float32).reshape(c, 1, k)
-        y = jnp.sum(xf * q3.astype(jnp.float32), axis=(0, 2))[None]
+    x2 = x.reshape(m, i).astype(jnp.bfloat16)  # the same rounded activations in every form
+    if form == "cpu_rows":
+        y = _tiled(x2.astype(jnp.float32), q3, per_row=True)
+    elif form == "cpu_tiles":
+        y = _tiled(x2, q3, per_row=False)
+    elif form == "reduce":
+        # one fused pass over q per row: each int8 weight read once, converted in registers
+        xf = x2.astype(jnp.float32).reshape(m, c, 1, k)
+        y = jnp.stack([jnp.sum(xf[r] * q3.astype(jnp.float32), axis=(0, 2)) for r in range(m)])
     else:
-        y = jnp.einsum("MCK,COK->MO", x2.reshape(m, c, k).astype(jnp.bfloat16), q3.astype(jnp.bfloat16),
+        y = jnp.einsum("MCK,COK->MO", x2.reshape(m, c, k), q3.astype(jnp.bfloat16),
                        preferred_element_type=jnp.float32)
-    y = y * scale.reshape(o).astype(jnp.float32)
+    y = y * w.scale.reshape(o).astype(jnp.float32)
     return y.reshape(*lead, *out_shape)
 
 
-def int8_lookup(q: jax.Array, scale: jax.Array, ids: jax.Array, dtype) -> jax.Array:
-    """Rows `ids` of a quantized table q [V, D], scale [V] -> [..., D] in `dtype`."""
-    rows = jnp.take(q, ids, axis=0).astype(jnp.float32)
-    return (rows * jnp.take(scale, ids, axis=0)[..., None]).astype(dtype)
+def int8_lookup(w: QuantizedWeight, ids: jax.Array, dtype) -> jax.Array:
+    """Rows `ids` of a quantized table (w stands for the table's transpose
+    [D, V]: q [V, D], scale [V]) -> [..., D] in `dtype`."""
+    if w.blocks != 1:
+        raise ValueError(f"int8 lookup: the table must be in the stored layout, got {w.blocks} input blocks")
+    rows = jnp.take(w.q, ids, axis=0).astype(jnp.float32)
+    return (rows * jnp.take(w.scale, ids, axis=0)[..., None]).astype(dtype)

@@ -1,8 +1,19 @@
-"""Projections on XLA:CPU: bfloat16 products with a hand-written gradient.
+"""Projections: the one entry point `project` for every matmul weight of the model.
 
-`bfloat16_matmul` is the CPU form of a bfloat16 projection (training and
-inference in bfloat16 compute); `as_rows` flattens a projection to one
-[M, I] x [I, O] product. Measurements: BENCHMARKS.md.
+`project(x, w, n_in, impl=..., dtype=...)` computes x [..., *in] @ w in
+float32 for a float kernel w [*in, *out] (or, with out_major, a table
+[*out, *in]: the tied LM head) or a `QuantizedWeight` (ops.int8). `impl`
+(config.MATMUL_IMPLS) picks the forms:
+
+- "xla": the float product as one dot with float32 sums (the weight cast to
+  the compute dtype); int8 weights as "dot", or "reduce" for one row on a GPU;
+- "cpu": bfloat16 compute through `bfloat16_matmul` (its hand-written
+  gradient; float32 compute is the plain dot), int8 weights through the
+  CPU tile loop ("cpu_rows" up to 4 rows, "cpu_tiles" above);
+- "auto": "cpu" on XLA:CPU with no mesh set, else "xla" (`resolve`).
+
+Measurements behind the choices: BENCHMARKS.md ("CPU bfloat16 projections",
+"int8 product forms").
 """
 
 from __future__ import annotations
@@ -13,16 +24,64 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-
-def on_cpu_without_mesh() -> bool:
-    """Whether the program being traced runs on XLA:CPU with no mesh set: where
-    the CPU-specific product forms (int8 tiles, bfloat16_matmul) apply."""
-    return jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
+from starcoder_jax.config import MATMUL_IMPLS
+from starcoder_jax.ops.int8 import CPU_ROWS_ONE_BY_ONE, QuantizedWeight, int8_product
 
 
-def cpu_bfloat16_products(dtype) -> bool:
-    """Whether `bfloat16_matmul` serves a projection: bfloat16 compute on XLA:CPU, no mesh."""
-    return dtype == jnp.bfloat16 and on_cpu_without_mesh()
+def resolve(impl: str, *, sharded: bool | None = None) -> str:
+    """The form `impl` stands for here: "auto" -> "cpu" on XLA:CPU with no mesh, else "xla".
+
+    sharded: whether the program runs under a mesh; None asks the mesh set
+    now (`jax.set_mesh`), which is what a traced projection sees.
+    """
+    if impl not in MATMUL_IMPLS:
+        raise ValueError(f"matmul_impl must be one of {', '.join(MATMUL_IMPLS)}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if sharded is None:
+        sharded = not jax.sharding.get_abstract_mesh().empty
+    return "cpu" if jax.default_backend() == "cpu" and not sharded else "xla"
+
+
+def project(x: jax.Array, w, n_in: int, *, impl: str = "auto", dtype=jnp.float32,
+            out_major: bool = False) -> jax.Array:
+    """x [..., *in] (n_in trailing input axes) @ w -> float32 [..., *out].
+
+    w: a float kernel [*in, *out], a float table [*out, *in] with out_major,
+    or a QuantizedWeight (which knows its own layout). dtype: the compute
+    dtype of float products (activations and weights are cast to it).
+    """
+    form = resolve(impl)
+    if isinstance(w, QuantizedWeight):
+        if w.n_in != n_in:
+            raise ValueError(f"project: the int8 weight has {w.n_in} input axes, n_in is {n_in}")
+        return int8_product(x, w, _int8_form(form, math.prod(x.shape[:x.ndim - n_in])))
+    in_shape = w.shape[w.ndim - n_in:] if out_major else w.shape[:n_in]
+    out_shape = w.shape[:w.ndim - n_in] if out_major else w.shape[n_in:]
+    if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):
+        raise ValueError(f"project: x {x.shape} does not end with the weight's input axes {tuple(in_shape)}")
+    if form == "cpu" and dtype == jnp.bfloat16:
+        w2 = w.reshape(-1, math.prod(in_shape)) if out_major else w.reshape(math.prod(in_shape), -1)
+        return as_rows(x, n_in, lambda x2: bfloat16_matmul(x2, w2, out_major), out_shape)
+    x, w = x.astype(dtype), w.astype(dtype)
+    if n_in == 1:  # one contraction: the dot reads the weight as it lies
+        contract = (w.ndim - 1,) if out_major else (0,)
+        return jax.lax.dot_general(x, w, (((x.ndim - 1,), contract), ((), ())),
+                                   preferred_element_type=jnp.float32)
+    # Contracting two axes (N, H) at once, XLA:CPU reads the [N, H, D] kernel
+    # about 3x slower than the same bytes as one [N*H, D] matrix (BENCHMARKS.md,
+    # "CPU bfloat16 projections").
+    w2 = w.reshape(-1, math.prod(in_shape)) if out_major else w.reshape(math.prod(in_shape), -1)
+    contract = (1,) if out_major else (0,)
+    return as_rows(x, n_in, lambda x2: jax.lax.dot_general(
+        x2, w2, (((1,), contract), ((), ())), preferred_element_type=jnp.float32), out_shape)
+
+
+def _int8_form(form: str, rows: int) -> str:
+    """The ops.int8 form of a resolved matmul form for a product of `rows` rows."""
+    if form == "cpu":
+        return "cpu_rows" if rows <= CPU_ROWS_ONE_BY_ONE else "cpu_tiles"
+    return "reduce" if rows == 1 and jax.default_backend() == "gpu" else "dot"
 
 
 def as_rows(x: jax.Array, n_in: int, product, out_shape) -> jax.Array:
@@ -49,16 +108,14 @@ def bfloat16_matmul(x2: jax.Array, w2: jax.Array, out_major: bool) -> jax.Array:
     w2 is [I, O], or [O, I] with out_major (the tied LM head: the token
     table), in any float dtype (float32 master weights are cast here).
 
-    The gradient is written by hand. XLA:CPU runs a bfloat16 dot with its
+    The gradient is written by hand: XLA:CPU runs a bfloat16 dot with its
     fast kernels only when both operands are row-major with the contraction
-    last in the left one; autodiff's weight gradient x.T @ g contracts the
-    first axes of both and is computed in float32 after converting both
-    operands (a 1024 x 2048 x 8192 training projection, forward and backward:
-    273 GFLOP/s by autodiff, 490 GFLOP/s here, 2-core EPYC with AVX512-BF16).
-    Here the cotangent is rounded to bfloat16 (as the forward's bfloat16
-    output would have it; under torch autocast the same), the weight gradient
-    is summed in float32 from bfloat16 products and returned in w2's dtype
-    without a round trip through bfloat16.
+    last in the left one, and autodiff's weight gradient x.T @ g is neither
+    (BENCHMARKS.md, "CPU bfloat16 projections"). Here the cotangent is
+    rounded to bfloat16 (as the forward's bfloat16 output would have it;
+    under torch autocast the same), the weight gradient is summed in float32
+    from bfloat16 products and returned in w2's dtype without a round trip
+    through bfloat16.
     """
     return _bf16_forward(x2, w2, out_major)
 

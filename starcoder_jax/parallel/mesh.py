@@ -3,9 +3,11 @@
 A spec such as `data=2,fsdp=2,tensor=2` builds the (data, fsdp, tensor) mesh
 on one device, many local devices or many hosts alike (`mesh_from_spec`).
 Each parameter's logical axes come from its own metadata (`out_sharding`,
-set where the model creates it) and `parallel.rules` maps them to mesh
-axes; a mesh that cannot shard a model fails when the shardings are built,
-naming the dimension, its size and the mesh axis (`check_fits`).
+set where the model creates it; an int8 weight's name those of the float
+weight it stands for, from which its values' and scales' follow) and
+`parallel.rules` maps them to mesh axes; a mesh that cannot shard a model
+fails when the shardings are built, naming the dimension, its size and the
+mesh axis (`check_fits`).
 
 Meshes use `AxisType.Auto`: XLA's partitioner propagates shardings from the
 parameters and from `rules.constrain` calls at block boundaries.
@@ -20,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 
+from starcoder_jax.ops.int8 import QuantizedWeight
 from starcoder_jax.parallel.rules import (
     MESH_AXES,
     MESH_EXAMPLE,
@@ -28,7 +31,6 @@ from starcoder_jax.parallel.rules import (
     logical_spec,
     mesh_axes,
     mesh_sizes,
-    spec_entry,
 )
 
 P = jax.P
@@ -120,11 +122,20 @@ def param_axes(path, var) -> tuple[str | None, ...]:
     return tuple(axes)
 
 
-def _checked_dims(axes, shape):
-    """(logical axis, size) of the dimensions check_fits holds to the mesh: all but
-    the block count of a CPU-tiled int8 kernel, which param_specs may split otherwise."""
-    skip = 0 if "in_block" in axes else None
-    return [(a, n) for i, (a, n) in enumerate(zip(axes, shape)) if i != skip]
+def _arrays(path, var, fn):
+    """fn(logical axes, shape) for each array a parameter holds, in the
+    structure of its value: an array, or a QuantizedWeight whose values and
+    scales are placed in the stored layout (ops.int8; a mesh never holds
+    the CPU's input-blocked one)."""
+    axes, value = param_axes(path, var), var.get_value()
+    if isinstance(value, QuantizedWeight):
+        leaf_axes, shapes = value.leaf_axes(axes), value.neutral_shapes()
+        return QuantizedWeight(fn(leaf_axes.q, shapes.q), fn(leaf_axes.scale, shapes.scale), value.n_in)
+    return fn(axes, tuple(value.shape))
+
+
+def _leaves(tree) -> list:
+    return [tree.q, tree.scale] if isinstance(tree, QuantizedWeight) else [tree]
 
 
 def check_fits(params: nnx.State, mesh) -> None:
@@ -137,8 +148,8 @@ def check_fits(params: nnx.State, mesh) -> None:
     sizes = mesh_sizes(mesh)
     problems = {}
     for path, var in nnx.to_flat_state(params):
-        axes = param_axes(path, var)
-        for logical, size in _checked_dims(axes, var.get_value().shape):
+        dims = [d for leaf in _leaves(_arrays(path, var, lambda a, s: list(zip(a, s)))) for d in leaf]
+        for logical, size in dims:
             axes_of = mesh_axes(logical, sizes)
             split = math.prod(sizes[a] for a in axes_of)
             if split == 1 or size % split == 0 or logical in problems:
@@ -166,42 +177,19 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def param_specs(params: nnx.State, mesh) -> dict[tuple, jax.sharding.PartitionSpec]:
-    """PartitionSpec of every parameter path, after check_fits."""
+def param_specs(params: nnx.State, mesh) -> dict[tuple, jax.sharding.PartitionSpec | QuantizedWeight]:
+    """PartitionSpec of every parameter path (a QuantizedWeight of two for an
+    int8 weight), after check_fits."""
     check_fits(params, mesh)
-    specs = {}
-    for path, var in nnx.to_flat_state(params):
-        axes, shape = param_axes(path, var), var.get_value().shape
-        spec = logical_spec(axes, mesh, shape)
-        if "in_block" in axes:
-            spec = _input_blocked_spec(axes, shape, spec, mesh)
-        specs[path] = spec
-    return specs
-
-
-def _input_blocked_spec(axes, shape, spec, mesh) -> jax.sharding.PartitionSpec:
-    """The spec of an input-blocked int8 kernel [C, *out, in0 / C, *in_rest].
-
-    Its blocks C are split like the input axis in0 when the mesh axes of in0
-    divide C. When they do not (tensor=8 on starcoderbase-1b's MLP output
-    projection, C = 4; fsdp on a 15B-width model, C = 3 on every projection
-    from the residual stream), the inputs within each block are split
-    instead, so that no device holds the whole kernel.
-    """
-    sizes = mesh_sizes(mesh)
-    b_dim = axes.index("in_block")
-    want = mesh_axes(axes[0], sizes)
-    entries = list(spec)
-    if not want or entries[0] == spec_entry(want) or shape[b_dim] % math.prod(sizes[a] for a in want):
-        return spec
-    entries[0], entries[b_dim] = None, spec_entry(want)
-    return P(*entries)
+    return {path: _arrays(path, var, lambda axes, shape: logical_spec(axes, mesh, shape))
+            for path, var in nnx.to_flat_state(params)}
 
 
 def param_shardings(params: nnx.State, mesh: Mesh | str) -> dict[tuple, NamedSharding]:
     """NamedSharding of every parameter path: what `load_pretrained(shardings=)` takes."""
     mesh = as_mesh(mesh)
-    return {path: NamedSharding(mesh, spec) for path, spec in param_specs(params, mesh).items()}
+    return {path: jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
+            for path, specs in param_specs(params, mesh).items()}
 
 
 def state_shardings(params: nnx.State, mesh: Mesh | str) -> nnx.State:
@@ -212,7 +200,12 @@ def state_shardings(params: nnx.State, mesh: Mesh | str) -> nnx.State:
     where a reduce-scatter would do).
     """
     shardings = param_shardings(params, mesh)
-    return nnx.map_state(lambda path, _: shardings[path], params)
+
+    def sharding(path, var):  # an int8 weight: a QuantizedWeight of shardings inside its variable
+        s = shardings[path]
+        return var.replace(s) if isinstance(s, QuantizedWeight) else s
+
+    return nnx.map_state(sharding, params)
 
 
 def put(value, sharding: NamedSharding):
@@ -236,7 +229,12 @@ def shard_state(params: nnx.State, mesh: Mesh | str) -> nnx.State:
     """
     shardings = param_shardings(params, mesh)
     for path, var in nnx.to_flat_state(params):
-        var.set_value(put(var.get_value(), shardings[path]))
+        value, sharding = var.get_value(), shardings[path]
+        if isinstance(value, QuantizedWeight):
+            value = value.neutral()
+            var.set_value(QuantizedWeight(put(value.q, sharding.q), put(value.scale, sharding.scale), value.n_in))
+        else:
+            var.set_value(put(value, sharding))
     return params
 
 

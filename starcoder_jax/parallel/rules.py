@@ -43,7 +43,6 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "shared_kv_head": None,
     "head_dim": None,
     "mlp": ("tensor",),
-    "in_block": None,  # inputs within one block of a CPU-tiled int8 kernel (never stored)
     "norm": None,  # [D] LayerNorm scales and biases, [D] output biases: tiny
     # the KV cache [B, S, K, H]
     "cache_batch": ("data", "fsdp"),

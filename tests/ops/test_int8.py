@@ -1,10 +1,10 @@
-"""Weight-only int8 quantization: the kernels, the quantized model, loading, saving, generation.
+"""Weight-only int8 quantization: the forms, the quantized model, loading, saving, generation.
 
 Tolerances. A weight is off by at most half its channel's scale (max|w| / 254),
-so the matmul kernels are compared with `x @ dequantize(q)` (the same int8
-weights in float32) at 1e-2 of the output scale: int8 products round the
-activations to bfloat16. The CPU-blocked and fused forms agree with each other
-to float32 round-off. Against
+so every int8 form, forced by name, is compared with `x @ dequantize(w)` (the
+same int8 weights in float32) at 1e-2 of the output scale: int8 products
+round the activations to bfloat16. The forms agree with each other to
+float32 round-off. Against
 the float model, int8 logits of the random test model (weights ~ N(0, 0.2),
 logits of order 10) move by at most 3% of the logit range, and at least 90% of
 the next-token argmaxes agree; on the trained default model, held-out
@@ -33,127 +33,146 @@ from starcoder_jax.ops import int8 as quant
 RNG = np.random.default_rng(0)
 
 
-def test_quantize_int8_bounds_every_weight_by_half_a_step():
+def test_quantize_bounds_every_weight_by_half_a_step():
     w = RNG.standard_normal((48, 5, 8)).astype(np.float32)
     w[:, 2, 3] = 0.0  # an all-zero output channel
-    q, scale = quant.quantize_int8(jnp.asarray(w), 1)
+    qw = quant.quantize(jnp.asarray(w), 1)
+    q, scale = qw.q, qw.scale
     assert q.dtype == jnp.int8 and q.shape == (5, 8, 48) and scale.shape == (5, 8)
+    assert qw.shape == w.shape and qw.in_shape == (48,) and qw.out_shape == (5, 8) and qw.blocks == 1
     assert int(jnp.abs(q).max()) == 127
-    back = np.asarray(quant.dequantize(q, scale, 1))
+    back = np.asarray(quant.dequantize(qw))
     assert back.shape == w.shape
     err = np.abs(back - w)
     assert (err <= np.asarray(scale)[None] / 2 + 1e-7).all()
     assert float(scale[2, 3]) == 1.0 and (back[:, 2, 3] == 0).all()
 
 
+def _reference(x, qw):
+    """x [..., *in] @ dequantize(qw) in float32: what every int8 form computes."""
+    n_in = qw.n_in
+    return jnp.tensordot(x, quant.dequantize(qw), axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))))
+
+
 @pytest.mark.parametrize("in_shape, out_shape", [((64,), (3, 16)), ((4, 16), (40,)), ((4096,), (32,))])
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
-@pytest.mark.parametrize("blocked", [True, False], ids=["cpu-blocks", "fused"])
-def test_int8_matmul_equals_the_dequantized_product(monkeypatch, in_shape, out_shape, rows, blocked):
-    monkeypatch.setattr(quant, "on_cpu_without_mesh", lambda: blocked)
+@pytest.mark.parametrize("form", quant.INT8_FORMS)
+def test_every_int8_form_equals_the_dequantized_product(in_shape, out_shape, rows, form):
     n_in = len(in_shape)
     w = jnp.asarray(RNG.standard_normal((*in_shape, *out_shape)).astype(np.float32))
-    q, scale = quant.quantize_int8(w, n_in)
+    qw = quant.quantize(w, n_in)
     x = jnp.asarray(RNG.standard_normal((rows, 1, *in_shape)).astype(np.float32))
-    got = jax.jit(lambda x, q, s: quant.int8_matmul(x, q, s, n_in))(x, q, scale)
-    letters = "abcd"[:n_in]
-    want = jnp.einsum(f"BT{letters},{letters}...->BT...", x, quant.dequantize(q, scale, n_in))
-    assert got.shape == (rows, 1, *out_shape)
-    # both forms round the activations to bfloat16 (relative 2^-9 each)
-    tol = 1e-2 * float(jnp.abs(want).max())
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=tol)
+    want = _reference(x, qw)
+    for layout in (qw, qw.for_cpu()):
+        got = jax.jit(lambda x, w: quant.int8_product(x, w, form))(x, layout)
+        assert got.shape == (rows, 1, *out_shape)
+        # every form rounds the activations to bfloat16 (relative 2^-9 each)
+        tol = 1e-2 * float(jnp.abs(want).max())
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_int8_matmul_forms_agree_to_float32_round_off(monkeypatch, rows):
+def test_int8_forms_agree_to_float32_round_off(rows):
     w = jnp.asarray(RNG.standard_normal((256, 96)).astype(np.float32))
-    q, scale = quant.quantize_int8(w, 1)
+    qw = quant.quantize(w, 1)
     x = jnp.asarray(RNG.standard_normal((rows, 256)).astype(np.float32))
-    out = {}
-    for blocked in (True, False):
-        monkeypatch.setattr(quant, "on_cpu_without_mesh", lambda b=blocked: b)
-        out[blocked] = np.asarray(jax.jit(lambda x, q, s: quant.int8_matmul(x, q, s, 1))(x, q, scale))
-    np.testing.assert_allclose(out[True], out[False], rtol=0, atol=1e-5 * np.abs(out[False]).max())
+    out = {form: np.asarray(jax.jit(lambda x, w, f=form: quant.int8_product(x, w, f))(x, qw))
+           for form in quant.INT8_FORMS}
+    for form in quant.INT8_FORMS:
+        np.testing.assert_allclose(out[form], out["dot"], rtol=0, atol=1e-5 * np.abs(out["dot"]).max())
 
 
 @pytest.mark.parametrize("in_shape, out_shape, blocks", [((4096,), (3, 16), 2), ((6, 1024), (24,), 3)])
-def test_input_blocked_storage_computes_the_same_product(monkeypatch, in_shape, out_shape, blocks):
-    """A weight with more inputs than one CPU tile is stored in input blocks
-    [C, *out, in0 / C, *in_rest]: the same weights (dequantized bit for bit),
-    the same CPU tiles in the same order (bit-identical products), and the
-    fused and one-row GPU forms agree with it to float32 round-off."""
-    assert quant.input_blocks(in_shape) == blocks
+def test_cpu_layout_computes_the_same_product(in_shape, out_shape, blocks):
+    """A weight with more inputs than one CPU tile is laid out for the CPU in
+    input blocks [C, *out, in0 / C, *in_rest]: the same weights (dequantized
+    bit for bit, back to the stored layout bit for bit), the same CPU tiles
+    in the same order (bit-identical products), and the other forms agree
+    with it to float32 round-off."""
+    assert quant.cpu_input_blocks(in_shape) == blocks
     rng = np.random.default_rng(11)  # its own draws: the module's RNG stream stays as the tests below expect
     n_in = len(in_shape)
     w = jnp.asarray(rng.standard_normal((*in_shape, *out_shape)).astype(np.float32))
-    q, scale = quant.quantize_int8(w, n_in, blocks)
-    flat_q, flat_scale = quant.quantize_int8(w, n_in)
-    assert q.shape == (blocks, *out_shape, in_shape[0] // blocks, *in_shape[1:])
-    np.testing.assert_array_equal(np.asarray(quant.dequantize(q, scale, n_in, blocks=blocks)),
-                                  np.asarray(quant.dequantize(flat_q, flat_scale, n_in)))
+    flat = quant.quantize(w, n_in)
+    cpu = flat.for_cpu()
+    assert cpu.blocks == blocks and cpu.q.shape == (blocks, *out_shape, in_shape[0] // blocks, *in_shape[1:])
+    assert cpu.shape == flat.shape and cpu.for_cpu() is cpu
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(cpu)), np.asarray(quant.dequantize(flat)))
+    back = cpu.neutral()
+    assert back.blocks == 1 and (np.asarray(back.q) == np.asarray(flat.q)).all()
     for rows in (1, 5):
         x = jnp.asarray(rng.standard_normal((rows, *in_shape)).astype(np.float32))
-        flat = np.asarray(jax.jit(lambda x, q, s: quant.int8_matmul(x, q, s, n_in))(x, flat_q, flat_scale))
-        got = np.asarray(jax.jit(lambda x, q, s: quant.int8_matmul(x, q, s, n_in, blocks))(x, q, scale))
-        np.testing.assert_array_equal(got, flat)
-        monkeypatch.setattr(quant, "on_cpu_without_mesh", lambda: False)
-        for backend in ("cpu", "gpu"):  # the fused einsum, and (one row) the GPU's multiply-and-reduce
-            monkeypatch.setattr(quant.jax, "default_backend", lambda b=backend: b)
-            fused = np.asarray(quant.int8_matmul(x, q, scale, n_in, blocks))
-            np.testing.assert_allclose(fused, flat, rtol=0, atol=1e-5 * np.abs(flat).max())
-        monkeypatch.undo()
-    with pytest.raises(ValueError, match="input blocks"):
-        quant.int8_matmul(x, q, scale, n_in, blocks + 1)
+        for form in ("cpu_rows", "cpu_tiles"):
+            want = np.asarray(jax.jit(lambda x, w, f=form: quant.int8_product(x, w, f))(x, flat))
+            got = np.asarray(jax.jit(lambda x, w, f=form: quant.int8_product(x, w, f))(x, cpu))
+            np.testing.assert_array_equal(got, want)
+        for form in ("reduce", "dot"):
+            got = np.asarray(quant.int8_product(x, cpu, form))
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
-def test_int8_matmul_refuses_mismatched_inputs():
-    q, scale = quant.quantize_int8(jnp.ones((8, 4)), 1)
+def test_int8_product_refuses_mismatched_inputs_and_unknown_forms():
+    qw = quant.quantize(jnp.ones((8, 4)), 1)
     with pytest.raises(ValueError, match="input axes"):
-        quant.int8_matmul(jnp.ones((2, 6)), q, scale, 1)
+        quant.int8_product(jnp.ones((2, 6)), qw, "dot")
+    with pytest.raises(ValueError, match="int8 form must be one of"):
+        quant.int8_product(jnp.ones((2, 8)), qw, "fused")
+
+
+def _layout(m):
+    _, state = nnx.split(m)
+    return sorted((p, tuple(v.get_value().shape), isinstance(v.get_value(), quant.QuantizedWeight),
+                   type(v).__name__) for p, v in nnx.to_flat_state(state))
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_quantized_model_structure_equals_its_abstract_model(tie):
     config = StarCoderConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                              tie_word_embeddings=tie)
+    float_names = _layout(init_model(config))
     model = init_model(config).quantize_()
     assert model.config.quantization == "int8"
+    got = _layout(model)
+    assert got == _layout(abstract_model(model.config))
+    # the same names and logical shapes as the float model (the int8 table stands for its transpose [D, V])
+    def shapes(layout):
+        return [(p, shape[::-1] if p == ("wte", "embedding") and is_int8 else shape)
+                for p, shape, is_int8, _ in layout]
 
-    def layout(m):
-        _, state = nnx.split(m)
-        return sorted((p, tuple(v.get_value().shape), str(v.get_value().dtype), type(v).__name__)
-                      for p, v in nnx.to_flat_state(state))
-
-    got = layout(model)
-    assert got == layout(abstract_model(model.config))
-    names = {p[-1] for p, *_ in got}
-    assert "kernel" not in names and "embedding" in names  # only the position table stays float
-    assert ("lm_head_q" in names) == (not tie)
-    int8 = [p for p, _, dtype, kind in got if dtype == "int8"]
-    assert all(kind == "QuantizedWeight" for p, _, dtype, kind in got if dtype == "int8")
+    assert shapes(got) == shapes(float_names)
+    int8 = [p for p, _, is_int8, kind in got if is_int8]
+    assert all(kind == "Int8" for p, _, is_int8, kind in got if is_int8)
     assert len(int8) == 6 * 2 + 1 + (not tie)
-    with pytest.raises(ValueError, match="int8"):
-        model.output_head()
+    assert ("lm_head",) in int8 or tie
+    assert ("wte", "embedding") in int8 and ("wpe", "embedding") not in int8
 
 
-def test_wide_mlp_output_projection_is_stored_in_input_blocks(tmp_path):
-    """n_inner 4096 > one CPU tile: the MLP output projection's int8 kernel is
-    [2, D, 2048], in the model, its abstract model and a quantized checkpoint,
-    and the model computes what the float model computes."""
-    config = StarCoderConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=4, n_inner=4096)
+def test_wide_mlp_output_projection_takes_input_blocks_on_the_cpu_form_only(tmp_path):
+    """n_inner 4096 > one CPU tile: laid out for the "cpu" form, the MLP
+    output projection's int8 kernel is [2, D, 2048]; its abstract model, a
+    checkpoint and the "xla" form hold the stored layout [D, 4096]; the
+    model computes what the float model computes."""
+    config = StarCoderConfig(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=4, n_inner=4096,
+                             matmul_impl="cpu")
     float_model = init_model(config)
     ids = jnp.asarray(np.random.default_rng(12).integers(0, 300, (2, 7)), jnp.int32)
     want = np.asarray(float_model(ids))
     model = float_model.quantize_()
-    proj = model.blocks[0].mlp.proj
-    assert proj.in_blocks == 2 and proj.qkernel[...].shape == (2, 32, 2048)
-    assert model.blocks[0].mlp.fc.in_blocks == 1 and model.blocks[0].mlp.fc.qkernel[...].shape == (4096, 32)
+    proj = model.blocks[0].mlp.proj.kernel.get_value()
+    assert proj.blocks == 2 and proj.q.shape == (2, 32, 2048)
+    fc = model.blocks[0].mlp.fc.kernel.get_value()
+    assert fc.blocks == 1 and fc.q.shape == (4096, 32)
     abstract = abstract_model(model.config)
-    assert abstract.blocks[0].mlp.proj.qkernel.get_value().shape == (2, 32, 2048)
+    assert abstract.blocks[0].mlp.proj.kernel.get_value().q.shape == (32, 4096)
     got = np.asarray(model(ids))
     assert np.abs(got - want).max() <= 0.03 * (want.max() - want.min())
-    loaded = sj.load_pretrained(save_orbax(model, str(tmp_path / "int8")))
-    assert loaded.blocks[0].mlp.proj.qkernel[...].shape == (2, 32, 2048)
+    out = save_orbax(model, str(tmp_path / "int8"))
+    assert model.blocks[0].mlp.proj.kernel.get_value().blocks == 2  # saving leaves the model as it is
+    loaded = sj.load_pretrained(out, matmul_impl="xla")
+    assert loaded.blocks[0].mlp.proj.kernel.get_value().q.shape == (32, 4096)
+    np.testing.assert_allclose(np.asarray(loaded(ids)), got, rtol=0, atol=1e-5 * np.abs(got).max())
+    loaded = sj.load_pretrained(out, matmul_impl="cpu")
+    assert loaded.blocks[0].mlp.proj.kernel.get_value().q.shape == (2, 32, 2048)
     np.testing.assert_array_equal(np.asarray(loaded(ids)), got)
 
 
@@ -167,15 +186,16 @@ def test_decode_loop_converts_no_int8_kernel_outside_its_loop():
     from starcoder_jax.bench import decode_consts, prefilled
     from starcoder_jax.inference.generate import decode_loop
 
-    config = StarCoderConfig(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    config = StarCoderConfig(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4, matmul_impl="cpu")
     graphdef, params = nnx.split(init_model(config).quantize_())
     consts = decode_consts(config, 1, 8)
     state = prefilled(graphdef, params, config, jnp.ones((1, 4), jnp.int32), 16, consts)
     hlo = decode_loop.lower(graphdef, params, state, jnp.int32(4), consts).compile().as_text()
     entry = hlo[hlo.index("\nENTRY") + 1:].splitlines()
-    assert "qkernel" in entry[0]  # the int8 kernels are parameters of the program
-    outside = [line.strip()[:160] for line in entry[1:]
-               if "qkernel" in line and " parameter(" not in line and " tuple(" not in line]
+    int8_params = [line.split("=")[0].strip() for line in entry[1:] if " parameter(" in line and "s8[" in line]
+    assert len(int8_params) == 6 * 2 + 1  # the int8 kernels and table are parameters of the program
+    outside = [line.strip()[:160] for line in entry[1:] if " parameter(" not in line and " tuple(" not in line
+               and any(f"{name})" in line or f"{name}," in line for name in int8_params)]
     assert not outside, outside
 
 
@@ -235,8 +255,10 @@ def test_quantized_orbax_directory_round_trips_and_loads_without_flag(float_and_
         assert json.load(f)["starcoder_jax_quantization"] == "int8"
     loaded = sj.load_pretrained(out)
     assert loaded.config.quantization == "int8"
-    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.split(qmodel)[1]), nnx.to_flat_state(nnx.split(loaded)[1])):
-        a, b = a.get_value(), b.get_value()
+    a_leaves = jax.tree_util.tree_leaves_with_path(nnx.split(qmodel)[1])
+    b_leaves = jax.tree_util.tree_leaves_with_path(nnx.split(loaded)[1])
+    assert [p for p, _ in a_leaves] == [p for p, _ in b_leaves]
+    for (p, a), (_, b) in zip(a_leaves, b_leaves):
         assert a.dtype == b.dtype and (np.asarray(a) == np.asarray(b)).all(), p
     ids = jnp.asarray([[5, 6, 7, 8]], jnp.int32)
     np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(qmodel(ids)))

@@ -125,22 +125,34 @@ def test_param_specs_follow_the_rules():
     assert rules.RULES["shared_kv_head"] is None and rules.RULES["kv_heads"] == ("tensor",)
 
 
-def test_int8_input_blocks_split_within_blocks_where_the_mesh_does_not_divide_them():
-    """An input-blocked int8 kernel [C, *out, 2048] splits its blocks C like
-    its inputs; where the mesh axes do not divide C, the 2048 inputs within
-    each block instead, so that no device holds the whole kernel."""
+def test_int8_weights_split_like_their_float_weights_in_the_stored_layout():
+    """An int8 weight's values q [*out, *in] split like the float weight's
+    axes, its scales [*out] like its outputs; a mesh never sees the CPU's
+    input-blocked layout (no "in_block" rule), even for a model laid out
+    for the CPU before it is placed."""
     from starcoder_jax.config import preset
+    from starcoder_jax.model.modules import init_model
+    from starcoder_jax.ops.int8 import QuantizedWeight
 
-    one_b = preset("starcoderbase-1b", quantization="int8")  # MLP output projection: [C=4, 2048, 2048]
-    proj = ("blocks", 0, "mlp", "proj", "qkernel")
-    assert pm.param_specs(params_of(one_b), {"tensor": 4})[proj] == P("tensor", None, None)
-    assert pm.param_specs(params_of(one_b), {"tensor": 8})[proj] == P(None, None, "tensor")
-    assert pm.param_specs(params_of(one_b), {"fsdp": 2, "tensor": 8})[proj] == P(None, "fsdp", "tensor")
-    big = preset("starcoderbase", quantization="int8")  # n_embd 6144: C = 3 on every input from D
-    specs = pm.param_specs(params_of(big), {"fsdp": 8, "tensor": 2})
-    assert specs[("blocks", 0, "attn", "query", "qkernel")] == P(None, "tensor", None, "fsdp")  # [C, N, H, 2048]
-    assert specs[("blocks", 0, "mlp", "fc", "qkernel")] == P(None, "tensor", "fsdp")  # [C, F, 2048]
-    assert specs[("blocks", 0, "mlp", "proj", "qkernel")] == P("tensor", "fsdp", None)  # C = 12 (F = 24576)
+    assert "in_block" not in rules.RULES
+    one_b = preset("starcoderbase-1b", quantization="int8")
+    specs = pm.param_specs(params_of(one_b), {"fsdp": 2, "tensor": 8})
+    proj = specs[("blocks", 0, "mlp", "proj", "kernel")]  # [F, D] as q [D, F], scale [D]
+    assert isinstance(proj, QuantizedWeight) and (proj.q, proj.scale) == (P("fsdp", "tensor"), P("fsdp"))
+    query = specs[("blocks", 0, "attn", "query", "kernel")]  # [D, N, H] as q [N, H, D], scale [N, H]
+    assert (query.q, query.scale) == (P("tensor", None, "fsdp"), P("tensor", None))
+    table = specs[("wte", "embedding")]  # the table [V, D], stored as its transpose's q [V, D], scale [V]
+    assert (table.q, table.scale) == (P("tensor", "fsdp"), P("tensor"))
+    assert specs[("wpe", "embedding")] == P(None, "fsdp")
+
+    config = StarCoderConfig(**{**TINY, "n_inner": 4096}, quantization="int8", matmul_impl="cpu")
+    model = init_model(config)
+    model.adapt_to_backend_()
+    assert model.blocks[0].mlp.proj.kernel.get_value().blocks == 2  # the CPU layout, [2, D, 2048]
+    mesh = pm.mesh_from_spec("fsdp=1", jax.devices()[:1])
+    pm.shard_model(model, mesh)
+    proj = model.blocks[0].mlp.proj.kernel.get_value()
+    assert proj.blocks == 1 and proj.q.shape == (64, 4096)
 
 
 def test_cache_and_batch_specs():
@@ -522,21 +534,20 @@ def test_mesh8_int8_equals_one_device(int8_references, kind, spec):
     assert model.config.quantization == "int8"
     shardings = pm.param_shardings(nnx.state(model), mesh)
     for path, var in nnx.to_flat_state(nnx.split(model)[1]):
-        assert var.get_value().sharding == shardings[path], path
+        value, sharding = var.get_value(), shardings[path]
+        assert [a.sharding for a in jax.tree.leaves(value)] == jax.tree.leaves(sharding), path
     if spec == "data=2,fsdp=2,tensor=2":
-        query = model.blocks[0].attn.query
-        assert query.qkernel.get_value().sharding.spec == P("tensor", None, "fsdp")
-        assert query.kernel_scale.get_value().sharding.spec == P("tensor", None)
-        assert model.wte.qembedding.get_value().sharding.spec == P("tensor", "fsdp")
-        assert model.wte.embedding_scale.get_value().sharding.spec == P("tensor")
-    if kind == "WIDE":  # [C=2 blocks, D, 2048]: blocks split like the inputs where the mesh axis divides C
-        proj = model.blocks[0].mlp.proj.qkernel.get_value()
-        assert proj.shape == (2, 64, 2048)
-        if spec == "tensor=8":  # 8 does not divide C = 2: the 2048 inputs within each block are split
-            assert proj.sharding.spec == P(None, "fsdp", "tensor")  # fsdp has size 1 here
-            assert proj.addressable_shards[0].data.shape == (2, 64, 256)
-        else:
-            assert proj.sharding.spec == P("tensor", "fsdp", None)
+        query = model.blocks[0].attn.query.kernel.get_value()
+        assert query.q.sharding.spec == P("tensor", None, "fsdp")
+        assert query.scale.sharding.spec == P("tensor", None)
+        table = model.wte.embedding.get_value()
+        assert table.q.sharding.spec == P("tensor", "fsdp") and table.scale.sharding.spec == P("tensor")
+    if kind == "WIDE":  # q [D, 4096] in the stored layout: the 4096 inputs split over tensor
+        proj = model.blocks[0].mlp.proj.kernel.get_value()
+        assert proj.blocks == 1 and proj.q.shape == (64, 4096)
+        assert proj.q.sharding.spec == P("fsdp", "tensor")
+        if spec == "tensor=8":
+            assert proj.q.addressable_shards[0].data.shape == (64, 512)
     ids, _ = _ids_mask()
     with jax.set_mesh(mesh):
         ids = pm.place_batch(ids, mesh)

@@ -258,57 +258,30 @@ def test_overrides_and_unknown_sections():
 # bfloat16 compute on XLA:CPU: the hand-written projection gradient
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("out_major", [False, True])
-def test_bfloat16_matmul_gradients(out_major):
-    """For bfloat16-exact cotangents the hand-written backward is the exact
-    gradient of the forward: the weight gradient to float32 round-off (kept in
-    the weight's float32, never rounded to bfloat16), the input gradient to
-    its bfloat16 rounding."""
-    from starcoder_jax.model.modules import bfloat16_matmul
-
-    f32, bf16 = jnp.float32, jnp.bfloat16
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((12, 40)), bf16)
-    w = jnp.asarray(rng.standard_normal((40, 24)), f32)
-    c = jnp.asarray(rng.standard_normal((12, 24)), bf16).astype(f32)
-    w_arg = w.T if out_major else w
-    y = bfloat16_matmul(x, w_arg, out_major)
-    dx, dw = jax.grad(lambda x, w: jnp.sum(bfloat16_matmul(x, w, out_major) * c), (0, 1))(x, w_arg)
-
-    xf, wb = x.astype(f32), w.astype(bf16).astype(f32)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(xf @ wb), rtol=1e-5, atol=1e-5)
-    assert dx.dtype == bf16 and dw.dtype == f32 and dw.shape == w_arg.shape
-    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(c @ wb.T), rtol=2**-8, atol=1e-6)
-    ref_dw = xf.T @ c
-    np.testing.assert_allclose(np.asarray(dw), np.asarray(ref_dw.T if out_major else ref_dw), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("tie", [True, False])
-def test_bfloat16_compute_gradients(monkeypatch, tie):
+def test_bfloat16_compute_gradients(tie):
     """A bfloat16-compute model (float32 params) gets the float32 model's
-    gradients up to bfloat16 rounding, and the same gradients as autodiff
-    through the plain bfloat16 einsums (the path used under a mesh)."""
+    gradients up to bfloat16 rounding through the "cpu" projections (the
+    hand-written gradient), and the same gradients as autodiff through the
+    plain bfloat16 dots (the "xla" form, used under a mesh)."""
     from flax import nnx
 
-    import starcoder_jax.model.modules as model_lib
     from starcoder_jax.config import StarCoderConfig
     from starcoder_jax.model.modules import init_model
 
-    assert model_lib.cpu_bfloat16_products(jnp.bfloat16)  # the test runs the hand-written path
     shape = dict(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4, tie_word_embeddings=tie)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 33)), jnp.int32)
     mask = jnp.ones_like(ids)
 
-    def flat_grads(dtype):
-        model = init_model(StarCoderConfig(**shape, dtype=dtype, param_dtype="float32"), seed=0)
+    def flat_grads(dtype, impl="cpu"):
+        model = init_model(StarCoderConfig(**shape, dtype=dtype, param_dtype="float32", matmul_impl=impl), seed=0)
         graphdef, params = nnx.split(model)
         g = jax.jit(jax.grad(lambda p: token_nll_sum(nnx.merge(graphdef, p), ids, mask)))(params)
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(g))
         return np.concatenate([np.asarray(leaf).ravel() for leaf in jax.tree.leaves(g)])
 
     exact, ours = flat_grads("float32"), flat_grads("bfloat16")
-    monkeypatch.setattr(model_lib, "cpu_bfloat16_products", lambda dtype: False)
-    autodiff = flat_grads("bfloat16")
+    autodiff = flat_grads("bfloat16", "xla")
 
     def rel(a, b):
         return np.linalg.norm(a - b) / np.linalg.norm(b)
