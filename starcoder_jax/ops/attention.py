@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from starcoder_jax.config import ATTENTION_IMPLS
-from starcoder_jax.ops.matmul import on_cpu_without_mesh
+from starcoder_jax.ops.backend import cpu_without_mesh
 
 FORMS = tuple(name for name in ATTENTION_IMPLS if name != "auto")
 QUERY_BLOCK = 64  # queries per block of the cpu_blocked form...
@@ -45,7 +45,7 @@ def resolve(impl: str, own_keys: bool, t: int) -> str:
     on the platform.
     """
     if impl == "auto":
-        if not on_cpu_without_mesh():
+        if not cpu_without_mesh():
             return "xla"
         return "cpu_blocked" if own_keys and t > 1 else "cpu_key_major"
     if impl not in FORMS:

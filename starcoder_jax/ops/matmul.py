@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from starcoder_jax.config import MATMUL_IMPLS
+from starcoder_jax.ops.backend import cpu_without_mesh, on_gpu
 from starcoder_jax.ops.int8 import CPU_ROWS_ONE_BY_ONE, QuantizedWeight, int8_product
 
 
@@ -38,9 +39,7 @@ def resolve(impl: str, *, sharded: bool | None = None) -> str:
         raise ValueError(f"matmul_impl must be one of {', '.join(MATMUL_IMPLS)}, got {impl!r}")
     if impl != "auto":
         return impl
-    if sharded is None:
-        sharded = not jax.sharding.get_abstract_mesh().empty
-    return "cpu" if jax.default_backend() == "cpu" and not sharded else "xla"
+    return "cpu" if cpu_without_mesh(sharded) else "xla"
 
 
 def project(x: jax.Array, w, n_in: int, *, impl: str = "auto", dtype=jnp.float32,
@@ -81,7 +80,7 @@ def _int8_form(form: str, rows: int) -> str:
     """The ops.int8 form of a resolved matmul form for a product of `rows` rows."""
     if form == "cpu":
         return "cpu_rows" if rows <= CPU_ROWS_ONE_BY_ONE else "cpu_tiles"
-    return "reduce" if rows == 1 and jax.default_backend() == "gpu" else "dot"
+    return "reduce" if rows == 1 and on_gpu() else "dot"
 
 
 def as_rows(x: jax.Array, n_in: int, product, out_shape) -> jax.Array:
