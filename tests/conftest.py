@@ -8,6 +8,19 @@ sys.path.insert(0, os.path.dirname(__file__))
 from builders import make_hf_model, make_tokenizer  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run only where JAX's default backend is a GPU."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import jax
+
+    if jax.default_backend() != "gpu":
+        skip = pytest.mark.skip(reason=f"needs a GPU; JAX runs on {jax.default_backend()}")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A StarCoder-style tokenizer (vocab 512, StarCoder's 19 special tokens at 0..18)."""

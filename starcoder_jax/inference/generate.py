@@ -35,7 +35,7 @@ from starcoder_jax.config import StarCoderConfig, check_quantization
 from starcoder_jax.inference.runner import MeshRunner
 from starcoder_jax.inference.sampling import SamplingParams, sample
 from starcoder_jax.model.kv_cache import KVCache
-from starcoder_jax.model.modules import StarCoder
+from starcoder_jax.model.modules import Derived, StarCoder
 from starcoder_jax.tokenizer import Tokenizer
 
 MIN_PROMPT_BUCKET = 16
@@ -410,7 +410,9 @@ class Generator:
         self._runner = None if mesh is None else MeshRunner(config, self.params, mesh)
         if self._runner is not None:
             self.params = self._runner.place_params(self.params)
-        self._source = tuple(jax.tree.leaves(self.params))  # the model's arrays as this runs them
+        # the model's arrays as this runs them; a derived copy (model.modules.Derived)
+        # is remade from them and serves one form only, so it does not count
+        self._source = tuple(jax.tree.leaves(nnx.state(nnx.merge(self.graphdef, self.params), nnx.Not(Derived))))
         self._eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
         self._vocab_limit = tokenizer.vocab_size if tokenizer is not None else config.vocab_size
 
@@ -419,7 +421,7 @@ class Generator:
         parameter arrays) with this tokenizer."""
         if tokenizer is not self.tokenizer or model.config != self.config:
             return False
-        leaves = jax.tree.leaves(nnx.state(model))
+        leaves = jax.tree.leaves(nnx.state(model, nnx.Not(Derived)))
         return len(leaves) == len(self._source) and all(a is b for a, b in zip(leaves, self._source))
 
     def _call(self, fn, donate, *args, **kwargs):

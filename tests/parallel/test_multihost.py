@@ -28,6 +28,7 @@ from starcoder_jax.inference.generate import generate
 sys.path.insert(0, os.path.dirname(__file__))
 import multihost_worker  # noqa: E402
 
+pytestmark = pytest.mark.multidevice
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 ROOT = REPO_ROOT
 

@@ -39,7 +39,14 @@ from starcoder_jax.parallel import distributed, rules
 from starcoder_jax.parallel import mesh as pm
 
 EIGHT = os.environ.get("STARCODER_JAX_EIGHT_DEVICES") == "1"
-mesh8 = pytest.mark.skipif(not EIGHT, reason="runs inside test_eight_fake_devices' subprocess")
+
+
+def mesh8(test):
+    """A test that needs 8 devices: it runs inside test_eight_fake_devices' subprocess."""
+    skip = pytest.mark.skipif(not EIGHT, reason="runs inside test_eight_fake_devices' subprocess")
+    return pytest.mark.multidevice(skip(test))
+
+
 P = jax.P
 TINY = dict(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=8, n_inner=256)
 
@@ -348,6 +355,8 @@ MESHES_MQA = ["data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2"]
 MESHES_MHA = ["tensor=8", "data=2,fsdp=2,tensor=2"]
 
 
+@pytest.mark.multidevice
+@pytest.mark.slow
 def test_eight_fake_devices(tmp_path):
     """Runs every test_mesh8_* test in a process with 8 fake CPU devices."""
     if EIGHT:
@@ -370,7 +379,7 @@ def test_eight_fake_devices(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "mesh8",
          os.path.abspath(__file__)],
-        cwd=root, env=env, capture_output=True, text=True, timeout=400)
+        cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
 
