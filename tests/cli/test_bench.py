@@ -15,6 +15,7 @@ TINY = ["bench", "--train", "--preset", "tiny_starcoder_py", "--layers", "1",
 FLOPS_PER_TOKEN = 6 * (6_006_656 + 49152 * 768) + 12 * 1 * 768 * 32
 
 
+@pytest.mark.slow
 def test_decode_bench_reports_limits_for_each_variant(tmp_path, capsys):
     out = tmp_path / "decode.json"
     argv = ["bench", "--preset", "tiny_starcoder_py", "--layers", "1", "--quantize", "none,int8",
@@ -42,6 +43,7 @@ def test_decode_bench_reports_limits_for_each_variant(tmp_path, capsys):
     assert "median of 15 samples" in printed and "int8 vs best" in printed
 
 
+@pytest.mark.slow
 def test_train_bench_against_transformers(tmp_path, capsys):
     out = tmp_path / "train.json"
     assert main([*TINY, "--compare-transformers", "--json", str(out)]) == 0

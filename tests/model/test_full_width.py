@@ -2,11 +2,13 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from builders import hf_logits, make_hf_model
 
 import starcoder_jax as sj
 
 
+@pytest.mark.slow
 def test_starcoderbase_1b_width_two_layers(tmp_path):
     full = sj.preset("starcoderbase-1b")
     hf = {k: v for k, v in full.replace(n_layer=2).to_hf().items()

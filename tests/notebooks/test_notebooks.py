@@ -65,6 +65,7 @@ def kernel_name(tmp_path_factory):
         os.environ["JUPYTER_PATH"] = previous
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, kernel_name, tmp_path, monkeypatch):
     # The notebooks' model hook is for development only: tests run the shipped default.

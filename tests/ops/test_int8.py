@@ -213,6 +213,7 @@ def test_int8_logits_stay_close_to_float(float_and_int8):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_int8_greedy_generation_mostly_equals_float_and_is_self_consistent(float_and_int8):
     fmodel, qmodel = float_and_int8
     rng = np.random.default_rng(0)  # its own draws: the prompts do not depend on the tests before it
@@ -275,6 +276,7 @@ def test_bad_quantize_values_are_refused(tiny_model_dir):
         StarCoderConfig(quantization="fp8")
 
 
+@pytest.mark.slow
 def test_cli_convert_and_generate_with_quantize(tiny_model_dir, tmp_path):
     def cli(*args):
         run = subprocess.run([sys.executable, "-m", "starcoder_jax.cli", *args], capture_output=True,
@@ -291,6 +293,7 @@ def test_cli_convert_and_generate_with_quantize(tiny_model_dir, tmp_path):
     assert a["ids"] == b["ids"] and len(a["ids"]) >= 1
 
 
+@pytest.mark.slow
 def test_int8_default_model_heldout_perplexity_rises_at_most_one_percent():
     from starcoder_jax.eval.heldout import bits_per_byte
     from starcoder_jax.training.data import DataConfig, collect_documents, split_documents
@@ -341,6 +344,7 @@ def test_int8_cache_write_then_read_bounds_the_error():
     assert (np.abs(np.asarray(layer.values())[1, :5] - v_want) <= v_bound).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_int8_cache_generation_stays_close_and_batches_like_alone(float_and_int8, quantize):
     fmodel, qmodel = float_and_int8

@@ -68,6 +68,7 @@ def model_dir(tmp_path_factory):
                          n_embd=64, n_head=4, n_layer=2, weight_std=0.35, seed=3)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(model_dir, tmp_path):
     port = _free_port()
     out = str(tmp_path / "result.npz")

@@ -97,6 +97,7 @@ def final_params(out_dir):
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_and_sigterm_is_exact(tmp_path, corpus_dir, tokenizer_dir):
     straight = str(tmp_path / "straight")
     run_cli(write_config(tmp_path / "a.yaml", corpus_dir, tokenizer_dir, straight))
