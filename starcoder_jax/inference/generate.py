@@ -387,6 +387,12 @@ def _ids_through_stop(tokenizer: Tokenizer, row: list[int], tracker: _TextTracke
     return row
 
 
+def _weights(model: StarCoder) -> tuple[jax.Array, ...]:
+    """The model's arrays a Generator runs. A derived copy (model.modules.Derived) is
+    remade from them and serves one form only, so it does not count."""
+    return tuple(jax.tree.leaves(nnx.state(model, nnx.Not(Derived))))
+
+
 class Generator:
     """Generation for one model: prepares prompts, runs prefill and the decode loop.
 
@@ -410,9 +416,7 @@ class Generator:
         self._runner = None if mesh is None else MeshRunner(config, self.params, mesh)
         if self._runner is not None:
             self.params = self._runner.place_params(self.params)
-        # the model's arrays as this runs them; a derived copy (model.modules.Derived)
-        # is remade from them and serves one form only, so it does not count
-        self._source = tuple(jax.tree.leaves(nnx.state(nnx.merge(self.graphdef, self.params), nnx.Not(Derived))))
+        self._source = _weights(model)  # after placement: the mesh runner placed the model's own variables
         self._eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
         self._vocab_limit = tokenizer.vocab_size if tokenizer is not None else config.vocab_size
 
@@ -421,7 +425,7 @@ class Generator:
         parameter arrays) with this tokenizer."""
         if tokenizer is not self.tokenizer or model.config != self.config:
             return False
-        leaves = jax.tree.leaves(nnx.state(model, nnx.Not(Derived)))
+        leaves = _weights(model)
         return len(leaves) == len(self._source) and all(a is b for a, b in zip(leaves, self._source))
 
     def _call(self, fn, donate, *args, **kwargs):
