@@ -60,7 +60,7 @@ def project(x: jax.Array, w, n_in: int, *, impl: str = "auto", dtype=jnp.float32
     if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):
         raise ValueError(f"project: x {x.shape} does not end with the weight's input axes {tuple(in_shape)}")
     if form == "cpu" and dtype == jnp.bfloat16:
-        w2 = w.reshape(-1, math.prod(in_shape)) if out_major else w.reshape(math.prod(in_shape), -1)
+        w2 = _matrix(w, in_shape, out_major)
         return as_rows(x, n_in, lambda x2: bfloat16_matmul(x2, w2, out_major), out_shape)
     x, w = x.astype(dtype), w.astype(dtype)
     if n_in == 1:  # one contraction: the dot reads the weight as it lies
@@ -70,10 +70,16 @@ def project(x: jax.Array, w, n_in: int, *, impl: str = "auto", dtype=jnp.float32
     # Contracting two axes (N, H) at once, XLA:CPU reads the [N, H, D] kernel
     # about 3x slower than the same bytes as one [N*H, D] matrix (BENCHMARKS.md,
     # "CPU bfloat16 projections").
-    w2 = w.reshape(-1, math.prod(in_shape)) if out_major else w.reshape(math.prod(in_shape), -1)
+    w2 = _matrix(w, in_shape, out_major)
     contract = (1,) if out_major else (0,)
     return as_rows(x, n_in, lambda x2: jax.lax.dot_general(
         x2, w2, (((1,), contract), ((), ())), preferred_element_type=jnp.float32), out_shape)
+
+
+def _matrix(w: jax.Array, in_shape, out_major: bool) -> jax.Array:
+    """A kernel [*in, *out] as one [I, O] matrix; with out_major a table [*out, *in] as [O, I]."""
+    i = math.prod(in_shape)
+    return w.reshape(-1, i) if out_major else w.reshape(i, -1)
 
 
 def _int8_form(form: str, rows: int) -> str:
