@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from starcoder_jax.config import StarCoderConfig, check_quantization
-from starcoder_jax.parallel.mesh import as_mesh, check_fits
+from starcoder_jax.parallel.mesh import as_mesh
 from starcoder_jax.parallel.rules import logical_spec
 
 
@@ -165,16 +165,11 @@ def scale_sharding_of(slab_sharding: jax.sharding.Sharding) -> jax.sharding.Shar
     return slab_sharding
 
 
-def cache_sharding(config: StarCoderConfig, mesh, batch: int | None = None,
-                   params=None) -> jax.sharding.NamedSharding:
+def cache_sharding(config: StarCoderConfig, mesh, batch: int | None = None) -> jax.sharding.NamedSharding:
     """The sharding of every k / v slab [B, S, K, H] of a KVCache on `mesh` (a Mesh or a spec).
 
-    With `batch`, mesh axes that do not divide it are dropped from the row
-    split; with `params` (the model's state), the mesh is first checked to
-    shard the model (parallel.mesh.check_fits).
+    With `batch`, mesh axes that do not divide it are dropped from the row split.
     """
     mesh = as_mesh(mesh)
-    if params is not None:
-        check_fits(params, mesh)
     shape = None if batch is None else (batch, 1, config.kv_heads, config.head_dim)
     return jax.sharding.NamedSharding(mesh, logical_spec(KVCache.logical_axes(config), mesh, shape))
