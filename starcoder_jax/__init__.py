@@ -1,6 +1,7 @@
 """starcoder-jax: the StarCoder (GPTBigCode) model family in JAX / Flax NNX."""
 
 from starcoder_jax.config import PRESETS, StarCoderConfig, preset
+from starcoder_jax.inference.forward import forward
 from starcoder_jax.inference.generate import Generation, generate, stream
 from starcoder_jax.model.kv_cache import KVCache
 from starcoder_jax.model.modules import StarCoder, abstract_model, init_model
@@ -17,6 +18,7 @@ __all__ = [
     "StarCoder",
     "StarCoderConfig",
     "abstract_model",
+    "forward",
     "generate",
     "init_model",
     "load_hf",

@@ -39,7 +39,8 @@ class DataConfig:
       patterns, single files, or .jsonl / .jsonl.gz files (one document per
       line in `text_field`).
     eval_fraction: share of documents held out, chosen by a hash of the
-      document's name, so the split does not depend on the file order.
+      document's name, so the split does not depend on the file order; above
+      0, at least one document is held out (`split_documents`).
     """
 
     paths: tuple[str, ...] = ()
@@ -128,15 +129,33 @@ def collect_documents(config: DataConfig) -> list[tuple[str, str]]:
     return docs
 
 
+def _hash_fraction(name: str) -> float:
+    """The first 8 bytes of sha1(name) as a fraction in [0, 1)."""
+    return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
 def is_held_out(name: str, fraction: float) -> bool:
-    """A stable, order-independent split: the first 8 bytes of sha1(name) as a fraction."""
-    digest = hashlib.sha1(name.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    """A stable, order-independent split: held out when the name's hash fraction is below `fraction`."""
+    return _hash_fraction(name) < fraction
 
 
 def split_documents(docs, fraction: float):
-    train = [d for d in docs if not is_held_out(d[0], fraction)]
-    held = [d for d in docs if is_held_out(d[0], fraction)]
+    """(train, held-out) documents: held out by `is_held_out`.
+
+    With fraction > 0 and two or more documents, at least one is held out:
+    when the hash picks none (a small corpus), the one with the lowest hash
+    fraction, the first the split would take as the fraction grew. With one
+    document there is nothing to hold out, which is an error: the config
+    asked for a held-out loss that cannot exist.
+    """
+    if fraction > 0 and len(docs) < 2:
+        raise ValueError(f"data.eval_fraction is {fraction} but the data holds {len(docs)} document; "
+                         "a held-out loss needs at least two documents (or set data.eval_fraction=0)")
+    held_names = {d[0] for d in docs if is_held_out(d[0], fraction)}
+    if fraction > 0 and not held_names:
+        held_names = {min((d[0] for d in docs), key=_hash_fraction)}
+    train = [d for d in docs if d[0] not in held_names]
+    held = [d for d in docs if d[0] in held_names]
     if not train:
         raise ValueError("every document was held out; lower data.eval_fraction")
     return train, held

@@ -266,8 +266,13 @@ def _data_sources(cfg: FinetuneConfig, tokenizer: Tokenizer, train_docs, held_do
                                progress=progress)
     if not held_docs:
         return train_data, None
-    held = PackedDataset(held_docs, tokenizer, cfg.data, batch_size=loop.batch_size, seed=loop.seed,
-                         shuffle=False, fim=False)
+    try:
+        held = PackedDataset(held_docs, tokenizer, cfg.data, batch_size=loop.batch_size, seed=loop.seed,
+                             shuffle=False, fim=False)
+    except ValueError as e:
+        raise ValueError(f"the held-out documents (data.eval_fraction={cfg.data.eval_fraction}: "
+                         f"{len(held_docs)} of {len(held_docs) + len(train_docs)}) are too short for one "
+                         f"evaluation sequence: {e}; raise data.eval_fraction or lower data.seq_len") from None
     return train_data, eval_sequences(held, loop.eval_sequences)
 
 

@@ -292,3 +292,31 @@ def test_bfloat16_compute_gradients(tie):
     assert rel(autodiff, exact) <= 0.01
     assert rel(ours, autodiff) <= 0.01
     assert rel(ours, exact) <= 1.2 * rel(autodiff, exact)
+
+
+def test_a_small_corpus_still_holds_a_document_out_and_evaluates(tmp_path, tokenizer_dir):
+    from starcoder_jax.training.data import _hash_fraction, is_held_out, split_documents
+
+    root = tmp_path / "small"
+    root.mkdir()
+    # names whose hash puts none below the fraction: the hash split alone holds nothing out
+    names = [n for n in (f"mod_{i}.py" for i in range(40)) if _hash_fraction(n) > 0.2][:4]
+    for i, name in enumerate(names):
+        (root / name).write_text(f"# module {i}\n" + "\n".join(CORPUS))
+    docs = [(n, "x") for n in names]
+    assert not any(is_held_out(n, 0.2) for n in names)
+    train_docs, held = split_documents(docs, 0.2)
+    assert [d[0] for d in held] == [min(names, key=_hash_fraction)] and len(train_docs) == 3
+    assert split_documents(docs, 0.0) == (docs, [])
+    with pytest.raises(ValueError, match="data.eval_fraction"):
+        split_documents(docs[:1], 0.2)
+
+    out = tmp_path / "run"
+    cfg = train.load_config(write_config(tmp_path / "c.yaml", str(root), tokenizer_dir, str(out),
+                                         **{"data.eval_fraction": 0.2, "train.steps": 4, "train.eval_every": 2,
+                                            "train.save_every": 4}), [])
+    result = train.run(cfg, progress=False)
+    with open(out / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    assert result["eval_loss"] == records[-1]["eval_loss"]
