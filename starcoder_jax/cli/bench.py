@@ -67,6 +67,8 @@ def _model(args: argparse.Namespace, *, param_dtype: str, **load):
     random weights of --preset (--layers of them) with parameters in param_dtype."""
     if args.model:
         return common.load_model(args, quantize=None, **load), args.model
+    if getattr(args, "adapter", None):
+        raise ValueError("--adapter needs --model: the base model the adapter was trained on")
     from starcoder_jax.config import preset
     from starcoder_jax.model.modules import init_model
 

@@ -13,7 +13,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 def add_model_args(parser, *, model_help: str | None = None, dtypes: tuple[str, ...] = DTYPES,
                    dtype_default: str | None = "float32", dtype_help: str | None = None,
                    quantize: dict | None = None) -> None:
-    """Adds --model, --dtype, --quantize, --attention-impl and --matmul-impl to a parser (or group).
+    """Adds --model, --dtype, --quantize, --attention-impl, --matmul-impl and --adapter to a parser (or group).
 
     model_help, dtype_help: the flags' help where a command means something else
     by them (bench: random weights without --model). quantize: add_argument
@@ -32,6 +32,8 @@ def add_model_args(parser, *, model_help: str | None = None, dtypes: tuple[str, 
                         help="which attention kernel runs (default auto: chosen per backend and phase)")
     parser.add_argument("--matmul-impl", default="auto", choices=MATMUL_IMPLS,
                         help="which projection kernel runs (default auto: chosen per backend)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a PEFT LoRA adapter directory (or hub id) for the model, applied on load")
 
 
 def model_name(given: str | None) -> str:
@@ -45,7 +47,7 @@ def model_name(given: str | None) -> str:
 
 def load_model(args: argparse.Namespace, *, name: str | None = None, **overrides):
     """The model named by `name` (default: --model, else the shipped model), loaded with the
-    command's --dtype, --quantize, --attention-impl and --matmul-impl.
+    command's --dtype, --quantize, --attention-impl, --matmul-impl and --adapter.
 
     A flag a command does not declare takes load_pretrained's default;
     overrides (any load_pretrained keyword) replace what the flags say.
@@ -54,7 +56,7 @@ def load_model(args: argparse.Namespace, *, name: str | None = None, **overrides
 
     kwargs = {"dtype": getattr(args, "dtype", None) or "float32", "quantize": getattr(args, "quantize", None),
               "attention_impl": getattr(args, "attention_impl", "auto"),
-              "matmul_impl": getattr(args, "matmul_impl", "auto")}
+              "matmul_impl": getattr(args, "matmul_impl", "auto"), "adapter": getattr(args, "adapter", None)}
     return load_pretrained(_model_dir(args, name), **(kwargs | overrides))
 
 

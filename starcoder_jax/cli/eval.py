@@ -233,7 +233,7 @@ _LOADED: dict[tuple, tuple] = {}  # the model flags -> (model, tokenizer): one l
 def _model(args):
     """(model, tokenizer) of the model flags, loaded once (multipl-e samples per group of stops)."""
     name = _model_name(args.model)
-    key = (name, args.dtype, args.quantize, args.attention_impl, args.matmul_impl)
+    key = (name, args.dtype, args.quantize, args.attention_impl, args.matmul_impl, args.adapter)
     if key not in _LOADED:
         _LOADED[key] = cli_common.load_model_and_tokenizer(args, name=name)
     return _LOADED[key]

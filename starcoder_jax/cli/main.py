@@ -16,7 +16,19 @@ def cmd_convert(args) -> int:
     from starcoder_jax.model import weights
     from starcoder_jax.model.pretrained import resolve_model_dir
 
+    if (args.direction == "merge-lora") != (args.out is not None):
+        raise ValueError("convert merge-lora takes BASE ADAPTER OUT; hf-to-jax and jax-to-hf take SRC DST")
     src = resolve_model_dir(args.src)
+    if args.direction == "merge-lora":
+        from starcoder_jax.model.lora import merge_lora
+
+        if args.quantize:
+            raise ValueError("convert merge-lora writes a float HF directory; --quantize does not apply")
+        merged = merge_lora(common.load_model(args, name=src, progress=True, adapter=args.dst))
+        weights.save_hf(merged, args.out, tokenizer_from=src, progress=True,
+                        max_shard_bytes=int(args.max_shard_gb * 2**30))
+        print(f"wrote {args.out}")
+        return 0
     model = common.load_model(args, name=src, progress=True)
     if args.direction == "hf-to-jax":
         weights.save_orbax(model, args.dst, tokenizer_from=src)
@@ -89,7 +101,7 @@ def cmd_finetune(args) -> int:
         overrides.append(f"train.mesh={args.mesh}")
     cfg = train.load_config(args.config, overrides)
     try:
-        result = train.run(cfg, progress=True, export_hf=args.export_hf)
+        result = train.run(cfg, progress=True, export_hf=args.export_hf, export_peft=args.export_peft)
     except train.TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -97,6 +109,8 @@ def cmd_finetune(args) -> int:
     print(json.dumps(summary))
     if args.export_hf and not result["terminated"]:
         print(f"exported the model to {args.export_hf}")
+    if args.export_peft and not result["terminated"]:
+        print(f"exported the LoRA adapters to {args.export_peft} (PEFT format)")
     return 0
 
 
@@ -121,10 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="starcoder-jax", description="StarCoder (GPTBigCode) models in JAX / Flax NNX")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert checkpoints between HF safetensors and orbax")
-    p.add_argument("direction", choices=("hf-to-jax", "jax-to-hf"))
-    p.add_argument("src", help="source model directory (or hub id for hf-to-jax)")
-    p.add_argument("dst", help="output directory")
+    p = sub.add_parser("convert", help="convert checkpoints between HF safetensors and orbax; merge a LoRA adapter",
+                       description="hf-to-jax SRC DST, jax-to-hf SRC DST, or merge-lora BASE ADAPTER OUT "
+                                   "(BASE with the PEFT adapter ADAPTER merged in, written as an HF directory)")
+    p.add_argument("direction", choices=("hf-to-jax", "jax-to-hf", "merge-lora"))
+    p.add_argument("src", help="source model directory (or hub id for hf-to-jax); merge-lora: the base model")
+    p.add_argument("dst", help="output directory; merge-lora: the PEFT adapter directory")
+    p.add_argument("out", nargs="?", help="merge-lora: the output directory")
     p.add_argument("--dtype", default="float32", choices=common.DTYPES)
     p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
                    help="hf-to-jax: store int8 matmul weights (per-output-channel scales), "
@@ -159,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="overrides train.output_dir")
     p.add_argument("--steps", type=int, help="overrides train.steps")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (overrides train.mesh)")
-    p.add_argument("--export-hf", metavar="DIR", help="write the final model as an HF directory")
+    p.add_argument("--export-hf", metavar="DIR", help="write the final model as an HF directory "
+                                                      "(a LoRA run: the base with its adapters merged)")
+    p.add_argument("--export-peft", metavar="DIR", help="a LoRA run (lora: section): write the adapters as a "
+                                                        "PEFT directory (PeftModel.from_pretrained loads it)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. optim.learning_rate=1e-4 train.batch_size=16")
     p.set_defaults(func=cmd_finetune)

@@ -58,6 +58,13 @@ class Derived(nnx.Variable):
     saved, remade whenever its source changes."""
 
 
+def lora_param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.LoRAParam:
+    """A LoRA adapter matrix (an nnx.LoRAParam, which an nnx filter tells from
+    the base's nnx.Params) with its logical axes; AdamW decays it, as the HF
+    Trainer decays PEFT's adapters."""
+    return nnx.LoRAParam(value, out_sharding=tuple(axes), eager_sharding=False, weight_decay=True)
+
+
 def int8_weight(w: jax.Array, n_in: int, axes) -> Int8:
     """w [*in, *out] (logical axes `axes`) quantized to int8 (ops.int8.quantize)."""
     return Int8(quantize(w, n_in), out_sharding=tuple(axes), eager_sharding=False)
@@ -137,6 +144,40 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
+class LoRA(nnx.Module):
+    """A LoRA adapter of a projection [*in] -> [*out] (PEFT's lora_A, lora_B):
+    the update dropout(x) @ A @ B * scale, with A [*in, r] and B [r, *out] in
+    our [in, out] layout.
+
+    A starts kaiming-uniform in (-1/sqrt(in), 1/sqrt(in)) and B at zero, as in
+    PEFT, so a new adapter leaves the model's outputs as they were. Both are
+    nnx.LoRAParams whose logical axes are the kernel's, with `lora_rank`
+    (never split) for r. shared_a: no A of its own; the caller passes the
+    rank-r input made by another adapter's A (key and value read the query's:
+    HF's fused c_attn has one A for all three). Dropout applies to the
+    adapter's input only, and only when rngs are given.
+    """
+
+    def __init__(self, in_shape, out_shape, axes: tuple[str, ...], *, rank: int, scale: float,
+                 dropout: float, dtype, matmul_impl: str, rngs: nnx.Rngs, shared_a: bool = False):
+        n_in = len(in_shape)
+        self.n_in, self.scale, self.matmul_impl = n_in, float(scale), matmul_impl
+        bound = 1.0 / math.sqrt(math.prod(in_shape))
+        a = None if shared_a else jax.random.uniform(rngs.params(), (*in_shape, rank), jnp.float32, -bound, bound)
+        self.a = nnx.data(None if shared_a else lora_param(a.astype(dtype), (*axes[:n_in], "lora_rank")))
+        self.b = lora_param(jnp.zeros((rank, *out_shape), dtype), ("lora_rank", *axes[n_in:]))
+        self.drop = nnx.Dropout(dropout)
+
+    def down(self, x: jax.Array, dtype, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """x [..., *in] -> float32 [..., r]: dropout(x) @ A."""
+        x = self.drop(x, deterministic=rngs is None, rngs=rngs)
+        return project(x, self.a[...], self.n_in, impl=self.matmul_impl, dtype=dtype)
+
+    def up(self, low: jax.Array, dtype) -> jax.Array:
+        """low [..., r] -> the float32 update [..., *out]: low @ B * scale."""
+        return project(low.astype(dtype), self.b[...], 1, impl=self.matmul_impl, dtype=dtype) * self.scale
+
+
 class Dense(nnx.Module):
     """A projection with a bias: kernel [*in_axes, *out_axes], bias [*out_axes],
     computed by ops.matmul.project in the form config.matmul_impl picks.
@@ -144,6 +185,7 @@ class Dense(nnx.Module):
     equation: the product written out ("BTD,DNH->BTNH"), checked against the
     shapes. Quantized (config.quantization="int8", or `quantize_()`), the
     kernel is an int8 weight (ops.int8.QuantizedWeight) under the same name.
+    `lora`: a LoRA adapter added to the output (model.lora.add_lora), or None.
     """
 
     def __init__(self, equation: str, in_shape, out_shape, axes: tuple[str, ...], *, std: float,
@@ -161,6 +203,7 @@ class Dense(nnx.Module):
         bias_axes = tuple("norm" if a == "embed" else a for a in axes[self.n_in:])
         self.bias = param(jnp.zeros(out_shape, pdt), bias_axes)
         self.dtype = jnp_dtype(config.dtype)
+        self.lora: LoRA | None = nnx.data(None)  # a data attribute: add_lora may set one later
 
     @property
     def quantized(self) -> bool:
@@ -170,9 +213,18 @@ class Dense(nnx.Module):
         """Replaces the float kernel by its int8 form, in place."""
         self.kernel = _quantized(self.kernel, self.n_in)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def lora_input(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array | None:
+        """The adapter's rank-r input dropout(x) @ A [..., r], or None without an adapter."""
+        return None if self.lora is None else self.lora.down(x, self.dtype, rngs)
+
+    def __call__(self, x: jax.Array, *, low_rank: jax.Array | None = None,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """x [..., *in] -> [..., *out]; low_rank: the adapter's input made elsewhere (`lora_input`)."""
         y = project(x, self.kernel.get_value(), self.n_in, impl=self.matmul_impl, dtype=self.dtype)
-        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+        y = y + self.bias[...].astype(jnp.float32)
+        if self.lora is not None:
+            y = y + self.lora.up(self.lora_input(x, rngs) if low_rank is None else low_rank, self.dtype)
+        return y.astype(self.dtype)
 
 
 class Attention(nnx.Module):
@@ -207,9 +259,10 @@ class Attention(nnx.Module):
         (a prefill from position 0) attends to the T new keys only instead of
         all S cache slots.
         """
-        q = self.query(x)  # [B, T, N, H]
-        k = self.key(x)  # [B, T, K, H]
-        v = self.value(x)  # [B, T, K, H]
+        low = self.query.lora_input(x, rngs)  # c_attn's one LoRA A, read by q, k and v (or None)
+        q = self.query(x, low_rank=low)  # [B, T, N, H]
+        k = self.key(x, low_rank=low)  # [B, T, K, H]
+        v = self.value(x, low_rank=low)  # [B, T, K, H]
         k_positions = positions
         if cache is not None:
             cache = cache.write(k, v, positions)
@@ -221,7 +274,7 @@ class Attention(nnx.Module):
         dropout_key = rngs.dropout() if rngs is not None and self.attn_pdrop > 0 else None
         out = attention(q, k, v, positions, k_positions, impl=self.attention_impl, own_keys=own_keys,
                         scale=self.scale, dropout_rate=self.attn_pdrop, dropout_key=dropout_key)
-        y = self.out(out)
+        y = self.out(out, rngs=rngs)
         y = self.resid_drop(y, deterministic=rngs is None, rngs=rngs)
         return y, cache
 
@@ -237,9 +290,9 @@ class MLP(nnx.Module):
         self.drop = nnx.Dropout(config.resid_pdrop)
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        h = self.fc(x)  # [B, T, F]
+        h = self.fc(x, rngs=rngs)  # [B, T, F]
         h = jax.nn.gelu(h.astype(jnp.float32), approximate=self.approximate).astype(x.dtype)
-        return self.drop(self.proj(h), deterministic=rngs is None, rngs=rngs)
+        return self.drop(self.proj(h, rngs=rngs), deterministic=rngs is None, rngs=rngs)
 
 
 class Block(nnx.Module):

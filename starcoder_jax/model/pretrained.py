@@ -55,7 +55,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
                     compute_dtype: str | None = None, progress: bool | None = None,
                     shardings: dict | None = None, mesh=None,
                     quantize: str | None = None, attention_impl: str = "auto",
-                    matmul_impl: str = "auto") -> StarCoder:
+                    matmul_impl: str = "auto", adapter: str | os.PathLike | None = None) -> StarCoder:
     """Loads a StarCoder-family model.
 
     name_or_path: an HF-format directory (config.json + safetensors), a
@@ -74,6 +74,8 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
       kernels runs (config.ATTENTION_IMPLS, config.MATMUL_IMPLS; starcoder_jax.ops).
       "auto" picks per backend and phase; they are never written to config.json.
       The model comes laid out for the projection form (`StarCoder.adapt_to_backend_`).
+    adapter: a PEFT LoRA directory (or hub id) for this base (model.peft.load_peft),
+      added after quantizing: int8 base weights, adapters in `dtype`.
     """
     impls = dict(attention_impl=attention_impl, matmul_impl=matmul_impl)
     StarCoderConfig(**impls)  # checks both names before anything is read
@@ -103,6 +105,14 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
     if quantize is not None and model.config.quantization is None:
         model.quantize_(quantize, sharded=sharded)
         if mesh is not None:  # the int8 weights and scales go where the rules put them
+            from starcoder_jax.parallel.mesh import shard_model
+
+            shard_model(model, mesh)
+    if adapter is not None:
+        from starcoder_jax.model.peft import load_peft
+
+        load_peft(model, resolve_model_dir(adapter))
+        if mesh is not None:  # the adapters go where the rules put them
             from starcoder_jax.parallel.mesh import shard_model
 
             shard_model(model, mesh)

@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from starcoder_jax.config import StarCoderConfig
+from starcoder_jax.model.lora import has_lora
 from starcoder_jax.model.modules import Derived, StarCoder, abstract_model
 from starcoder_jax.ops.int8 import QuantizedWeight
 
@@ -77,25 +78,35 @@ def _transpose_back(x):
     return x.T
 
 
+def split_qkv_weight(w: np.ndarray, config: StarCoderConfig) -> tuple[np.ndarray, ...]:
+    """HF's fused c_attn rows [(N + 2K) H, I] -> [I, N, H], [I, K, H], [I, K, H].
+
+    I is D for the weight itself, r for a LoRA B (model/peft.py): the rows are
+    [q | k | v] for multi-query models, [N, (q, k, v), H] for multi-head ones.
+    """
+    n, h, i = config.n_head, config.head_dim, w.shape[1]
+    if config.multi_query:
+        q, kk, vv = w[: n * h], w[n * h: n * h + h], w[n * h + h:]
+        return (q.T.reshape(i, n, h), kk.T.reshape(i, 1, h), vv.T.reshape(i, 1, h))
+    w = w.reshape(n, 3, h, i)
+    return tuple(np.ascontiguousarray(w[:, j].transpose(2, 0, 1)) for j in range(3))
+
+
+def join_qkv_weight(q: np.ndarray, kk: np.ndarray, vv: np.ndarray, config: StarCoderConfig) -> np.ndarray:
+    """The inverse of split_qkv_weight: [I, N, H], [I, K, H], [I, K, H] -> [(N + 2K) H, I]."""
+    n, h, i = config.n_head, config.head_dim, q.shape[0]
+    if config.multi_query:
+        return np.concatenate([q.reshape(i, n * h).T, kk.reshape(i, h).T, vv.reshape(i, h).T])
+    stacked = np.stack([x.transpose(1, 2, 0) for x in (q, kk, vv)], axis=1)  # [N, 3, H, I]
+    return stacked.reshape(3 * n * h, i)
+
+
 def weight_table(config: StarCoderConfig) -> list[Entry]:
     """Every HF tensor of a GPTBigCodeForCausalLM and how it maps to our params."""
     d, n, k, h = config.n_embd, config.n_head, config.kv_heads, config.head_dim
     f, v, p = config.mlp_dim, config.vocab_size, config.n_positions
     qkv_rows = (n + 2 * k) * h
     mqa = config.multi_query
-
-    def split_qkv_weight(w):  # [(N + 2K) H, D] -> [D, N, H], [D, K, H], [D, K, H]
-        if mqa:
-            q, kk, vv = w[: n * h], w[n * h: n * h + h], w[n * h + h:]
-            return (q.T.reshape(d, n, h), kk.T.reshape(d, 1, h), vv.T.reshape(d, 1, h))
-        w = w.reshape(n, 3, h, d)
-        return tuple(np.ascontiguousarray(w[:, j].transpose(2, 0, 1)) for j in range(3))
-
-    def join_qkv_weight(q, kk, vv):
-        if mqa:
-            return np.concatenate([q.reshape(d, n * h).T, kk.reshape(d, h).T, vv.reshape(d, h).T])
-        stacked = np.stack([x.transpose(1, 2, 0) for x in (q, kk, vv)], axis=1)  # [N, 3, H, D]
-        return stacked.reshape(3 * n * h, d)
 
     def split_qkv_bias(b):  # [(N + 2K) H] -> [N, H], [K, H], [K, H]
         if mqa:
@@ -130,7 +141,7 @@ def weight_table(config: StarCoderConfig) -> list[Entry]:
         entries += [
             Entry(f"{hf}.attn.c_attn.weight", (qkv_rows, d),
                   tuple((*attn, name, "kernel") for name in ("query", "key", "value")),
-                  split_qkv_weight, join_qkv_weight),
+                  lambda w: split_qkv_weight(w, config), lambda *qkv: join_qkv_weight(*qkv, config)),
             Entry(f"{hf}.attn.c_attn.bias", (qkv_rows,),
                   tuple((*attn, name, "bias") for name in ("query", "key", "value")),
                   split_qkv_bias, join_qkv_bias),
@@ -382,6 +393,7 @@ def save_hf(model: StarCoder, out_dir: str, *, max_shard_bytes: int = 5 * 2**30,
     found in `tokenizer_from` are copied alongside.
     """
     config = model.config
+    _refuse_adapters(model, "HF safetensors")
     if config.quantization is not None:
         raise ValueError(f"this model is {config.quantization}-quantized; HF safetensors hold float "
                          "weights: export the model before quantizing it (or load the float checkpoint)")
@@ -431,6 +443,12 @@ def save_hf(model: StarCoder, out_dir: str, *, max_shard_bytes: int = 5 * 2**30,
     return out_dir
 
 
+def _refuse_adapters(model: StarCoder, what: str) -> None:
+    if has_lora(model):
+        raise ValueError(f"this model has LoRA adapters, which {what} do not hold: write "
+                         "merge_lora(model) for the merged model, or save_peft(model, DIR) for the adapters")
+
+
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -454,6 +472,7 @@ def save_orbax(model: StarCoder, out_dir: str, *, tokenizer_from: str | None = N
     """Writes config.json + an orbax checkpoint of the params under out_dir/params."""
     import orbax.checkpoint as ocp
 
+    _refuse_adapters(model, "orbax model directories")
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     target = os.path.join(out_dir, ORBAX_PARAMS)

@@ -44,6 +44,9 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": ("tensor",),
     "norm": None,  # [D] LayerNorm scales and biases, [D] output biases: tiny
+    # LoRA adapters A [*in, r] and B [r, *out] take their kernel's axes; the rank r is small
+    # and every matmul contracts or produces it whole, so it is never split.
+    "lora_rank": None,
     # the KV cache [B, S, K, H]
     "cache_batch": ("data", "fsdp"),
     "cache_sequence": None,
@@ -54,6 +57,7 @@ SIZE_NAMES = {
     "vocab": "vocab_size", "embed": "n_embd", "positions": "n_positions", "heads": "n_head",
     "kv_heads": "kv heads (= n_head, multi_query=False)", "shared_kv_head": "the shared K/V head",
     "head_dim": "head_dim", "mlp": "mlp width (n_inner)", "norm": "n_embd",
+    "lora_rank": "the LoRA rank r",
 }
 
 ACTIVATION = ("batch", "sequence", "act_embed")  # the residual stream [B, T, D]

@@ -27,6 +27,8 @@ class ModelSection:
       of the preset; vocab_size defaults to the tokenizer's, rounded up to 128).
       With `path`, only the runtime fields attention_impl and matmul_impl
       (the shapes come from the checkpoint).
+    quantize: "int8" holds the base's matmul weights as int8 (frozen), for
+      LoRA fine-tuning only (a `lora:` section): QLoRA's memory saver.
     compute_dtype: dtype of activations and matmuls; params stay float32.
     remat: recompute each block's activations in the backward pass.
     """
@@ -34,6 +36,7 @@ class ModelSection:
     preset: str | None = None
     path: str | None = None
     config: dict = dataclasses.field(default_factory=dict)
+    quantize: str | None = None
     compute_dtype: str = "float32"
     remat: bool = False
 
@@ -96,6 +99,35 @@ class LoopConfig:
             object.__setattr__(self, name, _patterns(getattr(self, name), f"train.{name}"))
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRASection:
+    """LoRA fine-tuning (PEFT's LoRA; model.lora): present, only the adapters train.
+
+    rank, alpha, dropout, target_modules, use_rslora: PEFT's r, lora_alpha,
+    lora_dropout, target_modules (a list; one name is a list of one) and
+    use_rslora (defaults: PEFT's; targets: its gpt_bigcode default). The scale is alpha / rank (alpha /
+    sqrt(rank) with use_rslora). train.trainable / train.frozen then choose
+    among the adapters' paths ("blocks/0/attn/query/lora/a").
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("c_attn",)
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora.rank must be a positive integer, got {self.rank!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
+        if not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"lora.target_modules must be a list of module names such as [c_attn, c_proj, "
+                             f"c_fc], got {self.target_modules!r}")
+        object.__setattr__(self, "target_modules", tuple(targets))
+
+
 def _patterns(value, where: str) -> tuple[str, ...]:
     """A list of regular expressions (a single string is a list of one), each checked."""
     patterns = (value,) if isinstance(value, str) else value
@@ -116,6 +148,15 @@ class FinetuneConfig:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: LoopConfig = LoopConfig()
+    lora: LoRASection | None = None  # None: every (trainable) parameter trains
+
+    def __post_init__(self):
+        if self.model.quantize is not None:
+            if self.model.quantize != "int8":
+                raise ValueError(f"model.quantize must be int8 or unset, got {self.model.quantize!r}")
+            if self.lora is None:
+                raise ValueError("model.quantize: int8 needs a lora: section: int8 weights are frozen, "
+                                 "only LoRA adapters train on them")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -148,17 +189,20 @@ def parse_config(raw: dict, overrides: list[str] = ()) -> FinetuneConfig:
             raw["tokenizer"] = parsed
             continue
         section, name = key.split(".", 1)
-        raw.setdefault(section, {})
+        if raw.get(section) is None:  # absent, or `lora: null` as config.yaml writes it
+            raw[section] = {}
         target = raw[section]
         if section == "model" and name.startswith("config."):
             target = target.setdefault("config", {})
             name = name.removeprefix("config.")
         target[name] = parsed
-    unknown = sorted(set(raw) - set(_SECTIONS) - {"tokenizer"})
+    unknown = sorted(set(raw) - set(_SECTIONS) - {"tokenizer", "lora"})
     if unknown:
         raise ValueError(f"unknown section(s) {', '.join(unknown)}; a config has: "
-                         f"{', '.join(sorted([*_SECTIONS, 'tokenizer']))}")
+                         f"{', '.join(sorted([*_SECTIONS, 'lora', 'tokenizer']))}")
     sections = {name: _build_section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    if raw.get("lora") is not None:  # a lora mapping turns LoRA on (`lora: {}`: PEFT's defaults)
+        sections["lora"] = _build_section(LoRASection, raw["lora"] or {}, "lora")
     return FinetuneConfig(tokenizer=raw.get("tokenizer"), **sections)
 
 

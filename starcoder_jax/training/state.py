@@ -5,13 +5,16 @@ checkpoint it resumes from.
 A checkpoint holds the trainable params, their optimizer state and, when
 some params are frozen, those too (so a run directory alone gives its
 model); variables that are not nnx.Params (derived arrays) are rebuilt with
-the model, never saved.
+the model, never saved. A LoRA run (a `lora:` section) saves its adapters
+and their optimizer state only: the frozen base is rebuilt from model.path
+(or the seed), and its digest in the fingerprint refuses a resume on another.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -50,7 +53,7 @@ PATH_MODEL_FIELDS = ("attention_impl", "matmul_impl")
 def build_model(cfg: FinetuneConfig, tokenizer: Tokenizer) -> StarCoder:
     """The model of `cfg.model` (loaded from model.path, else initialised with seed train.seed)."""
     m = cfg.model
-    model = _load_path_model(m) if m.path else _new_model(cfg, tokenizer)
+    model = _load_path_model(m, lora=cfg.lora is not None) if m.path else _new_model(cfg, tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
                          f"holds {model.config.vocab_size}")
@@ -58,10 +61,52 @@ def build_model(cfg: FinetuneConfig, tokenizer: Tokenizer) -> StarCoder:
         raise ValueError(f"data.seq_len is {cfg.data.seq_len} but the model holds "
                          f"{model.config.n_positions} positions")
     model.remat = m.remat
-    return model
+    return with_lora(model, cfg)
 
 
-def _load_path_model(m: ModelSection) -> StarCoder:
+def with_lora(model: StarCoder, cfg: FinetuneConfig) -> StarCoder:
+    """The model with model.quantize applied and cfg.lora's new adapters (seed
+    train.seed; none without a lora section), in place."""
+    if cfg.model.quantize is not None:
+        model.quantize_(cfg.model.quantize)
+    if cfg.lora is None:
+        return model
+    from starcoder_jax.model.lora import add_lora
+
+    return add_lora(model, lora_config(cfg), seed=cfg.train.seed)
+
+
+def lora_config(cfg: FinetuneConfig):
+    """The model.lora.LoRAConfig of cfg.lora (PEFT's names)."""
+    from starcoder_jax.model.lora import LoRAConfig
+
+    lo = cfg.lora
+    return LoRAConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+                      use_rslora=lo.use_rslora, base_model_name_or_path=cfg.model.path)
+
+
+def base_digest(model: StarCoder) -> str:
+    """A digest of the frozen base of a LoRA model: sha256 over every variable but
+    the adapters (int8 weights in their stored layout), each by path, shape, dtype
+    and the values of up to 4096 evenly spaced elements. Cheap for any size, and a
+    different checkpoint differs in nearly every element."""
+    from starcoder_jax.model.weights import stored_state
+
+    state = nnx.filter_state(stored_state(model), nnx.Not(nnx.LoRAParam))
+    named = [(path_name(p), leaf) for p, var in nnx.to_flat_state(state) for leaf in jax.tree.leaves(var.get_value())]
+
+    @jax.jit
+    def samples(arrays):
+        return [a.reshape(-1)[::max(1, a.size // 4096)][:4096].astype(jnp.float32) for a in arrays]
+
+    h = hashlib.sha256()
+    for (name, leaf), sample in zip(named, samples([leaf for _, leaf in named])):
+        h.update(f"{name} {tuple(leaf.shape)} {leaf.dtype};".encode())
+        h.update(np.asarray(sample).tobytes())
+    return h.hexdigest()
+
+
+def _load_path_model(m: ModelSection, *, lora: bool = False) -> StarCoder:
     from starcoder_jax.model.pretrained import load_pretrained
 
     shape_fields = sorted(set(m.config) - set(PATH_MODEL_FIELDS))
@@ -69,9 +114,10 @@ def _load_path_model(m: ModelSection) -> StarCoder:
         raise ValueError(f"model.config sets {', '.join(shape_fields)} but model.path {m.path!r} fixes the "
                          f"model's shape; with model.path, model.config takes only {', '.join(PATH_MODEL_FIELDS)}")
     model = load_pretrained(m.path, dtype="float32", compute_dtype=m.compute_dtype, **m.config)
-    if model.config.quantization is not None:
+    if model.config.quantization is not None and not lora:
         raise ValueError(f"model.path {m.path!r} holds a {model.config.quantization}-quantized "
-                         "model (inference only); train from its float checkpoint")
+                         "model (inference only); train from its float checkpoint, or train LoRA "
+                         "adapters on it (a lora: section)")
     return model
 
 
@@ -93,20 +139,23 @@ class TrainState:
     params: the trainable state, which the optimizer updates; rest: every
     other variable of the model (frozen params, derived arrays), which the
     train step reads and leaves as it is; opt_state: the optimizer state of
-    `params` only.
+    `params` only. save_frozen: whether checkpoints hold the frozen params
+    (not for LoRA runs, whose base is rebuilt from its source).
     """
 
     graphdef: nnx.GraphDef
     params: nnx.State
     rest: nnx.State
     opt_state: Any
+    save_frozen: bool = True
 
     @classmethod
-    def create(cls, model: StarCoder, trainable: nnx.filterlib.Filter, tx) -> TrainState:
+    def create(cls, model: StarCoder, trainable: nnx.filterlib.Filter, tx, *,
+               save_frozen: bool = True) -> TrainState:
         graphdef, params, rest = nnx.split(model, trainable, ...)
         if not jax.tree.leaves(params):
             raise ValueError("train.trainable and train.frozen leave no parameter to train")
-        return cls(graphdef, params, rest, tx.init(params))
+        return cls(graphdef, params, rest, tx.init(params), save_frozen)
 
     def frozen(self) -> nnx.State:
         """The params that are not trained."""
@@ -116,7 +165,8 @@ class TrainState:
         """The pytree a checkpoint holds (see the module docstring)."""
         tree = {"params": self.params, "opt_state": self.opt_state}
         frozen = self.frozen()
-        if jax.tree.leaves(frozen):  # with none, a checkpoint keeps the layout it had before frozen sets
+        # with none, a checkpoint keeps the layout it had before frozen sets
+        if self.save_frozen and jax.tree.leaves(frozen):
             tree["frozen"] = frozen
         return tree
 
@@ -131,9 +181,15 @@ class TrainState:
         return nnx.merge(self.graphdef, self.params, self.rest)
 
 
-def fingerprint(cfg: FinetuneConfig, state: TrainState, model_config: StarCoderConfig) -> dict:
-    """What must match for an output dir's checkpoints to be resumed."""
+def fingerprint(cfg: FinetuneConfig, state: TrainState, model_config: StarCoderConfig,
+                base: str | None = None) -> dict:
+    """What must match for an output dir's checkpoints to be resumed; base: a
+    LoRA run's base_digest."""
     out = {"model": model_config.to_hf(), "seq_len": cfg.data.seq_len, "seed": cfg.train.seed}
+    if cfg.lora is not None:  # the adapters' settings and the base they train on
+        out["lora"] = dataclasses.asdict(cfg.lora)
+        out["base"] = base
+        return out
     frozen = [path_name(path) for path, _ in nnx.to_flat_state(state.frozen())]
     if frozen:  # absent when every param trains, as in the runs written before frozen sets
         out["frozen"] = frozen
@@ -226,21 +282,29 @@ def prepare(cfg: FinetuneConfig, *, progress: bool | None = None) -> Setup:
     tokenizer = load_tokenizer(cfg.tokenizer)
     train_docs, held_docs = split_documents(collect_documents(cfg.data), cfg.data.eval_fraction)
     model = build_model(cfg, tokenizer)
+    base = base_digest(model) if cfg.lora is not None else None  # before placing: every array is local
     placement = Placement.from_config(loop)
     tx, schedule = make_optimizer(cfg.optim, loop.steps)
-    state = TrainState.create(placement.model(model), trainable_filter(loop.trainable, loop.frozen), tx)
-    prints = fingerprint(cfg, state, model.config)
+    state = TrainState.create(placement.model(model), run_filter(cfg), tx, save_frozen=cfg.lora is None)
+    prints = fingerprint(cfg, state, model.config, base)
     checkpoints, start_step = _open_checkpoints(out_dir, loop, prints)
     train_data, eval_data = _data_sources(cfg, tokenizer, train_docs, held_docs, progress)
     if start_step:
         state = state.restored(checkpoints)
     state, out_shardings = placement.state(state)
     config = model.config
-    dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) > 0
+    dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop,
+                  cfg.lora.dropout if cfg.lora is not None else 0) > 0
     train_step = make_train_step(state.graphdef, tx, seed=loop.seed, dropout=dropout,
                                  skip_nonfinite=loop.nan_policy == "skip", out_shardings=out_shardings)
     return Setup(cfg, out_dir, train_data, eval_data, state, start_step, checkpoints, prints, placement,
                  schedule, train_step, make_eval_fn(state.graphdef))
+
+
+def run_filter(cfg: FinetuneConfig) -> nnx.filterlib.Filter:
+    """The trained variables of a run: train.trainable / train.frozen, among the
+    LoRA adapters when cfg has a lora section."""
+    return trainable_filter(cfg.train.trainable, cfg.train.frozen, lora=cfg.lora is not None)
 
 
 def _open_checkpoints(out_dir: str, loop: LoopConfig, prints: dict) -> tuple[Checkpoints, int]:
@@ -253,8 +317,8 @@ def _open_checkpoints(out_dir: str, loop: LoopConfig, prints: dict) -> tuple[Che
     if start_step and checkpoints.read_meta().get("fingerprint") != prints:
         checkpoints.close()
         raise TrainingError(
-            f"{out_dir} holds checkpoints of a different run (model config, seq_len, seed or frozen "
-            "params differ); use another --output-dir or delete it")
+            f"{out_dir} holds checkpoints of a different run (model config, seq_len, seed, frozen "
+            "params, lora settings or LoRA base model differ); use another --output-dir or delete it")
     return checkpoints, start_step
 
 
@@ -288,7 +352,16 @@ def load_run_model(output_dir: str, step: int | None = None) -> StarCoder:
     runtime = {k: v for k, v in cfg.model.config.items() if k in PATH_MODEL_FIELDS}
     config = config.replace(dtype=cfg.model.compute_dtype, param_dtype="float32", **runtime)
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
-    state = TrainState.create(init_model(config), trainable_filter(cfg.train.trainable, cfg.train.frozen), tx)
+    if cfg.lora is None:
+        model = init_model(config)
+    else:  # the base from its source (checkpoints do not hold it), checked against the run's
+        model = _load_path_model(cfg.model, lora=True) if cfg.model.path else init_model(config, cfg.train.seed)
+        model = with_lora(model, cfg)
+        if base_digest(model) != saved["fingerprint"].get("base"):
+            checkpoints.close()
+            raise TrainingError(f"{output_dir}: the base model ({cfg.model.path or 'seed ' + str(cfg.train.seed)}) "
+                                "is not the one its adapters were trained on")
+    state = TrainState.create(model, run_filter(cfg), tx, save_frozen=cfg.lora is None)
     try:
         return state.restored(checkpoints, step).model()
     finally:

@@ -37,10 +37,12 @@ class PathMatches:
         return re.search(self.pattern, path_name(path)) is not None
 
 
-def trainable_filter(trainable: Sequence[str] = (), frozen: Sequence[str] = ()) -> nnx.filterlib.Filter:
+def trainable_filter(trainable: Sequence[str] = (), frozen: Sequence[str] = (), *,
+                     lora: bool = False) -> nnx.filterlib.Filter:
     """The nnx.Params matching one of `trainable` (every Param when empty) and none
-    of `frozen` (regular expressions over `path_name`, as train.trainable / train.frozen)."""
-    parts = [nnx.Param]
+    of `frozen` (regular expressions over `path_name`, as train.trainable / train.frozen).
+    lora: among the LoRA adapters (nnx.LoRAParam) only; the base stays frozen."""
+    parts = [nnx.LoRAParam if lora else nnx.Param]
     if trainable:
         parts.append(nnx.Any(*map(PathMatches, trainable)))
     if frozen:

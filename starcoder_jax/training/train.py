@@ -33,22 +33,37 @@ __all__ = ["FinetuneConfig", "LoopConfig", "ModelSection", "OptimConfig", "Train
 
 
 def run(cfg: FinetuneConfig, *, progress: bool | None = None, export_hf: str | None = None,
-        stop_after: int | None = None) -> dict:
+        export_peft: str | None = None, stop_after: int | None = None) -> dict:
     """Trains until cfg.train.steps (or a SIGTERM, or `stop_after` steps in this call).
 
     Returns a summary dict (final step, last loss, eval loss, output dir, the
     model, whether a SIGTERM ended it). export_hf: a folder to write the
-    finished model to in HF format (with the tokenizer), once train.steps are done.
+    finished model to in HF format (with the tokenizer), once train.steps are
+    done; a LoRA run writes its merged model (model.lora.merge_lora).
+    export_peft: a folder to write a LoRA run's adapters to as a PEFT directory.
     """
+    if export_peft and cfg.lora is None:
+        raise ValueError("export_peft (--export-peft) needs a LoRA run: add a lora: section to the config")
+    if export_hf and cfg.lora is not None and cfg.model.quantize is not None:
+        raise ValueError("export_hf (--export-hf) of a LoRA run on an int8 base would merge the adapters into "
+                         "int8 weights; export the adapters (--export-peft) and merge them into the float base "
+                         "with `starcoder-jax convert merge-lora`")
     setup = prepare(cfg, progress=progress)
     with open(os.path.join(setup.out_dir, "config.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     result = Loop(setup, progress=progress).run(stop_after)
     model = result.state.model()
-    if export_hf and result.step >= cfg.train.steps:
+    done = result.step >= cfg.train.steps
+    if export_hf and done:
+        from starcoder_jax.model.lora import merge_lora
         from starcoder_jax.model.weights import save_hf
 
-        save_hf(model, export_hf, tokenizer_from=_tokenizer_dir(cfg.tokenizer))
+        save_hf(merge_lora(model) if cfg.lora is not None else model, export_hf,
+                tokenizer_from=_tokenizer_dir(cfg.tokenizer))
+    if export_peft and done:
+        from starcoder_jax.model.peft import save_peft
+
+        save_peft(model, export_peft)
     return {"step": result.step, "loss": result.last.get("loss"), "eval_loss": result.eval_loss,
             "output_dir": setup.out_dir, "model": model, "terminated": result.terminated}
 
