@@ -187,7 +187,7 @@ def fingerprint(cfg: FinetuneConfig, state: TrainState, model_config: StarCoderC
     LoRA run's base_digest."""
     out = {"model": model_config.to_hf(), "seq_len": cfg.data.seq_len, "seed": cfg.train.seed}
     if cfg.lora is not None:  # the adapters' settings and the base they train on
-        out["lora"] = dataclasses.asdict(cfg.lora)
+        out["lora"] = cfg.to_dict()["lora"]  # as JSON holds it (lists, not tuples)
         out["base"] = base
         return out
     frozen = [path_name(path) for path, _ in nnx.to_flat_state(state.frozen())]

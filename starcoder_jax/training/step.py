@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Sequence
 
@@ -81,6 +82,13 @@ def make_optimizer(o: OptimConfig, steps: int):
         optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
     )
     return tx, schedule
+
+
+def optimizer_state_bytes(params: nnx.State, tx) -> int:
+    """Bytes of `tx`'s state for `params` (arrays or ShapeDtypeStructs: an abstract
+    model's state), from shapes only."""
+    state = jax.eval_shape(tx.init, params)
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx, *, seed: int, dropout: bool, skip_nonfinite: bool,
