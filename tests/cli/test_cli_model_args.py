@@ -60,6 +60,21 @@ def test_every_model_command_loads_through_the_one_loader(command, problems, mon
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_model_command_passes_its_adapter_to_load_pretrained(command, problems, monkeypatch):
+    seen = []
+
+    def spy(path, **kwargs):
+        seen.append(kwargs["adapter"])
+        raise Loaded
+
+    monkeypatch.setattr("starcoder_jax.model.pretrained.load_pretrained", spy)
+    monkeypatch.setattr("starcoder_jax.cli.eval._LOADED", {})
+    with pytest.raises(Loaded):
+        main([*COMMANDS[command](problems), "--adapter", "adapters/python"])
+    assert seen == ["adapters/python"]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_kernel_flags_default_to_auto_and_refuse_unknown_names(command, problems, capsys):
     argv = COMMANDS[command](problems)
     args = build_parser().parse_args(argv)

@@ -108,6 +108,8 @@ def peft_adapter(base_dir, out_dir, seed=0, **config) -> np.ndarray:
     (True, dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc", "q_attn"], use_rslora=True)),
     (False, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
                  rank_pattern={"h.1.mlp.c_proj": 2, "attn.c_attn": 6}, alpha_pattern={"c_fc": 3})),
+    (True, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], exclude_modules=["mlp.c_proj"],
+                layers_to_transform=[1])),
 ])
 def test_we_load_peft_adapters(bases, tmp_path, multi_query, config):
     base, adapter = bases[multi_query], str(tmp_path / "adapter")
@@ -119,6 +121,9 @@ def test_we_load_peft_adapters(bases, tmp_path, multi_query, config):
     if "rank_pattern" in config:  # each pattern reached its module
         assert model.blocks[1].mlp.proj.lora.b.shape[0] == 2 and model.blocks[0].attn.key.lora.b.shape[0] == 6
         assert model.blocks[0].mlp.fc.lora.scale == 3 / 4
+    if "exclude_modules" in config:
+        assert model.blocks[0].attn.query.lora is None and model.blocks[1].mlp.proj.lora is None
+        assert model.blocks[1].attn.out.lora is not None
 
 
 def test_merge_equals_peft_merge_and_unload(bases, tmp_path):

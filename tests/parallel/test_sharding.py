@@ -623,6 +623,43 @@ def test_mesh8_batch_placement():
 
 
 @mesh8
+def test_mesh8_lora_finetune_equals_one_device(tmp_path):
+    """LoRA fine-tuning on a (2,2,2) mesh gives the single-device losses; each adapter
+    is split like its kernel, with the rank whole."""
+    import json
+
+    from builders import CORPUS, make_tokenizer
+
+    from starcoder_jax.training import train
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"f{i}.py").write_text("\n".join(CORPUS[j % len(CORPUS)] for j in range(i, i + 4)))
+    raw = {"model": {"config": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}},
+           "tokenizer": make_tokenizer(str(tmp_path / "tok")),
+           "data": {"paths": [str(corpus)], "seq_len": 32, "eval_fraction": 0.0},
+           "optim": {"learning_rate": 1e-2, "warmup_steps": 1},
+           "train": {"steps": 4, "batch_size": 8, "save_every": 4, "log_every": 1, "eval_every": 100,
+                     "async_checkpoints": False},
+           "lora": {"rank": 4, "alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"]}}
+
+    def run(out, mesh=None):
+        raw["train"].update(output_dir=str(out), mesh=mesh)
+        result = train.run(train.parse_config(raw), progress=False)
+        return result["model"], [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+
+    with jax.default_device(jax.devices()[0]):
+        _, reference = run(tmp_path / "one")
+    model, got = run(tmp_path / "mesh", "data=2,fsdp=2,tensor=2")
+    np.testing.assert_allclose(got, reference, rtol=1e-5)
+    query = model.blocks[0].attn.query.lora
+    assert query.a[...].sharding.spec == P("fsdp", None)
+    assert query.b[...].sharding.spec == P(None, "tensor", None)
+    assert model.blocks[0].mlp.proj.lora.a[...].sharding.spec == P("tensor", None)
+
+
+@mesh8
 def test_mesh8_train_step_and_restore_onto_a_mesh(tmp_path):
     """Fine-tuning on a (2,2,2) mesh gives the single-device losses, and a checkpoint
     written on one device restores onto the mesh and continues with the same losses."""
