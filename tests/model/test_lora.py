@@ -232,3 +232,20 @@ def test_adapter_axes_are_their_kernels_with_the_rank_whole(multi_query):
     rank_axes = [var.get_metadata()["out_sharding"] for _, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))]
     assert len(rank_axes) == 2 * 4 * 2 + 2 * 2 and all("lora_rank" in axes for axes in rank_axes)
 
+
+
+
+def test_generation_runs_the_adapters(bases):
+    """The prefill and the cached decode loop run the adapters too: each greedy token is
+    the argmax of the full forward (checked against PEFT above) over the tokens before
+    it, and the base model would have chosen others."""
+    model = randomize(add_lora(sj.load_pretrained(bases[True]), LoRAConfig(r=4, target_modules=ALL_TARGETS)))
+    base = sj.load_pretrained(bases[True])
+    prompts = [[5, 17, 3, 99], [42, 7]]
+    base_agrees = []
+    for prompt, result in zip(prompts, sj.generate(model, prompts, max_new_tokens=8, temperature=0.0)):
+        seq = jnp.asarray([prompt + result.ids], jnp.int32)
+        chosen = slice(len(prompt) - 1, seq.shape[1] - 1)
+        assert np.argmax(np.asarray(model(seq))[0, chosen], -1).tolist() == result.ids
+        base_agrees.append(np.argmax(np.asarray(base(seq))[0, chosen], -1).tolist() == result.ids)
+    assert not all(base_agrees)
