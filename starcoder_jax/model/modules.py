@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from starcoder_jax.config import QUANTIZATION_MODES, StarCoderConfig, check_quantization
 from starcoder_jax.model.kv_cache import KVCache, LayerCache
@@ -28,6 +29,14 @@ from starcoder_jax.ops.matmul import project, resolve
 from starcoder_jax.parallel.rules import ACTIVATION, constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# What a block keeps for the backward pass (`StarCoder.remat`, fine-tuning's model.remat):
+#   "none"         every activation (fastest, most memory);
+#   "full"         only the block's input: the backward pass reruns the whole block;
+#   "projections"  the outputs of the dense projections (q, k, v, attention out, fc,
+#                  proj; tagged PROJECTION): attention and the MLP's GELU are rerun.
+REMAT_POLICIES = ("none", "full", "projections")
+PROJECTION = "projection"  # the checkpoint_name of every Dense output
 
 
 def jnp_dtype(name: str):
@@ -172,7 +181,8 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = project(x, self.kernel.get_value(), self.n_in, impl=self.matmul_impl, dtype=self.dtype)
-        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+        # named for the "projections" remat policy, which saves exactly these outputs
+        return checkpoint_name((y + self.bias[...].astype(jnp.float32)).astype(self.dtype), PROJECTION)
 
 
 class Attention(nnx.Module):
@@ -283,8 +293,8 @@ class StarCoder(nnx.Module):
             else:
                 self.lm_head = param(head, ("embed", "vocab"), decay=True)
         self.drop = nnx.Dropout(config.embd_pdrop)
-        # Recompute block activations in the backward pass (training memory).
-        self.remat = False
+        # What blocks keep for the backward pass: a name of REMAT_POLICIES (training memory).
+        self.remat = "none"
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, *,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -311,10 +321,11 @@ class StarCoder(nnx.Module):
         x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
         layers = []
+        rematted = _rematted_block(self.remat)
         for i, block in enumerate(self.blocks):
             x = constrain(x, ACTIVATION)  # sharding: block boundary (no-op without a mesh)
-            if self.remat and cache is None:
-                x = nnx.remat(_block_without_cache)(block, x, positions, rngs)
+            if rematted is not None and cache is None:
+                x = rematted(block, x, positions, rngs)
                 continue
             x, layer = block(x, positions, None if cache is None else cache.layer(i), rngs,
                              read_cache=read_cache)
@@ -426,6 +437,26 @@ class _Source:
 
 def _block_without_cache(block: Block, x, positions, rngs):
     return block(x, positions, None, rngs)[0]
+
+
+def check_remat(remat: str | bool, argument: str = "remat") -> str:
+    """A remat setting as a name of REMAT_POLICIES; True (older configs) is "full", False "none"."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"{argument} must be one of {', '.join(REMAT_POLICIES)} (or true / false), "
+                         f"got {remat!r}")
+    return remat
+
+
+def _rematted_block(remat: str | bool):
+    """`_block_without_cache` under the checkpoint policy `remat` names, or None for "none"."""
+    name = check_remat(remat, "StarCoder.remat")
+    if name == "none":
+        return None
+    # "full": the default policy, which saves nothing but the block's arguments
+    policy = jax.checkpoint_policies.save_only_these_names(PROJECTION) if name == "projections" else None
+    return nnx.remat(_block_without_cache, policy=policy)
 
 
 def check_input_ids(input_ids, config: StarCoderConfig) -> None:

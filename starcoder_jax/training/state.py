@@ -238,9 +238,10 @@ def prepare(cfg: FinetuneConfig, *, progress: bool | None = None) -> Setup:
     config = model.config
     dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) > 0
     train_step = make_train_step(state.graphdef, tx, seed=loop.seed, dropout=dropout,
-                                 skip_nonfinite=loop.nan_policy == "skip", out_shardings=out_shardings)
+                                 skip_nonfinite=loop.nan_policy == "skip", out_shardings=out_shardings,
+                                 loss_chunk=loop.loss_chunk)
     return Setup(cfg, out_dir, train_data, eval_data, state, start_step, checkpoints, prints, placement,
-                 schedule, train_step, make_eval_fn(state.graphdef))
+                 schedule, train_step, make_eval_fn(state.graphdef, loop.loss_chunk))
 
 
 def _open_checkpoints(out_dir: str, loop: LoopConfig, prints: dict) -> tuple[Checkpoints, int]:
