@@ -209,14 +209,17 @@ class Attention(nnx.Module):
         self.resid_drop = nnx.Dropout(config.resid_pdrop)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
-                 rngs: nnx.Rngs | None = None, *, read_cache: bool = True
-                 ) -> tuple[jax.Array, LayerCache | None]:
+                 rngs: nnx.Rngs | None = None, *, read_cache: bool = True,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
         """x [B, T, D], positions [B, T] -> ([B, T, D], updated cache).
 
         With a cache, k/v are written at `positions`; `read_cache=False`
         (a prefill from position 0) attends to the T new keys only instead of
-        all S cache slots.
+        all S cache slots. segment_ids [B, T] (int, no cache): a token sees
+        only the keys of its own segment (documents packed into one row).
         """
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are for training and evaluation without a cache; got a cache too")
         q = self.query(x)  # [B, T, N, H]
         k = self.key(x)  # [B, T, K, H]
         v = self.value(x)  # [B, T, K, H]
@@ -230,7 +233,8 @@ class Attention(nnx.Module):
         own_keys = cache is None or not read_cache
         dropout_key = rngs.dropout() if rngs is not None and self.attn_pdrop > 0 else None
         out = attention(q, k, v, positions, k_positions, impl=self.attention_impl, own_keys=own_keys,
-                        scale=self.scale, dropout_rate=self.attn_pdrop, dropout_key=dropout_key)
+                        scale=self.scale, dropout_rate=self.attn_pdrop, dropout_key=dropout_key,
+                        q_segments=segment_ids, k_segments=segment_ids)
         y = self.out(out)
         y = self.resid_drop(y, deterministic=rngs is None, rngs=rngs)
         return y, cache
@@ -261,8 +265,9 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(config.n_embd, config=config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, cache=None, rngs=None, *, read_cache=True):
-        y, cache = self.attn(self.ln_1(x), positions, cache, rngs, read_cache=read_cache)
+    def __call__(self, x, positions, cache=None, rngs=None, *, read_cache=True, segment_ids=None):
+        y, cache = self.attn(self.ln_1(x), positions, cache, rngs, read_cache=read_cache,
+                             segment_ids=segment_ids)
         x = x + y
         x = x + self.mlp(self.ln_2(x), rngs)
         return x, cache
@@ -297,18 +302,23 @@ class StarCoder(nnx.Module):
         self.remat = "none"
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, *,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Logits [B, T, V] (float32) for ids [B, T]; `rngs` turns dropout on."""
+                 segment_ids: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Logits [B, T, V] (float32) for ids [B, T]; `rngs` turns dropout on.
+
+        segment_ids [B, T] (int): packed documents; a token attends only
+        within its own segment (positions are still absolute: restart them
+        per document to run each one as if alone).
+        """
         input_ids = jnp.asarray(input_ids)
         check_input_ids(input_ids, self.config)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        x, _ = self.hidden(input_ids, positions, rngs=rngs)
+        x, _ = self.hidden(input_ids, positions, rngs=rngs, segment_ids=segment_ids)
         return self.logits(x)
 
     def hidden(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-               *, rngs: nnx.Rngs | None = None, read_cache: bool = True
-               ) -> tuple[jax.Array, KVCache | None]:
+               *, rngs: nnx.Rngs | None = None, read_cache: bool = True,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final hidden states [B, T, D] (after ln_f) and the updated cache.
 
         positions [B, T] are absolute token positions, increasing along each
@@ -316,8 +326,11 @@ class StarCoder(nnx.Module):
         keys/values are written at those positions and every query sees the
         cached keys at positions <= its own. A prefill that starts at position
         0 passes read_cache=False: nothing older is cached, so attention reads
-        the T new keys rather than all S slots.
+        the T new keys rather than all S slots. segment_ids [B, T] (int,
+        without a cache only) keep packed documents apart in attention.
         """
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are for training and evaluation without a cache; got a cache too")
         x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
         layers = []
@@ -325,10 +338,10 @@ class StarCoder(nnx.Module):
         for i, block in enumerate(self.blocks):
             x = constrain(x, ACTIVATION)  # sharding: block boundary (no-op without a mesh)
             if rematted is not None and cache is None:
-                x = rematted(block, x, positions, rngs)
+                x = rematted(block, x, positions, rngs, segment_ids)
                 continue
             x, layer = block(x, positions, None if cache is None else cache.layer(i), rngs,
-                             read_cache=read_cache)
+                             read_cache=read_cache, segment_ids=segment_ids)
             layers.append(layer)
         x = constrain(x, ACTIVATION)  # sharding: block boundary (no-op without a mesh)
         x = self.ln_f(x)
@@ -435,8 +448,8 @@ class _Source:
         return self._ref() is array
 
 
-def _block_without_cache(block: Block, x, positions, rngs):
-    return block(x, positions, None, rngs)[0]
+def _block_without_cache(block: Block, x, positions, rngs, segment_ids=None):
+    return block(x, positions, None, rngs, segment_ids=segment_ids)[0]
 
 
 def check_remat(remat: str | bool, argument: str = "remat") -> str:
