@@ -68,25 +68,45 @@ def chunked_nll(model: StarCoder, x: jax.Array, targets: jax.Array, chunk: int |
     return jnp.moveaxis(nll, 0, 1).reshape(b, pieces * chunk)[:, :t]
 
 
+def document_segments(ids: jax.Array, separator: int) -> tuple[jax.Array, jax.Array]:
+    """Documents of packed rows ids [B, T] joined by `separator` (each document is
+    followed by one): (segment ids [B, T], positions [B, T] counted from each
+    document's first token). A separator belongs to the document it ends."""
+    t = ids.shape[1]
+    ends = ids == separator
+    segments = jnp.cumsum(ends, axis=1) - ends
+    index = jnp.arange(t)
+    starts_here = jnp.concatenate([jnp.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1)  # the token after a separator
+    start = jax.lax.cummax(jnp.where(starts_here, index, 0), axis=1)
+    return segments.astype(jnp.int32), (index - start).astype(jnp.int32)
+
+
 def target_nll(model: StarCoder, ids: jax.Array, rngs: nnx.Rngs | None = None, *,
-               chunk: int | None = LOSS_CHUNK) -> jax.Array:
+               chunk: int | None = LOSS_CHUNK, separator: int | None = None) -> jax.Array:
     """-log p(ids[:, t+1] | ids[:, :t+1]) for every t: [B, T-1] float32, for ids [B, T].
 
     chunk: tokens per piece of the LM head and softmax (`chunked_nll`); None
     or 0 computes `model(ids)`'s whole [B, T-1, V] logits at once.
+    separator: with a token id, the row is packed documents each ended by it
+    (`document_segments`): a token attends only within its document, whose
+    positions start at 0 (data.separate_documents). None: the row is one
+    sequence, as StarCoder was trained.
     """
     inputs = jnp.asarray(ids)[:, :-1]
-    if check_loss_chunk(chunk) is None:
-        return _nll(model(inputs, rngs=rngs), ids[:, 1:])
     check_input_ids(inputs, model.config)
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
-    x, _ = model.hidden(inputs, positions, rngs=rngs)  # [B, T-1, D]
+    if separator is None:
+        segments, positions = None, jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+    else:
+        segments, positions = document_segments(inputs, separator)
+    if check_loss_chunk(chunk) is None:
+        return _nll(model(inputs, positions, rngs=rngs, segment_ids=segments), ids[:, 1:])
+    x, _ = model.hidden(inputs, positions, rngs=rngs, segment_ids=segments)  # [B, T-1, D]
     return chunked_nll(model, x, ids[:, 1:], chunk)
 
 
 def token_nll_sum(model: StarCoder, ids: jax.Array, mask: jax.Array, rngs: nnx.Rngs | None = None, *,
-                  chunk: int | None = LOSS_CHUNK) -> jax.Array:
+                  chunk: int | None = LOSS_CHUNK, separator: int | None = None) -> jax.Array:
     """Sum of next-token negative log-likelihoods over the targets where mask[:, 1:]
     (float32 scalar): the training and held-out loss. ids, mask [B, T + 1];
-    chunk: as `target_nll`."""
-    return jnp.sum(target_nll(model, ids, rngs, chunk=chunk) * mask[:, 1:])
+    chunk, separator: as `target_nll`."""
+    return jnp.sum(target_nll(model, ids, rngs, chunk=chunk, separator=separator) * mask[:, 1:])

@@ -137,6 +137,8 @@ def fingerprint(cfg: FinetuneConfig, state: TrainState, model_config: StarCoderC
     frozen = [path_name(path) for path, _ in nnx.to_flat_state(state.frozen())]
     if frozen:  # absent when every param trains, as in the runs written before frozen sets
         out["frozen"] = frozen
+    if cfg.data.separate_documents:  # another loss: a resume must keep it (absent when off, as before)
+        out["separate_documents"] = True
     return out
 
 
@@ -237,11 +239,12 @@ def prepare(cfg: FinetuneConfig, *, progress: bool | None = None) -> Setup:
     state, out_shardings = placement.state(state)
     config = model.config
     dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) > 0
+    separator = tokenizer.eos_id if cfg.data.separate_documents else None  # ends each packed document
     train_step = make_train_step(state.graphdef, tx, seed=loop.seed, dropout=dropout,
                                  skip_nonfinite=loop.nan_policy == "skip", out_shardings=out_shardings,
-                                 loss_chunk=loop.loss_chunk)
+                                 loss_chunk=loop.loss_chunk, separator=separator)
     return Setup(cfg, out_dir, train_data, eval_data, state, start_step, checkpoints, prints, placement,
-                 schedule, train_step, make_eval_fn(state.graphdef, loop.loss_chunk))
+                 schedule, train_step, make_eval_fn(state.graphdef, loop.loss_chunk, separator))
 
 
 def _open_checkpoints(out_dir: str, loop: LoopConfig, prints: dict) -> tuple[Checkpoints, int]:
@@ -254,8 +257,8 @@ def _open_checkpoints(out_dir: str, loop: LoopConfig, prints: dict) -> tuple[Che
     if start_step and checkpoints.read_meta().get("fingerprint") != prints:
         checkpoints.close()
         raise TrainingError(
-            f"{out_dir} holds checkpoints of a different run (model config, seq_len, seed or frozen "
-            "params differ); use another --output-dir or delete it")
+            f"{out_dir} holds checkpoints of a different run (model config, seq_len, seed, frozen "
+            "params or data.separate_documents differ); use another --output-dir or delete it")
     return checkpoints, start_step
 
 

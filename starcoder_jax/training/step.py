@@ -82,7 +82,7 @@ def make_optimizer(o: OptimConfig, steps: int):
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx, *, seed: int, dropout: bool, skip_nonfinite: bool,
-                    out_shardings=None, loss_chunk: int | None = LOSS_CHUNK):
+                    out_shardings=None, loss_chunk: int | None = LOSS_CHUNK, separator: int | None = None):
     """A jitted `step(params, opt_state, rest, ids, mask, step) -> (params, opt_state, metrics)`.
 
     params: the trainable state, rest: the other states of
@@ -96,12 +96,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx, *, seed: int, dropout: bool, ski
     back whole on every device.
     loss_chunk: tokens per piece of the LM head and cross-entropy
     (losses.chunked_nll); None or 0: whole [b, T, V] logits.
+    separator: the token that ends each packed document, to keep documents
+    apart in attention (data.separate_documents; losses.target_nll); None:
+    each row is one sequence.
     """
 
     def micro_loss(params, rest, ids, mask, key):
         model = nnx.merge(graphdef, params, rest)
         rngs = nnx.Rngs(dropout=key) if dropout else None
-        return token_nll_sum(model, ids, mask, rngs, chunk=loss_chunk)
+        return token_nll_sum(model, ids, mask, rngs, chunk=loss_chunk, separator=separator)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out_shardings)
     def step_fn(params, opt_state, rest, ids, mask, step):
@@ -131,11 +134,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx, *, seed: int, dropout: bool, ski
     return step_fn
 
 
-def make_eval_fn(graphdef: nnx.GraphDef, loss_chunk: int | None = LOSS_CHUNK):
+def make_eval_fn(graphdef: nnx.GraphDef, loss_chunk: int | None = LOSS_CHUNK, separator: int | None = None):
     """A jitted `eval(params, rest, ids, mask) -> (nll sum, target count)` for ids, mask [B, T + 1]
-    (loss_chunk: as make_train_step)."""
+    (loss_chunk, separator: as make_train_step)."""
     @jax.jit
     def eval_fn(params, rest, ids, mask):
         model = nnx.merge(graphdef, params, rest)
-        return token_nll_sum(model, ids, mask, chunk=loss_chunk), jnp.sum(mask[:, 1:])
+        return token_nll_sum(model, ids, mask, chunk=loss_chunk, separator=separator), jnp.sum(mask[:, 1:])
     return eval_fn

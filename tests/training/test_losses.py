@@ -139,3 +139,30 @@ def residual_bytes(lines: list[str]) -> int:
         if found and "from the argument" not in line:
             total += size[found[1]] * math.prod(int(d) for d in found[2].split(",") if d)
     return total
+
+
+def test_document_segments_of_a_packed_row():
+    from starcoder_jax.training.losses import document_segments
+
+    ids = jnp.asarray([[5, 6, 0, 7, 8, 9, 0, 4], [0, 3, 3, 3, 3, 3, 3, 3]])
+    segments, positions = document_segments(ids, 0)
+    assert segments.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1, 1, 1]]
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 4, 5, 6]]
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_separated_documents_score_as_if_alone(chunk):
+    """data.separate_documents: in a packed row, the second document's targets get
+    the log-likelihoods it gets alone (positions from 0), to 1e-5; without the
+    separator, attention reaches across and they differ."""
+    eos = 0
+    model = init_model(StarCoderConfig(**SHAPE), seed=2)
+    rng = np.random.default_rng(3)
+    first, second = rng.integers(1, 256, 9).tolist(), rng.integers(1, 256, 12).tolist()
+    packed = jnp.asarray([first + [eos] + second + [eos]])
+    alone = jnp.asarray([second + [eos]])
+    got = target_nll(model, packed, chunk=chunk, separator=eos)[0, len(first) + 1:]
+    want = target_nll(model, alone, chunk=chunk, separator=eos)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    joined = target_nll(model, packed, chunk=chunk)[0, len(first) + 1:]
+    assert np.abs(np.asarray(joined) - np.asarray(want)).max() > 1e-2

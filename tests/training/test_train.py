@@ -321,6 +321,13 @@ def test_a_small_corpus_still_holds_a_document_out_and_evaluates(tmp_path, token
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
     assert result["eval_loss"] == records[-1]["eval_loss"]
 
+    # the same run with documents kept apart is another run: its checkpoints are not resumed
+    apart = train.load_config(write_config(tmp_path / "d.yaml", str(root), tokenizer_dir, str(out),
+                                           **{"data.eval_fraction": 0.2, "data.separate_documents": True,
+                                              "train.steps": 4}), [])
+    with pytest.raises(train.TrainingError, match="different run"):
+        train.run(apart, progress=False)
+
 
 # ---------------------------------------------------------------------------
 # Long sequences: the chunked LM head and loss (training.losses)
