@@ -26,15 +26,20 @@ from starcoder_jax.model.kv_cache import KVCache, LayerCache
 from starcoder_jax.ops.attention import attention
 from starcoder_jax.ops.int8 import int8_lookup, quantize
 from starcoder_jax.ops.matmul import project, resolve
+from starcoder_jax.ops.remat import recompute
 from starcoder_jax.parallel.rules import ACTIVATION, constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # What a block keeps for the backward pass (`StarCoder.remat`, fine-tuning's model.remat):
 #   "none"         every activation (fastest, most memory);
-#   "full"         only the block's input: the backward pass reruns the whole block;
-#   "projections"  the outputs of the dense projections (q, k, v, attention out, fc,
-#                  proj; tagged PROJECTION): attention and the MLP's GELU are rerun.
+#   "full"         only the block's input: the backward pass reruns the whole block
+#                  (ops.remat.recompute, in the form that holds on the backend);
+#   "projections"  the outputs of the dense projections the backward pass reads (q, k,
+#                  v, attention out, tagged PROJECTION; fc's, which GELU's own
+#                  checkpoint keeps): attention and GELU are rerun. Under
+#                  jax.checkpoint, whose reruns XLA:CPU merges with the forward pass
+#                  (ops/remat.py), so there it saves no memory.
 REMAT_POLICIES = ("none", "full", "projections")
 PROJECTION = "projection"  # the checkpoint_name of every Dense output
 
@@ -261,7 +266,8 @@ class MLP(nnx.Module):
         # Checkpointed: the backward pass recomputes GELU's derivative from its
         # input. Left to autodiff, the tanh form keeps five [B, T, F] float32
         # intermediates per layer (1.25 GiB at T = 8192 for starcoderbase-1b)
-        # for elementwise work that costs nothing to redo.
+        # for elementwise work that costs nothing to redo. (A custom VJP doing
+        # the same measured worse on XLA:CPU: its rerun merged with the forward.)
         h = jax.checkpoint(self._gelu)(h)
         return self.drop(self.proj(h), deterministic=rngs is None, rngs=rngs)
 
@@ -476,13 +482,26 @@ def check_remat(remat: str | bool, argument: str = "remat") -> str:
 
 
 def _rematted_block(remat: str | bool):
-    """`_block_without_cache` under the checkpoint policy `remat` names, or None for "none"."""
+    """`_block_without_cache` under the policy `remat` names, or None for "none"."""
     name = check_remat(remat, "StarCoder.remat")
     if name == "none":
         return None
-    # "full": the default policy, which saves nothing but the block's arguments
-    policy = jax.checkpoint_policies.save_only_these_names(PROJECTION) if name == "projections" else None
-    return nnx.remat(_block_without_cache, policy=policy)
+    if name == "full":
+        return _block_recomputed
+    return nnx.remat(_block_without_cache, policy=jax.checkpoint_policies.save_only_these_names(PROJECTION))
+
+
+def _block_recomputed(block: Block, x, positions, rngs, segment_ids=None):
+    """`_block_without_cache` keeping only its arguments for the backward pass,
+    which reruns it (ops.remat.recompute: the form that holds on each backend)."""
+    graphdef, state = nnx.split(block)
+    key = None if rngs is None else rngs.dropout()  # one key per block: the rerun draws the same masks
+
+    def run(state, x, positions, segment_ids, key):
+        again = None if key is None else nnx.Rngs(dropout=key)
+        return _block_without_cache(nnx.merge(graphdef, state), x, positions, again, segment_ids)
+
+    return recompute(run)(state, x, positions, segment_ids, key)
 
 
 def check_input_ids(input_ids, config: StarCoderConfig) -> None:

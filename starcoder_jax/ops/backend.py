@@ -24,3 +24,8 @@ def on_gpu() -> bool:
 def on_tpu() -> bool:
     """Whether the program runs on a TPU (the splash attention kernel)."""
     return jax.default_backend() == "tpu"
+
+
+def on_cpu() -> bool:
+    """Whether the program runs on XLA:CPU, mesh or not (recomputation's "cond" form)."""
+    return jax.default_backend() == "cpu"

@@ -98,7 +98,8 @@ def test_remat_policies_give_the_same_gradients():
         fn, params = _grad_fn(model, ids, mask)
         grads[policy] = flat(fn(params))
     for policy in REMAT_POLICIES[1:]:
-        np.testing.assert_allclose(grads[policy], grads["none"], rtol=1e-6, atol=1e-6, err_msg=policy)
+        # a rerun is a program of its own, whose fusions may round otherwise: float32 round-off
+        np.testing.assert_allclose(grads[policy], grads["none"], rtol=1e-5, atol=1e-6, err_msg=policy)
 
 
 def saved_residuals(policy: str) -> list[str]:
@@ -116,16 +117,19 @@ def saved_residuals(policy: str) -> list[str]:
 
 
 def test_remat_policies_keep_what_they_say():
-    """none keeps attention's probabilities and the GELU's; full keeps neither, nor any
-    projection; projections keeps the outputs the backward pass reads (q, k, v,
-    attention out, fc: 5 per block; proj's output is never read) and recomputes the rest."""
+    """none keeps attention's probabilities and the GELU's intermediates; full keeps
+    neither, nor any projection; projections keeps the outputs the backward pass
+    reads: q, k, v and attention out by their name (4 per block), fc's through
+    GELU's own checkpoint, which keeps its input (1 per block; proj's output is
+    never read), and recomputes attention and GELU."""
     kept = {policy: saved_residuals(policy) for policy in REMAT_POLICIES}
     inside_blocks = ("attention.py", "MLP.__call__")
     assert any(place in line for line in kept["none"] for place in inside_blocks)
-    for policy in ("full", "projections"):
-        assert not any(place in line for line in kept[policy] for place in inside_blocks), policy
+    assert not any(place in line for line in kept["full"] for place in inside_blocks)
+    assert not any("attention.py" in line for line in kept["projections"])
+    assert sum("MLP.__call__" in line for line in kept["projections"]) == SHAPE["n_layer"]
     assert not any("named 'projection'" in line for line in kept["full"])
-    assert sum("named 'projection'" in line for line in kept["projections"]) == 5 * SHAPE["n_layer"]
+    assert sum("named 'projection'" in line for line in kept["projections"]) == 4 * SHAPE["n_layer"]
     saved = {policy: residual_bytes(lines) for policy, lines in kept.items()}
     assert saved["full"] < saved["projections"] < saved["none"], saved
 
