@@ -216,6 +216,12 @@ def run_train(args: argparse.Namespace) -> int:
                        "optimizer": dataclasses.asdict(o)}
     ours = bench.bench_train_ours(model, args)
     del model
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:  # GPU / TPU: what the allocator saw, beside --memory's analysis
+        ours["device_peak_bytes"] = stats["peak_bytes_in_use"]
+        print(f"device memory peak: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB (allocator's peak_bytes_in_use)")
     theirs = bench.bench_train_transformers(config, args) if args.compare_transformers else None
     report["ours"], report["transformers"] = ours, theirs
     _print_train_table(args, ours, theirs, flops_token, report["device"])
