@@ -26,7 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATION_KEY = "starcoder_jax_quantization"  # config.json key of quantized orbax dirs
 QUANTIZATION_MODES = ("int8",)  # weight formats of starcoder_jax.ops.int8; also the int8 KV cache's
 # Backend forms (starcoder_jax.ops), chosen per model; "auto" picks per backend and phase.
-ATTENTION_IMPLS = ("auto", "xla", "cpu_blocked", "cpu_key_major")
+ATTENTION_IMPLS = ("auto", "xla", "cpu_blocked", "cpu_key_major", "chunked", "cudnn", "splash")
 MATMUL_IMPLS = ("auto", "xla", "cpu")
 RUNTIME_FIELDS = ("dtype", "param_dtype", "quantization", "attention_impl", "matmul_impl")  # not in config.json
 

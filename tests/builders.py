@@ -8,6 +8,7 @@ import numpy as np
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
+LIBRARY_DEFAULT = object()  # an argument left to the library's own default
 
 STARCODER_SPECIAL_TOKENS = [
     "<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
@@ -75,21 +76,23 @@ def hf_logits(model_dir: str, ids) -> np.ndarray:
         return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
 
 
-def mean_next_token_loss(model, ids, mask=None):
+def mean_next_token_loss(model, ids, mask=None, chunk=LIBRARY_DEFAULT):
     """Mean next-token cross-entropy (nats per target, float32 scalar) of ids [B, T]:
     the library's token_nll_sum over the targets where mask[:, 1:] (mask [B, T], 1 / True:
     a real token; None: all real) divided by their count, as transformers' loss with
-    labels -100 on the padding."""
+    labels -100 on the padding. chunk: tokens per piece of the LM head (losses.chunked_nll;
+    None: whole logits; default: the library's)."""
     import jax.numpy as jnp
 
     from starcoder_jax.training.losses import token_nll_sum
 
     mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
-    return token_nll_sum(model, ids, mask) / jnp.maximum(jnp.sum(mask[:, 1:]), 1).astype(jnp.float32)
+    chunking = {} if chunk is LIBRARY_DEFAULT else {"chunk": chunk}
+    return token_nll_sum(model, ids, mask, **chunking) / jnp.maximum(jnp.sum(mask[:, 1:]), 1).astype(jnp.float32)
 
 
-def params_loss(params, graphdef, ids, mask=None):
+def params_loss(params, graphdef, ids, mask=None, chunk=LIBRARY_DEFAULT):
     """mean_next_token_loss as a function of the params of `nnx.split(model)`, for jax.grad."""
     from flax import nnx
 
-    return mean_next_token_loss(nnx.merge(graphdef, params), ids, mask)
+    return mean_next_token_loss(nnx.merge(graphdef, params), ids, mask, chunk)

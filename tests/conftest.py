@@ -1,9 +1,32 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# One persistent compilation cache for the run, shared with the subprocesses the
+# tests start (CLI, notebooks, multi-device): many tests compile the very same
+# programs (the same tiny models through fresh jit closures), and XLA:CPU
+# compilation is most of the suite's time. A fresh directory per run keeps runs
+# independent of each other; STARCODER_JAX_TEST_CACHE names a lasting one.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = os.environ.get("STARCODER_JAX_TEST_CACHE")
+    if not _cache:
+        _cache = tempfile.mkdtemp(prefix="starcoder-jax-xla-cache-")
+        atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    if "jax" in sys.modules:  # imported before this file (a plugin): its config read the environment already
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", _cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 from builders import make_hf_model, make_tokenizer  # noqa: E402
 

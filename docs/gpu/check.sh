@@ -4,7 +4,7 @@
 # torch and transformers (nothing is installed; the package runs from this
 # checkout). Logs go to $OUT (default ./gpu-out).
 #
-#   bash docs/gpu/check.sh                  # every part: env forms decode tests train
+#   bash docs/gpu/check.sh                  # every part: env forms decode tests train long memory
 #   bash docs/gpu/check.sh "decode tests"   # some parts, in the order given
 #
 # FORMS_ARGS passes options to docs/gpu/int8_forms.py (e.g. "--rows 1");
@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # transformers runs in the same process after ours: leave it room on the card
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
-parts=${1:-env forms decode tests train}
+parts=${1:-env forms decode tests train long memory}
 SJ="python3 -m starcoder_jax.cli"
 
 for part in $parts; do
@@ -39,6 +39,22 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
     train)
       timeout 180 $SJ bench --train --dtype bfloat16 --train-batch 4 --train-seq-len 1024 --repeats 5 \
         --compare-transformers --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt" ;;
+    long)
+      # 8k context: prefill at 512 and 8192 against transformers (SDPA, bfloat16); the
+      # starcoderbase-1b train step at 2048 (against transformers) and 8192 tokens (full
+      # remat), with MFU and the allocator's peak
+      for t in 512 8192; do
+        timeout 150 $SJ bench --dtype bfloat16 --prompt-len $t --batch-sizes 1 --decode-steps 4 --repeats 3 \
+          --compare-transformers --json "$OUT/prefill_$t.json" 2>&1 | tee "$OUT/prefill_$t.txt"
+      done
+      timeout 200 $SJ bench --train --dtype bfloat16 --train-batch 1 --train-seq-len 2048 --repeats 3 \
+        --compare-transformers --json "$OUT/train_2048.json" 2>&1 | tee "$OUT/train_2048.txt"
+      timeout 200 $SJ bench --train --dtype bfloat16 --train-batch 1 --train-seq-len 8192 --remat full \
+        --repeats 3 --json "$OUT/train_8192.json" 2>&1 | tee "$OUT/train_8192.txt" ;;
+    memory)
+      # XLA's analysis of the same 8192-token step (compiled on this GPU, not run)
+      timeout 200 $SJ bench --train --memory --dtype bfloat16 --train-batch 1 --train-seq-len 8192 \
+        --remat full --json "$OUT/memory_8192.json" 2>&1 | tee "$OUT/memory_8192.txt" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done

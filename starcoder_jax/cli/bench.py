@@ -2,7 +2,9 @@
 
 Prefill / decode throughput against the memory-bandwidth limit, or with
 --train training-step throughput and MFU; see starcoder_jax.bench for what
-is measured and how.
+is measured and how. `--train --memory` compiles the train step on abstract
+shapes without running it and prints XLA's memory analysis per device
+(starcoder_jax.training.memory).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import statistics
 
 from starcoder_jax.cli import common
 from starcoder_jax.config import QUANTIZATION_MODES
+from starcoder_jax.model.modules import REMAT_POLICIES
+from starcoder_jax.training.losses import LOSS_CHUNK
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -43,12 +47,30 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "--dtype is then the compute dtype, params and optimizer state stay float32")
     p.add_argument("--train-batch", type=int, default=8, help="--train: sequences per step")
     p.add_argument("--train-seq-len", type=int, default=512, help="--train: tokens per sequence")
+    p.add_argument("--memory", action="store_true",
+                   help="with --train: compile the train step on abstract shapes (no weights, nothing "
+                        "run) and print XLA's memory analysis per device beside params, gradients and AdamW")
+    p.add_argument("--remat", choices=REMAT_POLICIES, default=None,
+                   help="--train: what each block keeps for the backward pass (default: full with "
+                        "--memory, none for timed steps)")
+    p.add_argument("--loss-chunk", type=int, default=LOSS_CHUNK,
+                   help=f"--train: tokens per piece of the LM head and loss (default {LOSS_CHUNK}; "
+                        "0: whole [B, T, V] logits)")
+    p.add_argument("--mesh", default=None,
+                   help="--train --memory: compile for this mesh, e.g. fsdp=8 (needs that many devices; "
+                        "on a CPU host XLA_FLAGS=--xla_force_host_platform_device_count=8 fakes them)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """The `bench` handler: returns the exit code."""
+    if args.memory and not args.train:
+        raise ValueError("--memory measures the train step: use it with --train")
+    if args.mesh and not args.memory:
+        raise ValueError("--mesh applies to --train --memory only")
+    if args.train and args.memory:
+        return run_train_memory(args)
     return run_train(args) if args.train else run_decode(args)
 
 
@@ -178,6 +200,7 @@ def run_train(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model, name = _model(args, param_dtype="float32", dtype="float32", compute_dtype=args.dtype)
+    model.remat = args.remat or "none"
     if model.config.quantization is not None:
         raise ValueError(f"--model {args.model!r} is {model.config.quantization}-quantized; "
                          "--train needs a float checkpoint")
@@ -195,6 +218,12 @@ def run_train(args: argparse.Namespace) -> int:
                        "optimizer": dataclasses.asdict(o)}
     ours = bench.bench_train_ours(model, args)
     del model
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:  # GPU / TPU: what the allocator saw, beside --memory's analysis
+        ours["device_peak_bytes"] = stats["peak_bytes_in_use"]
+        print(f"device memory peak: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB (allocator's peak_bytes_in_use)")
     theirs = bench.bench_train_transformers(config, args) if args.compare_transformers else None
     report["ours"], report["transformers"] = ours, theirs
     _print_train_table(args, ours, theirs, flops_token, report["device"])
@@ -227,3 +256,35 @@ def _print_train_table(args, ours: dict, theirs: dict | None, flops_token: int, 
         else:
             ours["peak_flops_per_s"], ours["mfu"] = peak, ours["flops_per_s"] / peak
             print(f"MFU: {100 * ours['mfu']:.1f}% of {peak / 1e12:g} TFLOP/s ({args.dtype} dense peak)")
+
+
+def run_train_memory(args: argparse.Namespace) -> int:
+    """XLA's memory analysis of the train step (compiled, not run) for --preset's shape."""
+    from starcoder_jax.config import preset
+    from starcoder_jax.training.memory import train_step_memory
+
+    if args.model:
+        raise ValueError("--train --memory takes the shape of --preset (and --layers); not --model")
+    if args.quantize != "none":
+        raise ValueError(f"--quantize {args.quantize} applies to prefill/decode; --train trains float32 weights")
+    if args.loss_chunk < 0:
+        raise ValueError(f"--loss-chunk must be >= 0 (0: whole logits), got {args.loss_chunk}")
+    overrides = {"dtype": args.dtype, "param_dtype": "float32", "attention_impl": args.attention_impl,
+                 "matmul_impl": args.matmul_impl}
+    if args.layers:
+        overrides["n_layer"] = args.layers
+    config = preset(args.preset, **overrides)
+    name = args.preset + (f" ({args.layers} layers)" if args.layers else "")
+    b, t = args.train_batch, args.train_seq_len
+    if t > config.n_positions:
+        raise ValueError(f"--train-seq-len is {t} but the model holds {config.n_positions} positions")
+    report = _report_head(name, config, f"compute dtype: {args.dtype} (params and AdamW state float32)", args)
+    remat = args.remat or "full"
+    chunk = args.loss_chunk or None
+    print(f"train step memory: batch {b} x {t} tokens, remat {remat}, loss chunk "
+          f"{chunk or 'none (whole logits)'}, mesh {args.mesh or 'none (one device)'}; compiled, not run")
+    memory = train_step_memory(config, batch=b, seq_len=t, remat=remat, loss_chunk=chunk, mesh=args.mesh)
+    print(memory.table())
+    report.update(memory.to_dict())
+    _write_json(args.json, report)
+    return 0

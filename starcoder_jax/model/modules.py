@@ -19,15 +19,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from starcoder_jax.config import QUANTIZATION_MODES, StarCoderConfig, check_quantization
 from starcoder_jax.model.kv_cache import KVCache, LayerCache
 from starcoder_jax.ops.attention import attention
 from starcoder_jax.ops.int8 import int8_lookup, quantize
 from starcoder_jax.ops.matmul import project, resolve
+from starcoder_jax.ops.remat import recompute
 from starcoder_jax.parallel.rules import ACTIVATION, constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# What a block keeps for the backward pass (`StarCoder.remat`, fine-tuning's model.remat):
+#   "none"         every activation (fastest, most memory);
+#   "full"         only the block's input: the backward pass reruns the whole block
+#                  (ops.remat.recompute, in the form that holds on the backend);
+#   "projections"  the outputs of the dense projections the backward pass reads (q, k,
+#                  v, attention out, tagged PROJECTION; fc's, which GELU's own
+#                  checkpoint keeps): attention and GELU are rerun. Under
+#                  jax.checkpoint, whose reruns XLA:CPU merges with the forward pass
+#                  (ops/remat.py), so there it saves no memory.
+REMAT_POLICIES = ("none", "full", "projections")
+PROJECTION = "projection"  # the checkpoint_name of every Dense output
 
 
 def jnp_dtype(name: str):
@@ -136,6 +150,12 @@ class LayerNorm(nnx.Module):
         self.dtype = jnp_dtype(config.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        # Checkpointed: the backward pass renormalizes x, which the residual
+        # stream keeps anyway, where autodiff would keep four more [B, T, D]
+        # float32 intermediates per LayerNorm (three per block with the next one).
+        return jax.checkpoint(self._normalize)(x)
+
+    def _normalize(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
@@ -224,7 +244,8 @@ class Dense(nnx.Module):
         y = y + self.bias[...].astype(jnp.float32)
         if self.lora is not None:
             y = y + self.lora.up(self.lora_input(x, rngs) if low_rank is None else low_rank, self.dtype)
-        return y.astype(self.dtype)
+        # named for the "projections" remat policy, which saves exactly these outputs
+        return checkpoint_name(y.astype(self.dtype), PROJECTION)
 
 
 class Attention(nnx.Module):
@@ -251,14 +272,17 @@ class Attention(nnx.Module):
         self.resid_drop = nnx.Dropout(config.resid_pdrop)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None,
-                 rngs: nnx.Rngs | None = None, *, read_cache: bool = True
-                 ) -> tuple[jax.Array, LayerCache | None]:
+                 rngs: nnx.Rngs | None = None, *, read_cache: bool = True,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
         """x [B, T, D], positions [B, T] -> ([B, T, D], updated cache).
 
         With a cache, k/v are written at `positions`; `read_cache=False`
         (a prefill from position 0) attends to the T new keys only instead of
-        all S cache slots.
+        all S cache slots. segment_ids [B, T] (int, no cache): a token sees
+        only the keys of its own segment (documents packed into one row).
         """
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are for training and evaluation without a cache; got a cache too")
         low = self.query.lora_input(x, rngs)  # c_attn's one LoRA A, read by q, k and v (or None)
         q = self.query(x, low_rank=low)  # [B, T, N, H]
         k = self.key(x, low_rank=low)  # [B, T, K, H]
@@ -273,7 +297,8 @@ class Attention(nnx.Module):
         own_keys = cache is None or not read_cache
         dropout_key = rngs.dropout() if rngs is not None and self.attn_pdrop > 0 else None
         out = attention(q, k, v, positions, k_positions, impl=self.attention_impl, own_keys=own_keys,
-                        scale=self.scale, dropout_rate=self.attn_pdrop, dropout_key=dropout_key)
+                        scale=self.scale, dropout_rate=self.attn_pdrop, dropout_key=dropout_key,
+                        q_segments=segment_ids, k_segments=segment_ids)
         y = self.out(out, rngs=rngs)
         y = self.resid_drop(y, deterministic=rngs is None, rngs=rngs)
         return y, cache
@@ -291,8 +316,16 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         h = self.fc(x, rngs=rngs)  # [B, T, F]
-        h = jax.nn.gelu(h.astype(jnp.float32), approximate=self.approximate).astype(x.dtype)
+        # Checkpointed: the backward pass recomputes GELU's derivative from its
+        # input. Left to autodiff, the tanh form keeps five [B, T, F] float32
+        # intermediates per layer (1.25 GiB at T = 8192 for starcoderbase-1b)
+        # for elementwise work that costs nothing to redo. (A custom VJP doing
+        # the same measured worse on XLA:CPU: its rerun merged with the forward.)
+        h = jax.checkpoint(self._gelu)(h)
         return self.drop(self.proj(h, rngs=rngs), deterministic=rngs is None, rngs=rngs)
+
+    def _gelu(self, h: jax.Array) -> jax.Array:
+        return jax.nn.gelu(h.astype(jnp.float32), approximate=self.approximate).astype(h.dtype)
 
 
 class Block(nnx.Module):
@@ -304,8 +337,9 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(config.n_embd, config=config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, cache=None, rngs=None, *, read_cache=True):
-        y, cache = self.attn(self.ln_1(x), positions, cache, rngs, read_cache=read_cache)
+    def __call__(self, x, positions, cache=None, rngs=None, *, read_cache=True, segment_ids=None):
+        y, cache = self.attn(self.ln_1(x), positions, cache, rngs, read_cache=read_cache,
+                             segment_ids=segment_ids)
         x = x + y
         x = x + self.mlp(self.ln_2(x), rngs)
         return x, cache
@@ -336,22 +370,27 @@ class StarCoder(nnx.Module):
             else:
                 self.lm_head = param(head, ("embed", "vocab"), decay=True)
         self.drop = nnx.Dropout(config.embd_pdrop)
-        # Recompute block activations in the backward pass (training memory).
-        self.remat = False
+        # What blocks keep for the backward pass: a name of REMAT_POLICIES (training memory).
+        self.remat = "none"
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, *,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Logits [B, T, V] (float32) for ids [B, T]; `rngs` turns dropout on."""
+                 segment_ids: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Logits [B, T, V] (float32) for ids [B, T]; `rngs` turns dropout on.
+
+        segment_ids [B, T] (int): packed documents; a token attends only
+        within its own segment (positions are still absolute: restart them
+        per document to run each one as if alone).
+        """
         input_ids = jnp.asarray(input_ids)
         check_input_ids(input_ids, self.config)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        x, _ = self.hidden(input_ids, positions, rngs=rngs)
+        x, _ = self.hidden(input_ids, positions, rngs=rngs, segment_ids=segment_ids)
         return self.logits(x)
 
     def hidden(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-               *, rngs: nnx.Rngs | None = None, read_cache: bool = True
-               ) -> tuple[jax.Array, KVCache | None]:
+               *, rngs: nnx.Rngs | None = None, read_cache: bool = True,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final hidden states [B, T, D] (after ln_f) and the updated cache.
 
         positions [B, T] are absolute token positions, increasing along each
@@ -359,18 +398,22 @@ class StarCoder(nnx.Module):
         keys/values are written at those positions and every query sees the
         cached keys at positions <= its own. A prefill that starts at position
         0 passes read_cache=False: nothing older is cached, so attention reads
-        the T new keys rather than all S slots.
+        the T new keys rather than all S slots. segment_ids [B, T] (int,
+        without a cache only) keep packed documents apart in attention.
         """
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are for training and evaluation without a cache; got a cache too")
         x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
         layers = []
+        rematted = _rematted_block(self.remat)
         for i, block in enumerate(self.blocks):
             x = constrain(x, ACTIVATION)  # sharding: block boundary (no-op without a mesh)
-            if self.remat and cache is None:
-                x = nnx.remat(_block_without_cache)(block, x, positions, rngs)
+            if rematted is not None and cache is None:
+                x = rematted(block, x, positions, rngs, segment_ids)
                 continue
             x, layer = block(x, positions, None if cache is None else cache.layer(i), rngs,
-                             read_cache=read_cache)
+                             read_cache=read_cache, segment_ids=segment_ids)
             layers.append(layer)
         x = constrain(x, ACTIVATION)  # sharding: block boundary (no-op without a mesh)
         x = self.ln_f(x)
@@ -477,8 +520,44 @@ class _Source:
         return self._ref() is array
 
 
-def _block_without_cache(block: Block, x, positions, rngs):
-    return block(x, positions, None, rngs)[0]
+def _block_without_cache(block: Block, x, positions, rngs, segment_ids=None):
+    return block(x, positions, None, rngs, segment_ids=segment_ids)[0]
+
+
+def check_remat(remat: str | bool, argument: str = "remat") -> str:
+    """A remat setting as a name of REMAT_POLICIES; True (older configs) is "full", False "none"."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"{argument} must be one of {', '.join(REMAT_POLICIES)} (or true / false), "
+                         f"got {remat!r}")
+    return remat
+
+
+def _rematted_block(remat: str | bool):
+    """`_block_without_cache` under the policy `remat` names, or None for "none"."""
+    name = check_remat(remat, "StarCoder.remat")
+    if name == "none":
+        return None
+    if name == "full":
+        return _block_recomputed
+    # graph=False: in graph mode nnx.remat writes back to the caller's variables and refuses
+    # those of another trace level (the frozen params of a split model: LoRA, train.frozen)
+    return nnx.remat(_block_without_cache, policy=jax.checkpoint_policies.save_only_these_names(PROJECTION),
+                     graph=False)
+
+
+def _block_recomputed(block: Block, x, positions, rngs, segment_ids=None):
+    """`_block_without_cache` keeping only its arguments for the backward pass,
+    which reruns it (ops.remat.recompute: the form that holds on each backend)."""
+    graphdef, state = nnx.split(block)
+    key = None if rngs is None else rngs.dropout()  # one key per block: the rerun draws the same masks
+
+    def run(state, x, positions, segment_ids, key):
+        again = None if key is None else nnx.Rngs(dropout=key)
+        return _block_without_cache(nnx.merge(graphdef, state), x, positions, again, segment_ids)
+
+    return recompute(run)(state, x, positions, segment_ids, key)
 
 
 def check_input_ids(input_ids, config: StarCoderConfig) -> None:

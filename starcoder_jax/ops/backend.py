@@ -19,3 +19,13 @@ def cpu_without_mesh(sharded: bool | None = None) -> bool:
 def on_gpu() -> bool:
     """Whether the program runs on XLA:GPU (the one-row int8 product has a GPU form)."""
     return jax.default_backend() == "gpu"
+
+
+def on_tpu() -> bool:
+    """Whether the program runs on a TPU (the splash attention kernel)."""
+    return jax.default_backend() == "tpu"
+
+
+def on_cpu() -> bool:
+    """Whether the program runs on XLA:CPU, mesh or not (recomputation's "cond" form)."""
+    return jax.default_backend() == "cpu"

@@ -14,7 +14,9 @@ import re
 
 import yaml
 
+from starcoder_jax.model.modules import check_remat
 from starcoder_jax.training.data import DataConfig
+from starcoder_jax.training.losses import LOSS_CHUNK, check_loss_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +32,10 @@ class ModelSection:
     quantize: "int8" holds the base's matmul weights as int8 (frozen), for
       LoRA fine-tuning only (a `lora:` section): QLoRA's memory saver.
     compute_dtype: dtype of activations and matmuls; params stay float32.
-    remat: recompute each block's activations in the backward pass.
+    remat: what each block keeps for the backward pass (model.modules.REMAT_POLICIES):
+      "none" (everything), "full" (its input only: the backward pass reruns the
+      block) or "projections" (the dense projections' outputs: attention and
+      GELU are rerun); true / false (older configs) mean "full" / "none".
     """
 
     preset: str | None = None
@@ -38,7 +43,10 @@ class ModelSection:
     config: dict = dataclasses.field(default_factory=dict)
     quantize: str | None = None
     compute_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"
+
+    def __post_init__(self):
+        object.__setattr__(self, "remat", check_remat(self.remat, "model.remat"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +89,9 @@ class LoopConfig:
     async_checkpoints: bool = True
     log_every: int = 10
     nan_policy: str = "stop"  # "stop": end the run with an error; "skip": drop that update
+    # Tokens per piece of the LM head and cross-entropy (training.losses): the
+    # [B, T, V] float32 logits never exist at once. 0 or null: whole logits.
+    loss_chunk: int | None = LOSS_CHUNK
     output_dir: str = "runs/finetune"
     mesh: str | None = None
     trainable: tuple[str, ...] = ()
@@ -92,6 +103,7 @@ class LoopConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        object.__setattr__(self, "loss_chunk", check_loss_chunk(self.loss_chunk, "train.loss_chunk"))
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size {self.batch_size} is not divisible by train.grad_accum "
                              f"{self.grad_accum}")

@@ -41,6 +41,11 @@ class DataConfig:
     eval_fraction: share of documents held out, chosen by a hash of the
       document's name, so the split does not depend on the file order; above
       0, at least one document is held out (`split_documents`).
+    separate_documents: a token attends only to earlier tokens of its own
+      document, and positions restart at 0 with each document of a packed
+      sequence (segment ids from the <|endoftext|> that ends each document).
+      Off by default: StarCoder was trained on packed sequences that attend
+      across documents.
     """
 
     paths: tuple[str, ...] = ()
@@ -53,6 +58,7 @@ class DataConfig:
     eval_fraction: float = 0.01
     max_documents: int | None = None
     max_document_chars: int = 200_000
+    separate_documents: bool = False
     # Folder names never entered: installed third-party packages are not part
     # of a standard-library corpus (and differ from machine to machine).
     exclude_dirs: tuple[str, ...] = ("site-packages", "dist-packages", "__pycache__", ".git")

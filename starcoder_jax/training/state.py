@@ -189,10 +189,12 @@ def fingerprint(cfg: FinetuneConfig, state: TrainState, model_config: StarCoderC
     if cfg.lora is not None:  # the adapters' settings and the base they train on
         out["lora"] = cfg.to_dict()["lora"]  # as JSON holds it (lists, not tuples)
         out["base"] = base
-        return out
-    frozen = [path_name(path) for path, _ in nnx.to_flat_state(state.frozen())]
-    if frozen:  # absent when every param trains, as in the runs written before frozen sets
-        out["frozen"] = frozen
+    else:
+        frozen = [path_name(path) for path, _ in nnx.to_flat_state(state.frozen())]
+        if frozen:  # absent when every param trains, as in the runs written before frozen sets
+            out["frozen"] = frozen
+    if cfg.data.separate_documents:  # another loss: a resume must keep it (absent when off, as before)
+        out["separate_documents"] = True
     return out
 
 
@@ -295,10 +297,12 @@ def prepare(cfg: FinetuneConfig, *, progress: bool | None = None) -> Setup:
     config = model.config
     dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop,
                   cfg.lora.dropout if cfg.lora is not None else 0) > 0
+    separator = tokenizer.eos_id if cfg.data.separate_documents else None  # ends each packed document
     train_step = make_train_step(state.graphdef, tx, seed=loop.seed, dropout=dropout,
-                                 skip_nonfinite=loop.nan_policy == "skip", out_shardings=out_shardings)
+                                 skip_nonfinite=loop.nan_policy == "skip", out_shardings=out_shardings,
+                                 loss_chunk=loop.loss_chunk, separator=separator)
     return Setup(cfg, out_dir, train_data, eval_data, state, start_step, checkpoints, prints, placement,
-                 schedule, train_step, make_eval_fn(state.graphdef))
+                 schedule, train_step, make_eval_fn(state.graphdef, loop.loss_chunk, separator))
 
 
 def run_filter(cfg: FinetuneConfig) -> nnx.filterlib.Filter:
@@ -318,7 +322,8 @@ def _open_checkpoints(out_dir: str, loop: LoopConfig, prints: dict) -> tuple[Che
         checkpoints.close()
         raise TrainingError(
             f"{out_dir} holds checkpoints of a different run (model config, seq_len, seed, frozen "
-            "params, lora settings or LoRA base model differ); use another --output-dir or delete it")
+            "params, data.separate_documents, lora settings or LoRA base model differ); use another "
+            "--output-dir or delete it")
     return checkpoints, start_step
 
 

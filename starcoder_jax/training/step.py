@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from starcoder_jax.training.config import OptimConfig
-from starcoder_jax.training.losses import token_nll_sum
+from starcoder_jax.training.losses import LOSS_CHUNK, token_nll_sum
 
 
 def path_name(path) -> str:
@@ -92,7 +92,7 @@ def optimizer_state_bytes(params: nnx.State, tx) -> int:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx, *, seed: int, dropout: bool, skip_nonfinite: bool,
-                    out_shardings=None):
+                    out_shardings=None, loss_chunk: int | None = LOSS_CHUNK, separator: int | None = None):
     """A jitted `step(params, opt_state, rest, ids, mask, step) -> (params, opt_state, metrics)`.
 
     params: the trainable state, rest: the other states of
@@ -104,12 +104,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx, *, seed: int, dropout: bool, ski
     out_shardings: (params, optimizer state, metrics) shardings under a mesh, so
     gradients and updates stay split like their params instead of coming
     back whole on every device.
+    loss_chunk: tokens per piece of the LM head and cross-entropy
+    (losses.chunked_nll); None or 0: whole [b, T, V] logits.
+    separator: the token that ends each packed document, to keep documents
+    apart in attention (data.separate_documents; losses.target_nll); None:
+    each row is one sequence.
     """
 
     def micro_loss(params, rest, ids, mask, key):
         model = nnx.merge(graphdef, params, rest)
         rngs = nnx.Rngs(dropout=key) if dropout else None
-        return token_nll_sum(model, ids, mask, rngs)
+        return token_nll_sum(model, ids, mask, rngs, chunk=loss_chunk, separator=separator)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out_shardings)
     def step_fn(params, opt_state, rest, ids, mask, step):
@@ -139,10 +144,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx, *, seed: int, dropout: bool, ski
     return step_fn
 
 
-def make_eval_fn(graphdef: nnx.GraphDef):
-    """A jitted `eval(params, rest, ids, mask) -> (nll sum, target count)` for ids, mask [B, T + 1]."""
+def make_eval_fn(graphdef: nnx.GraphDef, loss_chunk: int | None = LOSS_CHUNK, separator: int | None = None):
+    """A jitted `eval(params, rest, ids, mask) -> (nll sum, target count)` for ids, mask [B, T + 1]
+    (loss_chunk, separator: as make_train_step)."""
     @jax.jit
     def eval_fn(params, rest, ids, mask):
         model = nnx.merge(graphdef, params, rest)
-        return token_nll_sum(model, ids, mask), jnp.sum(mask[:, 1:])
+        return token_nll_sum(model, ids, mask, chunk=loss_chunk, separator=separator), jnp.sum(mask[:, 1:])
     return eval_fn

@@ -2,8 +2,12 @@
 bandwidth limits and the FLOPs count (no timing asserts)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+from builders import REPO_ROOT
 
 from starcoder_jax import bench
 from starcoder_jax.cli.main import main
@@ -86,3 +90,47 @@ def test_peak_flops_table():
     assert bench.peak_flops("NVIDIA H200", "bfloat16") == 989e12
     assert bench.peak_flops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312e12
     assert bench.peak_flops("Tesla T4", "bfloat16") is None
+
+
+MEMORY = ["bench", "--train", "--memory", "--preset", "tiny_starcoder_py", "--layers", "1",
+          "--train-batch", "2", "--train-seq-len", "64", "--loss-chunk", "16"]
+
+
+def test_train_memory_report_compiles_without_running(tmp_path, capsys):
+    out = tmp_path / "memory.json"
+    assert main([*MEMORY, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["peak_bytes"] == r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
+    assert (r["remat"], r["loss_chunk"], r["mesh"], r["seq_len"], r["batch"]) == ("full", 16, None, 64, 2)
+    assert r["params_bytes"] == r["gradients_bytes"] == 4 * r["params"]
+    assert r["optimizer_bytes"] == 2 * r["params_bytes"]
+    # params and AdamW moments come in and, donated, go out in the same buffers
+    assert r["argument_bytes"] >= r["params_bytes"] + r["optimizer_bytes"]
+    assert r["alias_bytes"] >= r["params_bytes"] + r["optimizer_bytes"]
+    assert r["temp_bytes"] >= r["gradients_bytes"]
+    printed = capsys.readouterr().out
+    assert "compiled, not run" in printed and "temporaries" in printed and "AdamW moments" in printed
+
+
+def test_train_memory_mesh_needs_its_devices(capsys):
+    assert main([*MEMORY, "--mesh", "fsdp=8"]) == 2
+    assert "xla_force_host_platform_device_count" in capsys.readouterr().err
+    assert main(["bench", "--memory"]) == 2
+
+
+@pytest.mark.slow
+def test_train_memory_on_eight_fake_devices(tmp_path):
+    """fsdp=8 on fake CPU devices: each holds an eighth of the params, gradients and moments."""
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    results = {}
+    for name, extra in (("one", []), ("fsdp8", ["--mesh", "fsdp=8", "--train-batch", "8"])):
+        out = tmp_path / f"{name}.json"
+        subprocess.run([sys.executable, "-m", "starcoder_jax.cli", *MEMORY, *extra, "--json", str(out)],
+                       env=env, check=True, cwd=REPO_ROOT)
+        results[name] = json.loads(out.read_text())
+    one, eight = results["one"], results["fsdp8"]
+    assert eight["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    # the tables split 8 ways; LayerNorms and biases stay whole on every device
+    assert one["params_bytes"] / 8 < eight["params_bytes"] < one["params_bytes"] / 7
+    assert eight["argument_bytes"] < one["argument_bytes"] / 6

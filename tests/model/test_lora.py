@@ -249,3 +249,20 @@ def test_generation_runs_the_adapters(bases):
         assert np.argmax(np.asarray(model(seq))[0, chosen], -1).tolist() == result.ids
         base_agrees.append(np.argmax(np.asarray(base(seq))[0, chosen], -1).tolist() == result.ids)
     assert not all(base_agrees)
+
+
+def test_adapter_gradients_are_the_same_under_the_projections_remat():
+    """Only the adapters differentiated, the base frozen beside them (another trace level
+    than the gradient's): remat "projections" (nnx.remat) gives the gradients of no remat."""
+    config = sj.StarCoderConfig(**SHAPE)
+    model = randomize(add_lora(sj.init_model(config), LoRAConfig(r=4, target_modules=ALL_TARGETS)))
+    ids = jnp.asarray(IDS, jnp.int32)
+
+    def grads(policy):
+        model.remat = policy
+        graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(ids) ** 2)  # noqa: E731
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+    for got, want in zip(grads("projections"), grads("none")):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -412,11 +412,13 @@ def assert_grads_close(got, want):
 def _logits_loss_grads(params, ids, mask, *, graphdef, mesh=None):
     """Logits [B, T, V], next-token loss and its gradients, in one program (one compile).
 
-    On a mesh the gradients are pinned to the params' shardings (out_shardings).
+    On a mesh the gradients are pinned to the params' shardings (out_shardings),
+    and the loss runs the LM head in pieces of 4 tokens (training.losses), against
+    whole logits on one device.
     """
     def loss(p):
         model = nnx.merge(graphdef, p)
-        return params_loss(p, graphdef, ids, mask), model(ids)
+        return params_loss(p, graphdef, ids, mask, chunk=None if mesh is None else 4), model(ids)
 
     def step(params, ids, mask):
         (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)

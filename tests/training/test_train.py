@@ -320,3 +320,34 @@ def test_a_small_corpus_still_holds_a_document_out_and_evaluates(tmp_path, token
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
     assert result["eval_loss"] == records[-1]["eval_loss"]
+
+    # the same run with documents kept apart is another run: its checkpoints are not resumed
+    apart = train.load_config(write_config(tmp_path / "d.yaml", str(root), tokenizer_dir, str(out),
+                                           **{"data.eval_fraction": 0.2, "data.separate_documents": True,
+                                              "train.steps": 4}), [])
+    with pytest.raises(train.TrainingError, match="different run"):
+        train.run(apart, progress=False)
+
+
+# ---------------------------------------------------------------------------
+# Long sequences: the chunked LM head and loss (training.losses)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_chunked_loss_run_at_2048_tokens_matches_the_whole_logits(tmp_path, corpus_dir, tokenizer_dir):
+    """20 optimizer steps at T = 2048: the chunked loss with full remat (as the 8k
+    config trains) gives the losses of whole logits without remat to 1e-5."""
+    shape = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 2048, "attention_impl": "cpu_blocked"}
+    runs = {}
+    for name, chunk, remat in (("chunked", 256, "full"), ("whole", 0, "none")):
+        cfg = train.load_config(write_config(
+            tmp_path / f"{name}.yaml", corpus_dir, tokenizer_dir, str(tmp_path / name),
+            **{"model.config": shape, "model.remat": remat, "data.seq_len": 2048,
+               "data.eval_fraction": 0.0, "train.steps": 20, "train.batch_size": 1, "train.save_every": 20,
+               "train.eval_every": 20, "train.loss_chunk": chunk, "train.async_checkpoints": False}), [])
+        assert (cfg.train.loss_chunk, cfg.model.remat) == ((chunk or None), remat)
+        train.run(cfg, progress=False)
+        runs[name] = [loss for _, loss in losses(str(tmp_path / name))]
+    assert len(runs["chunked"]) == 20
+    np.testing.assert_allclose(runs["chunked"], runs["whole"], rtol=1e-5)
+    assert runs["chunked"][-1] < runs["chunked"][0] - 0.5  # it trains

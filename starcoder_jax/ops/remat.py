@@ -1,0 +1,85 @@
+"""Recomputation in the backward pass (activation checkpointing), behind one entry: `recompute`.
+
+`recompute(f)` computes f, keeps only f's arguments for the backward pass,
+and reruns f there to get its VJP: a block of a deep model then holds one
+activation (its input) instead of all of its intermediates.
+
+The forms (`impl`):
+  "jax"   `jax.checkpoint`: the rerun is marked with optimization barriers so
+          that XLA does not merge it with the forward pass. XLA:GPU and TPU
+          honour them.
+  "cond"  a custom VJP whose backward pass reruns f inside a `lax.cond` (on
+          a predicate that is always true but that XLA cannot fold): the
+          rerun is a computation of its own, which XLA cannot merge with the
+          forward pass's values. XLA:CPU drops the barriers of the "jax" form
+          early and merges: in straight-line code (a Python loop over
+          blocks) the forward values are kept and the rerun is lost
+          (measured: the starcoderbase-1b train step at T = 8192 kept 27.8 GiB
+          of temporaries under `jax.checkpoint`, 9.4 GiB with this form;
+          BENCHMARKS.md, "Recomputation on XLA:CPU"). Random bits drawn
+          inside f (dropout) may still be hoisted out of the rerun and kept.
+  "auto"  "cond" on XLA:CPU, "jax" elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from starcoder_jax.ops.backend import on_cpu
+
+REMAT_IMPLS = ("auto", "jax", "cond")
+
+
+def resolve(impl: str) -> str:
+    if impl == "auto":
+        return "cond" if on_cpu() else "jax"
+    if impl not in REMAT_IMPLS:
+        raise ValueError(f"recompute impl must be one of {', '.join(REMAT_IMPLS)}, got {impl!r}")
+    return impl
+
+
+def recompute(f: Callable, *, impl: str = "auto") -> Callable:
+    """f, whose backward pass keeps f's arguments only and reruns f (see the module)."""
+    if resolve(impl) == "jax":
+        return jax.checkpoint(f)
+    return _rerun_in_cond(f)
+
+
+def _differentiable(leaf) -> bool:
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def _rerun_in_cond(f: Callable) -> Callable:
+    @jax.custom_vjp
+    def g(*args):
+        return f(*args)
+
+    def forward(*args):
+        return f(*args), args
+
+    def backward(args, cotangent):
+        leaves, tree = jax.tree.flatten(args)
+        where = [_differentiable(leaf) for leaf in leaves]
+        floats = [leaf for leaf, d in zip(leaves, where) if d]
+
+        def with_floats(new):
+            it = iter(new)
+            return jax.tree.unflatten(tree, [next(it) if d else leaf for leaf, d in zip(leaves, where)])
+
+        def rerun(floats, cotangent):
+            return jax.vjp(lambda fl: f(*with_floats(fl)), floats)[1](cotangent)[0]
+
+        def zeros(floats, cotangent):
+            return [jnp.zeros_like(leaf) for leaf in floats]
+
+        probe = jax.tree.leaves(cotangent)[0].reshape(-1)[0]
+        always = jnp.isnan(probe) | ~jnp.isnan(probe)
+        grads = iter(jax.lax.cond(always, rerun, zeros, floats, cotangent))
+        # integer and key arguments (positions, segment ids, dropout keys) get no cotangent
+        return tuple(jax.tree.unflatten(tree, [next(grads) if d else None for d in where]))
+
+    g.defvjp(forward, backward)
+    return g

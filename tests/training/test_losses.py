@@ -1,0 +1,172 @@
+"""The chunked LM head and cross-entropy against the whole logits, and the remat
+policies: same losses and gradients, and what each keeps for the backward pass."""
+
+import contextlib
+import io
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from starcoder_jax.config import StarCoderConfig
+from starcoder_jax.model.modules import REMAT_POLICIES, check_remat, init_model
+from starcoder_jax.training import train
+from starcoder_jax.training.losses import chunked_nll, target_nll, token_nll_sum
+
+SHAPE = dict(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+
+
+def ids_and_mask(rows=2, length=38, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(0, 256, (rows, length)), jnp.int32)
+    mask = jnp.asarray(rng.random((rows, length)) < 0.8)
+    return ids, mask
+
+
+def flat(tree) -> np.ndarray:
+    return np.concatenate([np.asarray(leaf).ravel() for leaf in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("tie, chunk", [(True, 5), (False, 16)])  # 37 targets: padded / whole pieces
+def test_chunked_loss_and_gradients_match_the_whole_logits(tie, chunk):
+    model = init_model(StarCoderConfig(**SHAPE, tie_word_embeddings=tie), seed=1)
+    graphdef, params = nnx.split(model)
+    ids, mask = ids_and_mask()
+
+    def loss(p, c):
+        return token_nll_sum(nnx.merge(graphdef, p), ids, mask, chunk=c)
+
+    whole, g_whole = jax.jit(jax.value_and_grad(lambda p: loss(p, None)))(params)
+    ours, g_ours = jax.jit(jax.value_and_grad(lambda p: loss(p, chunk)))(params)
+    np.testing.assert_allclose(float(ours), float(whole), rtol=1e-6)
+    np.testing.assert_allclose(flat(g_ours), flat(g_whole), rtol=1e-5, atol=1e-6)
+    per_target = target_nll(model, ids, chunk=chunk)
+    assert per_target.shape == (2, 37)
+    np.testing.assert_allclose(per_target, target_nll(model, ids, chunk=None), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [False])  # an int8 lm_head; a tied one is the same ops.matmul.project
+def test_chunked_loss_of_an_int8_model_goes_through_its_head(tie):
+    model = init_model(StarCoderConfig(**SHAPE, tie_word_embeddings=tie), seed=2).quantize_("int8")
+    ids, _ = ids_and_mask(seed=3)
+    x, _ = model.hidden(ids, jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
+    targets = jnp.roll(ids, -1, axis=1)
+    whole = chunked_nll(model, x, targets, None)
+    np.testing.assert_allclose(chunked_nll(model, x, targets, 8), whole, rtol=1e-5, atol=1e-5)
+    logp = jax.nn.log_softmax(model(ids), axis=-1)  # model(ids): the inference logits
+    np.testing.assert_allclose(whole, -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_loss_chunk_setting_is_checked():
+    assert train.parse_config({}).train.loss_chunk == 1024
+    assert train.parse_config({"train": {"loss_chunk": 0}}).train.loss_chunk is None
+    with pytest.raises(ValueError, match="train.loss_chunk must be a number of tokens"):
+        train.parse_config({"train": {"loss_chunk": -4}})
+    with pytest.raises(ValueError, match="loss_chunk must be a number of tokens"):
+        token_nll_sum(init_model(StarCoderConfig(**SHAPE)), *ids_and_mask(), chunk=2.5)
+
+
+def test_remat_names_and_the_booleans_of_older_configs():
+    assert [train.parse_config({"model": {"remat": r}}).model.remat
+            for r in (True, False, "full", "none", "projections")] == ["full", "none", "full", "none", "projections"]
+    assert check_remat(True) == "full"
+    with pytest.raises(ValueError, match=r"model.remat must be one of none, full, projections .* got 'fast'"):
+        train.parse_config({"model": {"remat": "fast"}})
+    model = init_model(StarCoderConfig(**SHAPE))
+    model.remat = "some"
+    with pytest.raises(ValueError, match="StarCoder.remat must be one of"):
+        model(ids_and_mask()[0])
+
+
+def _grad_fn(model, ids, mask):
+    graphdef, params = nnx.split(model)
+    return jax.jit(jax.grad(lambda p: token_nll_sum(nnx.merge(graphdef, p), ids, mask, chunk=16))), params
+
+
+def test_remat_policies_give_the_same_gradients():
+    ids, mask = ids_and_mask()
+    config = StarCoderConfig(**SHAPE, attention_impl="cpu_blocked")
+    grads = {}
+    for policy in REMAT_POLICIES:
+        model = init_model(config, seed=4)
+        model.remat = policy
+        fn, params = _grad_fn(model, ids, mask)
+        grads[policy] = flat(fn(params))
+    for policy in REMAT_POLICIES[1:]:
+        # a rerun is a program of its own, whose fusions may round otherwise: float32 round-off
+        np.testing.assert_allclose(grads[policy], grads["none"], rtol=1e-5, atol=1e-6, err_msg=policy)
+
+
+def saved_residuals(policy: str) -> list[str]:
+    """What the backward pass of a 2-layer model's loss keeps under a remat policy
+    (jax.ad_checkpoint.print_saved_residuals: one line per saved array)."""
+    model = init_model(StarCoderConfig(**SHAPE, attention_impl="xla"))
+    model.remat = policy
+    graphdef, params = nnx.split(model)
+    ids, mask = ids_and_mask()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda p: token_nll_sum(nnx.merge(graphdef, p), ids, mask, chunk=None), params)
+    return out.getvalue().splitlines()
+
+
+def test_remat_policies_keep_what_they_say():
+    """none keeps attention's probabilities and the GELU's intermediates; full keeps
+    neither, nor any projection; projections keeps the outputs the backward pass
+    reads: q, k, v and attention out by their name (4 per block), fc's through
+    GELU's own checkpoint, which keeps its input (1 per block; proj's output is
+    never read), and recomputes attention and GELU."""
+    kept = {policy: saved_residuals(policy) for policy in REMAT_POLICIES}
+    inside_blocks = ("attention.py", "MLP.__call__")
+    assert any(place in line for line in kept["none"] for place in inside_blocks)
+    assert not any(place in line for line in kept["full"] for place in inside_blocks)
+    assert not any("attention.py" in line for line in kept["projections"])
+    assert sum("MLP.__call__" in line for line in kept["projections"]) == SHAPE["n_layer"]
+    assert not any("named 'projection'" in line for line in kept["full"])
+    assert sum("named 'projection'" in line for line in kept["projections"]) == 4 * SHAPE["n_layer"]
+    saved = {policy: residual_bytes(lines) for policy, lines in kept.items()}
+    assert saved["full"] < saved["projections"] < saved["none"], saved
+
+
+def residual_bytes(lines: list[str]) -> int:
+    """Bytes of the saved arrays that are not the function's arguments (the params)."""
+    size = {"f32": 4, "i32": 4, "bool": 1, "bf16": 2}
+    total = 0
+    for line in lines:
+        found = re.match(r"(\w+)\[([\d,]*)\]", line)
+        if found and "from the argument" not in line:
+            total += size[found[1]] * math.prod(int(d) for d in found[2].split(",") if d)
+    return total
+
+
+def test_document_segments_of_a_packed_row():
+    from starcoder_jax.training.losses import document_segments
+
+    ids = jnp.asarray([[5, 6, 0, 7, 8, 9, 0, 4], [0, 3, 3, 3, 3, 3, 3, 3]])
+    segments, positions = document_segments(ids, 0)
+    assert segments.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1, 1, 1]]
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 4, 5, 6]]
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_separated_documents_score_as_if_alone(chunk):
+    """data.separate_documents: in a packed row, the second document's targets get
+    the log-likelihoods it gets alone (positions from 0), to 1e-5; without the
+    separator, attention reaches across and they differ."""
+    eos = 0
+    model = init_model(StarCoderConfig(**SHAPE), seed=2)
+    rng = np.random.default_rng(3)
+    first, second = rng.integers(1, 256, 9).tolist(), rng.integers(1, 256, 12).tolist()
+    packed = jnp.asarray([first + [eos] + second + [eos]])
+    alone = jnp.asarray([second + [eos]])
+    got = target_nll(model, packed, chunk=chunk, separator=eos)[0, len(first) + 1:]
+    want = target_nll(model, alone, chunk=chunk, separator=eos)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    joined = target_nll(model, packed, chunk=chunk)[0, len(first) + 1:]
+    assert np.abs(np.asarray(joined) - np.asarray(want)).max() > 1e-2
