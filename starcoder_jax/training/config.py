@@ -117,9 +117,10 @@ class LoRASection:
 
     rank, alpha, dropout, target_modules, use_rslora: PEFT's r, lora_alpha,
     lora_dropout, target_modules (a list; one name is a list of one) and
-    use_rslora (defaults: PEFT's; targets: its gpt_bigcode default). The scale is alpha / rank (alpha /
-    sqrt(rank) with use_rslora). train.trainable / train.frozen then choose
-    among the adapters' paths ("blocks/0/attn/query/lora/a").
+    use_rslora, with PEFT's defaults (targets: its gpt_bigcode default,
+    c_attn). The scale is alpha / rank (alpha / sqrt(rank) with use_rslora).
+    train.trainable / train.frozen then choose among the adapters' paths
+    ("blocks/0/attn/query/lora/a"). Run with `lora: {}` for every default.
     """
 
     rank: int = 8
