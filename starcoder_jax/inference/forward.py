@@ -12,6 +12,7 @@ token is never a key of an earlier query.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import jax
@@ -29,21 +30,21 @@ def length_bucket(t: int, n_positions: int) -> int:
     return min(max(MIN_BUCKET, 1 << max(t - 1, 0).bit_length()), n_positions)
 
 
-class _Compiled:
-    """One model's split state and its jitted forward; valid while the model keeps
-    the same config and the very same arrays."""
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, positions: jax.Array) -> jax.Array:
+    """The module call as a pure function of the split model; models of one structure
+    (the graphdef) share its compilations."""
+    return nnx.merge(graphdef, state)(ids, positions)
+
+
+class _Split:
+    """One model's split state; valid while the model keeps the same config and
+    the very same arrays."""
 
     def __init__(self, model: StarCoder):
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         self.leaves = jax.tree.leaves(self.state)
-        graphdef = self.graphdef
-
-        @jax.jit
-        def forward(state, ids, positions):
-            return nnx.merge(graphdef, state)(ids, positions)
-
-        self.run = forward
 
     def serves(self, model: StarCoder) -> bool:
         if model.config != self.config:
@@ -52,7 +53,7 @@ class _Compiled:
         return len(leaves) == len(self.leaves) and all(a is b for a, b in zip(leaves, self.leaves))
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def forward(model: StarCoder, input_ids, positions=None) -> jax.Array:
@@ -61,8 +62,8 @@ def forward(model: StarCoder, input_ids, positions=None) -> jax.Array:
     positions [B, T] (optional): absolute positions, 0..T-1 in every row by
     default. The first call for a model (and each new length bucket or batch
     size) compiles; later calls of the same shapes run the compiled program.
-    Changing the model's weights or config (`quantize_`, assigning arrays)
-    makes the next call split and compile again.
+    Changing the model's weights (assigning arrays) makes the next call split
+    it again; a changed structure or config (`quantize_`) also compiles again.
     """
     ids = np.asarray(input_ids)
     config = model.config
@@ -73,9 +74,9 @@ def forward(model: StarCoder, input_ids, positions=None) -> jax.Array:
     positions = np.asarray(positions, np.int32)
     if positions.shape != (b, t):
         raise ValueError(f"positions must be [B, T] = {(b, t)} like input_ids, got {positions.shape}")
-    compiled = _COMPILED.get(model)
-    if compiled is None or not compiled.serves(model):
-        compiled = _COMPILED[model] = _Compiled(model)
+    split = _SPLITS.get(model)
+    if split is None or not split.serves(model):
+        split = _SPLITS[model] = _Split(model)
     pad = length_bucket(t, config.n_positions) - t
     if pad:
         # padded tokens (built on the host: no per-shape device programs): id 0 at
@@ -84,5 +85,5 @@ def forward(model: StarCoder, input_ids, positions=None) -> jax.Array:
         tail = np.minimum(last + np.arange(1, pad + 1, dtype=np.int32), config.n_positions - 1)
         ids = np.concatenate([ids.astype(np.int32), np.zeros((b, pad), np.int32)], axis=1)
         positions = np.concatenate([positions, tail], axis=1)
-    logits = compiled.run(compiled.state, jnp.asarray(ids, jnp.int32), jnp.asarray(positions))
+    logits = _forward(split.graphdef, split.state, jnp.asarray(ids, jnp.int32), jnp.asarray(positions))
     return logits[:, :t] if pad else logits

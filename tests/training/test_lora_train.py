@@ -2,7 +2,6 @@
 the adapters export for PEFT (also from an int8 base), and the optimizer state is
 a small fraction of full fine-tuning's."""
 
-import functools
 import json
 import os
 import signal
@@ -42,14 +41,9 @@ def lora_config(tmp_path, corpus, tokenizer_dir, base_dir, out, name="c.yaml", l
     return path
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(graphdef, state, ids):
-    return nnx.merge(graphdef, state)(ids)
-
-
 def logits(model) -> np.ndarray:
-    """The model's logits of IDS, compiled once per model structure."""
-    return np.asarray(_logits(*nnx.split(model), jnp.asarray(IDS, jnp.int32)))
+    """The model's logits of IDS (sj.forward: compiled once per model and shape)."""
+    return np.asarray(sj.forward(model, IDS))
 
 
 def flat(model, which) -> dict:

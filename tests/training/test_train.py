@@ -335,11 +335,16 @@ def test_a_small_corpus_still_holds_a_document_out_and_evaluates(tmp_path, token
 
 @pytest.mark.slow
 def test_chunked_loss_run_at_2048_tokens_matches_the_whole_logits(tmp_path, corpus_dir, tokenizer_dir):
-    """20 optimizer steps at T = 2048: the chunked loss with full remat (as the 8k
-    config trains) gives the losses of whole logits without remat to 1e-5."""
-    shape = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 2048, "attention_impl": "cpu_blocked"}
+    """20 optimizer steps at T = 2048: the chunked loss and the chunked attention
+    form (auto's choice from 2048 tokens) with full remat, as the 8k config
+    trains, give the losses of whole logits and the materialized cpu_blocked
+    scores without remat to 1e-5."""
+    from starcoder_jax.ops.attention import resolve
+
+    assert resolve("auto", True, 2048) == "chunked"  # the 2048 inputs of a 2049-token row
     runs = {}
-    for name, chunk, remat in (("chunked", 256, "full"), ("whole", 0, "none")):
+    for name, chunk, remat, impl in (("chunked", 256, "full", "auto"), ("whole", 0, "none", "cpu_blocked")):
+        shape = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 2048, "attention_impl": impl}
         cfg = train.load_config(write_config(
             tmp_path / f"{name}.yaml", corpus_dir, tokenizer_dir, str(tmp_path / name),
             **{"model.config": shape, "model.remat": remat, "data.seq_len": 2048,
