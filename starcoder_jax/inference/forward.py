@@ -47,10 +47,13 @@ class _Split:
         self.leaves = jax.tree.leaves(self.state)
 
     def serves(self, model: StarCoder) -> bool:
-        if model.config != self.config:
-            return False
-        leaves = jax.tree.leaves(nnx.state(model))
-        return len(leaves) == len(self.leaves) and all(a is b for a, b in zip(leaves, self.leaves))
+        return model.config == self.config and same_arrays(jax.tree.leaves(nnx.state(model)), self.leaves)
+
+
+def same_arrays(leaves, recorded) -> bool:
+    """Whether `leaves` are the very arrays `recorded` (by identity: a model whose
+    arrays were replaced, even by equal ones, is another model to run)."""
+    return len(leaves) == len(recorded) and all(a is b for a, b in zip(leaves, recorded))
 
 
 _SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

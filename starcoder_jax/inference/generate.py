@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from starcoder_jax.config import StarCoderConfig, check_quantization
+from starcoder_jax.inference.forward import same_arrays
 from starcoder_jax.inference.runner import MeshRunner
 from starcoder_jax.inference.sampling import SamplingParams, sample
 from starcoder_jax.model.kv_cache import KVCache
@@ -423,10 +424,8 @@ class Generator:
     def prepared_for(self, model: StarCoder, tokenizer: Tokenizer | None) -> bool:
         """Whether this Generator still runs `model` as it is now (same config, the very same
         parameter arrays) with this tokenizer."""
-        if tokenizer is not self.tokenizer or model.config != self.config:
-            return False
-        leaves = _weights(model)
-        return len(leaves) == len(self._source) and all(a is b for a, b in zip(leaves, self._source))
+        return (tokenizer is self.tokenizer and model.config == self.config
+                and same_arrays(_weights(model), self._source))
 
     def _call(self, fn, donate, *args, **kwargs):
         if self._runner is None:
