@@ -48,6 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from starcoder_jax.config import StarCoderConfig
 from starcoder_jax.model.lora import LoRAConfig
+from starcoder_jax.model.modules import Int8
 from starcoder_jax.model.plan import model_config
 from starcoder_jax.parallel.hlo import collectives as hlo_collectives
 from starcoder_jax.parallel.mesh import abstract_on_mesh, mesh_from_spec, parse_mesh_spec
@@ -58,6 +59,7 @@ from starcoder_jax.training.memory import abstract_training_model, device_bytes,
 
 STEPS = ("train", "prefill", "decode")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+WEIGHTS = nnx.Any(nnx.Param, Int8)  # float and int8 weights, adapters included (not derived copies)
 _SCALED = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "flops", "bytes_accessed")
 
 
@@ -129,7 +131,7 @@ def compile_step(config: StarCoderConfig, mesh, *, step: str = "train", batch: i
     if step == "train":
         lowered = lower_train_step(config, batch=batch, seq_len=seq_len, remat=remat, loss_chunk=loss_chunk,
                                    mesh=mesh, lora=lora_config(lora_rank), quantize=quantize)
-        frozen = nnx.filter_state(lowered.rest, nnx.Param)
+        frozen = nnx.filter_state(lowered.rest, WEIGHTS)
         trained = device_bytes(lowered.params)
         analytic = {"params_bytes": trained + device_bytes(frozen), "gradients_bytes": trained,
                     "optimizer_bytes": device_bytes(lowered.opt_state), "kv_cache_bytes": 0}
@@ -302,7 +304,7 @@ def _analytic(config: StarCoderConfig, mesh, *, step, batch, seq_len, lora_rank,
                 "kv_cache_bytes": device_bytes(cache)}
     trained = nnx.filter_state(state, trainable_filter(lora=lora_rank is not None))
     # AdamW: mu and nu in the trained params' dtype (float32); its step count is negligible
-    return {"params_bytes": device_bytes(nnx.filter_state(state, nnx.Param)), "gradients_bytes": device_bytes(trained),
+    return {"params_bytes": device_bytes(nnx.filter_state(state, WEIGHTS)), "gradients_bytes": device_bytes(trained),
             "optimizer_bytes": 2 * device_bytes(trained), "kv_cache_bytes": 0}
 
 

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 
 from starcoder_jax.config import StarCoderConfig
 from starcoder_jax.model.lora import LoRAConfig, add_lora
-from starcoder_jax.model.modules import StarCoder, check_remat
+from starcoder_jax.model.modules import Int8, StarCoder, check_remat
 from starcoder_jax.parallel.mesh import abstract_on_mesh, mesh_from_spec, parse_mesh_spec
 from starcoder_jax.parallel.rules import logical_spec, mesh_sizes
 from starcoder_jax.training.config import OptimConfig
@@ -174,7 +174,7 @@ def train_step_memory(config: StarCoderConfig, *, batch: int = 1, seq_len: int |
     step = lower_train_step(config, batch=batch, seq_len=seq_len, remat=remat, loss_chunk=loss_chunk,
                             grad_accum=grad_accum, mesh=mesh, optim=optim, lora=lora, quantize=quantize)
     analysis = step.lowered.compile().memory_analysis()
-    frozen = nnx.filter_state(step.rest, nnx.Param)
+    frozen = nnx.filter_state(step.rest, nnx.Any(nnx.Param, Int8))  # float or int8 weights
     trained = device_bytes(step.params)
     return TrainStepMemory(
         argument_bytes=analysis.argument_size_in_bytes, output_bytes=analysis.output_size_in_bytes,
