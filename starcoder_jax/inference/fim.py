@@ -72,12 +72,17 @@ def encode_literal(tokenizer: Tokenizer, text: str) -> list[int]:
     StarCoder's), so the shared backend is never mutated. On text without
     special-token strings both give the same ids.
     """
+    return literal_backend(tokenizer).encode(text, add_special_tokens=False).ids
+
+
+def literal_backend(tokenizer: Tokenizer) -> _HFTokenizer:
+    """The `tokenizers` backend that `encode_literal` uses (for batch encoding the same way)."""
     backend = _LITERAL_BACKENDS.get(tokenizer)
     if backend is None:
         backend = _HFTokenizer.from_str(tokenizer.backend.to_str())
         backend.encode_special_tokens = True
         _LITERAL_BACKENDS[tokenizer] = backend
-    return backend.encode(text, add_special_tokens=False).ids
+    return backend
 
 
 def check_mode(mode: str) -> str:
