@@ -35,6 +35,8 @@ from starcoder_jax.tokenizer import Tokenizer
 class DataConfig:
     """Where the text comes from and how it becomes sequences.
 
+    store: a token store directory (`starcoder-jax prepare-data`, training.store)
+      to read instead of `paths`; its held-out split replaces eval_fraction.
     paths: directories (searched recursively for `extensions`), glob
       patterns, single files, or .jsonl / .jsonl.gz files (one document per
       line in `text_field`).
@@ -49,6 +51,7 @@ class DataConfig:
     """
 
     paths: tuple[str, ...] = ()
+    store: str | None = None
     extensions: tuple[str, ...] = (".py",)
     text_field: str = "text"
     seq_len: int = 512
@@ -68,6 +71,9 @@ class DataConfig:
             raise ValueError(f"data.seq_len must be >= 1, got {self.seq_len}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.store and self.paths:
+            raise ValueError("data.store and data.paths are both set: a run reads a token store or "
+                             "source files, not both")
 
 
 def expand_path(path: str) -> str:
@@ -111,7 +117,7 @@ def _read_jsonl(file: str, field: str):
 def collect_documents(config: DataConfig) -> list[tuple[str, str]]:
     """(name, text) of every document, in a deterministic order."""
     if not config.paths:
-        raise ValueError("data.paths is empty: give directories, globs or .jsonl files")
+        raise ValueError("data.paths is empty: give directories, globs or .jsonl files, or a token store in data.store")
     docs = []
     for path in config.paths:
         files = _expand(expand_path(path), config.extensions, config.exclude_dirs)
@@ -308,13 +314,16 @@ class PackedDataset(PackedSequences):
                  batch_size: int, seed: int = 0, shuffle: bool = True, fim: bool = True,
                  progress: bool | None = None):
         self.names = [name for name, _ in docs]
-        texts = [text for _, text in docs]
-        doc_ids = [np.asarray(encode_literal(tokenizer, t), np.int32)
-                   for t in tqdm(texts, desc="tokenizing", unit="doc",
-                                 disable=(not progress) if progress is not None else None)]
-        super().__init__(InMemoryDocuments(doc_ids), tokenizer, config, batch_size=batch_size, seed=seed,
-                         shuffle=shuffle, fim=fim)
-        self.doc_ids = doc_ids
+        super().__init__(tokenize_documents(docs, tokenizer, progress), tokenizer, config,
+                         batch_size=batch_size, seed=seed, shuffle=shuffle, fim=fim)
+
+
+def tokenize_documents(docs: list[tuple[str, str]], tokenizer: Tokenizer,
+                       progress: bool | None = None) -> InMemoryDocuments:
+    """The token ids of (name, text) documents, each encoded literally (inference.fim.encode_literal)."""
+    return InMemoryDocuments([np.asarray(encode_literal(tokenizer, text), np.int32)
+                              for _, text in tqdm(docs, desc="tokenizing", unit="doc",
+                                                  disable=(not progress) if progress is not None else None)])
 
 
 def eval_sequences(dataset: PackedSequences, max_sequences: int) -> tuple[np.ndarray, np.ndarray]:

@@ -110,9 +110,8 @@ class Loop:
     def _train_step(self) -> dict:
         """One optimizer step on the batch of `self.step`; returns its metrics (device arrays)."""
         loop, placement, state = self.loop, self.setup.placement, self.state
-        ids, mask = self.setup.train_data.batch(self.step)
-        shape = (loop.grad_accum, loop.batch_size // loop.grad_accum, -1)  # [A, b, T + 1]
-        ids, mask = placement.batch(ids.reshape(shape)), placement.batch(mask.reshape(shape))
+        shape = (loop.grad_accum, loop.batch_size // loop.grad_accum, self.setup.cfg.data.seq_len + 1)  # [A, b, T + 1]
+        ids, mask = placement.source_batch(self.setup.train_data, self.step, shape)
         with placement.context():
             params, opt_state, out = self.setup.train_step(state.params, state.opt_state, state.rest, ids, mask,
                                                            jnp.int32(self.step))
