@@ -48,6 +48,8 @@ class DataConfig:
       sequence (segment ids from the <|endoftext|> that ends each document).
       Off by default: StarCoder was trained on packed sequences that attend
       across documents.
+    loader_workers: processes that compute the training rows (ParallelRows),
+      the next step's ahead; 0: the training process computes them.
     """
 
     paths: tuple[str, ...] = ()
@@ -62,6 +64,7 @@ class DataConfig:
     max_documents: int | None = None
     max_document_chars: int = 200_000
     separate_documents: bool = False
+    loader_workers: int = 0
     # Folder names never entered: installed third-party packages are not part
     # of a standard-library corpus (and differ from machine to machine).
     exclude_dirs: tuple[str, ...] = ("site-packages", "dist-packages", "__pycache__", ".git")
@@ -305,6 +308,66 @@ class PackedSequences:
         """All sequences of epoch e, in row order: ids and mask [sequences_per_epoch, W]."""
         rows = [self.row(e * self.sequences_per_epoch + r) for r in range(self.sequences_per_epoch)]
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
+    def __getstate__(self):  # what a loader worker needs (ParallelRows): no caches
+        return {**self.__dict__, "_plans": {}, "_documents": {}}
+
+
+class ParallelRows:
+    """A PackedSequences whose rows are computed in `workers` processes: the rows of a
+    step split between them, and the same rows of the next step computed ahead while
+    the caller trains on this one. A DataSource, with the same batches as `source`.
+
+    Processes, not threads: the FIM transform is Python and `tokenizers` calls that
+    hold the GIL. Spawned, not forked (the parent runs JAX's threads); each worker
+    gets a pickled copy of `source` (a token store's split reopens its memmap).
+    """
+
+    def __init__(self, source: PackedSequences, workers: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if workers < 1:
+            raise ValueError(f"data.loader_workers must be >= 1 for a worker pool, got {workers}")
+        self.source, self.workers, self.batch_size = source, workers, source.batch_size
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_start_worker, initargs=(source,))
+        self._ahead: dict[tuple, list] = {}
+
+    def _submit(self, step: int, indices: tuple[int, ...]) -> list:
+        chunks = np.array_split(np.asarray(indices, np.int64), min(self.workers, len(indices)))
+        return [self.pool.submit(_worker_rows, step, chunk) for chunk in chunks]
+
+    def rows(self, step: int, indices) -> tuple[np.ndarray, np.ndarray]:
+        key = (step, tuple(int(i) for i in indices))
+        if not key[1]:
+            return self.source.rows(step, ())
+        futures = self._ahead.pop(key, None) or self._submit(*key)
+        for stale in self._ahead.values():
+            for f in stale:
+                f.cancel()
+        self._ahead = {(step + 1, key[1]): self._submit(step + 1, key[1])}
+        parts = [f.result() for f in futures]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.rows(step, range(self.batch_size))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+_WORKER_SOURCE: PackedSequences | None = None
+
+
+def _start_worker(source: PackedSequences) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+
+
+def _worker_rows(step: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return _WORKER_SOURCE.rows(step, indices)
 
 
 class PackedDataset(PackedSequences):

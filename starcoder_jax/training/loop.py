@@ -14,6 +14,7 @@ import os
 import signal
 import time
 
+import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
@@ -21,10 +22,13 @@ from starcoder_jax.training.state import Setup, TrainingError, TrainState
 
 
 class Metrics:
-    """metrics.jsonl (truncated to the resumed step) + TensorBoard events."""
+    """metrics.jsonl (truncated to the resumed step) + TensorBoard events, written by
+    process 0 only (every process of a multi-host run computes the same records)."""
 
     def __init__(self, out_dir: str, start_step: int):
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        if jax.process_index() != 0:
+            self.path = os.devnull
         kept = []
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
@@ -32,12 +36,15 @@ class Metrics:
         with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(kept)
         self.file = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        if self.path == os.devnull:
+            return
         try:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_step + 1)
         except ImportError:  # optional: metrics.jsonl always has everything
-            self.tb = None
+            pass
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -35,6 +35,7 @@ from starcoder_jax.training.data import (
     DataSource,
     DocumentTokens,
     PackedSequences,
+    ParallelRows,
     collect_documents,
     eval_sequences,
     split_documents,
@@ -233,13 +234,14 @@ class Placement:
             return state, None
         from jax.sharding import NamedSharding, PartitionSpec
 
-        from starcoder_jax.parallel.mesh import state_shardings
+        from starcoder_jax.parallel.mesh import put, state_shardings
 
         replicated = NamedSharding(self.mesh, PartitionSpec())
         # Moments follow their params; scalars (step counts) live on every device.
         opt_shardings = jax.tree.map(
             lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state.opt_state)
-        state = dataclasses.replace(state, opt_state=jax.device_put(state.opt_state, opt_shardings))
+        # put: a step count on one local device joins a sharding that spans every process
+        state = dataclasses.replace(state, opt_state=jax.tree.map(put, state.opt_state, opt_shardings))
         return state, (state_shardings(state.params, self.mesh), opt_shardings, replicated)
 
     def batch(self, x: np.ndarray) -> jax.Array:
@@ -366,6 +368,8 @@ def _data_sources(cfg: FinetuneConfig, tokenizer: Tokenizer, train_docs: Documen
     """The training batches and the held-out sequences (None without held-out documents)."""
     loop = cfg.train
     train_data = PackedSequences(train_docs, tokenizer, cfg.data, batch_size=loop.batch_size, seed=loop.seed)
+    if cfg.data.loader_workers:
+        train_data = ParallelRows(train_data, cfg.data.loader_workers)
     if held_docs is None:
         return train_data, None
     try:

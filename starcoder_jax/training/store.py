@@ -431,11 +431,15 @@ def _finish(journal: _Journal, out: str, spec: SourceSpec, tokenizer: Tokenizer,
 class StoreDocuments:
     """One split of a store as data.DocumentTokens: memory-mapped, read on demand."""
 
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, select: np.ndarray):
-        self._tokens = tokens
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, select: np.ndarray,
+                 where: tuple[str, bool] | None = None):
+        self._tokens, self._where = tokens, where
         self.index = np.flatnonzero(select)  # the store's document ids of this split, in order
         self.starts = offsets[:-1][self.index]
         self.lengths = offsets[1:][self.index] - self.starts
+
+    def __reduce__(self):  # a loader worker reopens the store rather than copying it
+        return _open_split, self._where
 
     def tokens(self, i: int) -> np.ndarray:
         start = int(self.starts[i])
@@ -487,4 +491,9 @@ class TokenStore:
                 f"({tokenizer.vocab_size} tokens); prepare the store with the run's tokenizer")
 
     def split(self, held_out: bool) -> StoreDocuments:
-        return StoreDocuments(self.tokens, self.offsets, self.held_out if held_out else ~self.held_out)
+        return StoreDocuments(self.tokens, self.offsets, self.held_out if held_out else ~self.held_out,
+                              (self.path, held_out))
+
+
+def _open_split(path: str, held_out: bool) -> StoreDocuments:
+    return TokenStore(path).split(held_out)

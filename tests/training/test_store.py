@@ -5,6 +5,7 @@ resume exactly."""
 import gzip
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 from builders import CORPUS, REPO_ROOT
 from test_train import losses, run_cli, wait_for_step, write_config
 from tokenizers import Tokenizer as HFTokenizer
@@ -287,3 +289,80 @@ def test_store_fed_run_resumes_exactly_after_kill_9(tmp_path, run_corpus, tokeni
     proc.wait()
     run_cli(config)
     assert losses(killed) == reference
+
+
+def _train(config, processes, stop_after=None):
+    """The worker's fine-tune of `config` on a data=4 mesh: 1 process of 4 CPU devices or
+    2 processes of 2, joined by jax.distributed (gloo on loopback)."""
+    flags = f" --xla_force_host_platform_device_count={4 // processes}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + flags)
+    port = _free_port()
+    extra = ["--stop-after", str(stop_after)] if stop_after else []
+    procs = [subprocess.Popen(
+        [sys.executable, "-u", WORKER, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+         "--process-id", str(i), "--mode", "train", "--config", config, *extra],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(processes)]
+    for i, proc in enumerate(procs):
+        code, stdout, stderr = _finish(proc, 240)
+        assert code == 0, f"process {i} of {processes} exited {code}:\n{stdout[-2000:]}\n{stderr[-4000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_a_run_checkpointed_with_2_processes_resumes_with_1_and_back(tmp_path, run_corpus, tokenizer_dir):
+    """The same 4 devices as one process or two: a run saved at step 3 by one count and
+    resumed by the other takes the uninterrupted run's batches (same losses)."""
+    store = str(tmp_path / "store")
+    prepare_store(SourceSpec(paths=(run_corpus,)), load_tokenizer(tokenizer_dir), store, progress=False)
+    configs = {}
+    for name in ("straight", "two_then_one"):
+        configs[name] = write_config(
+            tmp_path / f"{name}.yaml", run_corpus, tokenizer_dir, str(tmp_path / name),
+            **{"data.paths": [], "data.store": store, "data.eval_fraction": 0.0, "train.steps": 6,
+               "train.save_every": 3, "train.eval_every": 100, "train.mesh": "data=4",
+               "train.async_checkpoints": False})
+    _train(configs["straight"], 1)
+    _train(configs["two_then_one"], 2, stop_after=3)
+    _train(configs["two_then_one"], 1)
+    # one process's step-3 checkpoint: the straight run's, without the steps after it
+    shutil.copytree(tmp_path / "straight", tmp_path / "one_then_two")
+    shutil.rmtree(tmp_path / "one_then_two" / "checkpoints" / "6")
+    with open(configs["straight"]) as f:
+        raw = yaml.safe_load(f)
+    raw["train"]["output_dir"] = str(tmp_path / "one_then_two")
+    with open(tmp_path / "one_then_two.yaml", "w") as f:
+        yaml.safe_dump(raw, f)
+    _train(str(tmp_path / "one_then_two.yaml"), 2)
+    reference = losses(str(tmp_path / "straight"))
+    assert [s for s, _ in reference] == list(range(1, 7))
+    for name in ("two_then_one", "one_then_two"):
+        got = losses(str(tmp_path / name))
+        assert [s for s, _ in got] == list(range(1, 7))
+        # gloo's reductions may add in another order than one process's: equal to float32 rounding
+        np.testing.assert_allclose([x for _, x in got], [x for _, x in reference], rtol=2e-6)
+
+
+def test_loader_workers_give_the_same_batches(tmp_path, run_corpus, tokenizer_dir):
+    from starcoder_jax.training.data import DataConfig, ParallelRows
+
+    store = str(tmp_path / "store")
+    prepare_store(SourceSpec(paths=(run_corpus,)), load_tokenizer(tokenizer_dir), store, progress=False)
+    source = PackedSequences(TokenStore(store).split(held_out=False), load_tokenizer(tokenizer_dir),
+                             DataConfig(seq_len=32), batch_size=4, seed=1)
+    parallel = ParallelRows(source, 2)
+    try:
+        for step in (0, 1, 2, 7, 3):  # in order (computed ahead), then out of order
+            for got, want in zip(parallel.batch(step), source.batch(step)):
+                np.testing.assert_array_equal(got, want)
+        for got, want in zip(parallel.rows(5, [3, 0]), source.rows(5, [3, 0])):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        parallel.close()
+
+
+def test_the_store_example_config_reads_a_store():
+    cfg = load_config(os.path.join(REPO_ROOT, "configs/finetune/starcoderbase-1b-store.yaml"))
+    assert cfg.data.store.endswith("stores/python") and not cfg.data.paths and cfg.data.loader_workers == 2
+    with pytest.raises(ValueError, match="data.store and data.paths are both set"):
+        train.parse_config({"data": {"store": "s", "paths": ["p"]}})
