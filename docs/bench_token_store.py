@@ -69,17 +69,20 @@ def generate(out: str, gigabytes: float) -> tuple[int, int]:
     return docs, total
 
 
-def baseline(corpus: str, tokenizer_file: str) -> dict:
-    """tokenizers' own batch encoding of the same documents (text already in memory)."""
+def baseline(corpus: str, tokenizer_file: str, fraction: float = 1.0) -> dict:
+    """tokenizers' own batch encoding of the same documents (text already in memory): the
+    first `fraction` of the shards, as bytes per second."""
     import pyarrow.parquet as pq
     from tokenizers import Tokenizer
 
     backend = Tokenizer.from_file(tokenizer_file)
     backend.encode_special_tokens = True  # as prepare-data encodes (literally)
     times = {"encode_batch": 0.0, "encode_batch_fast": 0.0}
-    tokens = 0
-    for name in sorted(os.listdir(corpus)):
+    tokens = size = 0
+    names = sorted(os.listdir(corpus))
+    for name in names[:max(1, round(len(names) * fraction))]:
         texts = pq.read_table(os.path.join(corpus, name)).column("content").to_pylist()
+        size += sum(len(t.encode("utf-8")) for t in texts)
         for i in range(0, len(texts), 512):  # batches of about prepare-data's size
             chunk = texts[i:i + 512]
             start = time.perf_counter()
@@ -88,7 +91,8 @@ def baseline(corpus: str, tokenizer_file: str) -> dict:
             start = time.perf_counter()
             backend.encode_batch_fast(chunk, add_special_tokens=False)
             times["encode_batch_fast"] += time.perf_counter() - start
-    return {"tokens": tokens, **{k: round(v, 1) for k, v in times.items()}}
+    return {"bytes": size, "tokens": tokens, **{k: round(v, 1) for k, v in times.items()},
+            **{f"{k}_mb_per_s": round(size / v / 1e6, 3) for k, v in times.items()}}
 
 
 def run_prepare(corpus: str, tokenizer: str, store: str) -> dict:
@@ -115,10 +119,9 @@ def read_batches(store: str, tokenizer: str, workers: int, steps: int) -> dict:
     if workers:
         source = ParallelRows(source, workers)
         source.batch(0)  # workers started and warm
-    first = 1000  # steps far apart: no document cache shared between them
     start = time.perf_counter()
-    for k in range(steps):
-        source.batch(first + 997 * k)
+    for k in range(1, steps + 1):  # consecutive steps, as training asks (workers compute the next ahead)
+        source.batch(k)
     seconds = time.perf_counter() - start
     if workers:
         source.close()
@@ -145,6 +148,9 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/store-bench", help="scratch folder (deleted unless --keep)")
     parser.add_argument("--gigabytes", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=20, help="batches read per measurement")
+    parser.add_argument("--baseline-fraction", type=float, default=1.0,
+                        help="share of the shards the encode_batch baseline encodes (a rate: bytes/s)")
+    parser.add_argument("--skip-read", action="store_true", help="measure prepare-data only")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--skip-prepare", action="store_true", help="reuse --work's corpus and store")
     args = parser.parse_args()
@@ -160,13 +166,15 @@ def main() -> int:
             print(json.dumps(report), flush=True)
             report["prepare_data"] = run_prepare(corpus, args.tokenizer, store)
             print(json.dumps(report), flush=True)
-            report["tokenizers"] = baseline(corpus, tokenizer_file)
+            report["prepare_data"]["mb_per_s"] = round(size / report["prepare_data"]["wall_s"] / 1e6, 3)
+            report["tokenizers"] = baseline(corpus, tokenizer_file, args.baseline_fraction)
             for key in ("encode_batch", "encode_batch_fast"):
-                ratio = report["tokenizers"][key] / report["prepare_data"]["wall_s"]
+                ratio = report["prepare_data"]["mb_per_s"] / report["tokenizers"][f"{key}_mb_per_s"]
                 report[f"prepare_data_vs_{key}"] = round(ratio, 3)
             print(json.dumps(report), flush=True)
-        report["memmap"] = read_slices(store, args.steps)
-        report["read"] = [read_batches(store, args.tokenizer, w, args.steps) for w in (0, 1, 2)]
+        if not args.skip_read:
+            report["memmap"] = read_slices(store, args.steps)
+            report["read"] = [read_batches(store, args.tokenizer, w, args.steps) for w in (0, 1, 2)]
         report["load_average_end"] = os.getloadavg()
         print(json.dumps(report), flush=True)
     finally:

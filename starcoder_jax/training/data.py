@@ -233,7 +233,7 @@ class PackedSequences:
         self.tokenizer, self.docs = tokenizer, docs
         self.eos = tokenizer.eos_id
         self.fim = FIMTransform(tokenizer, config.fim_rate if fim else 0.0, config.fim_spm_rate,
-                                truncate_or_pad=True, mask_pad=config.mask_fim_pad)
+                                truncate_or_pad=True, mask_pad=config.mask_fim_pad, ids_are_encodings=True)
         self.width = config.seq_len + 1
         self.tokens_per_epoch = int(np.sum(docs.lengths + 1))
         self.sequences_per_epoch = self.tokens_per_epoch // self.width

@@ -82,6 +82,7 @@ def test_store_batches_equal_the_in_memory_pipeline_bit_for_bit(tmp_path):
     memory = PackedDataset(train_docs, tokenizer, cfg.data, batch_size=b, seed=7)
     stored = PackedSequences(store.split(held_out=False), tokenizer, cfg.data, batch_size=b, seed=7)
     assert stored.sequences_per_epoch == memory.sequences_per_epoch > 2 * b
+    assert stored.fim.local is not None  # cut near the cuts only; epoch_at_once re-encodes whole parts
     epochs = [epoch_at_once(memory.docs.doc_ids, tokenizer, cfg.data, 7, e) for e in (0, 1)]
     n = memory.sequences_per_epoch
     for step in range(2 * n // b):  # two epochs, batches across the epoch boundary included
