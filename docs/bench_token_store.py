@@ -142,6 +142,41 @@ def read_slices(store: str, steps: int) -> dict:
     return {"random_document_reads_per_s": round(steps * 8 / (time.perf_counter() - start))}
 
 
+def grain_overhead(store: str, n: int = 20000) -> dict:
+    """Reading n random documents' tokens: our index arithmetic over the memmap, and the
+    same reads through a grain MapDataset (shuffled by grain), per document."""
+    try:
+        import grain
+    except ImportError:
+        return {"grain": "not installed"}
+    from starcoder_jax.training.store import TokenStore
+
+    docs = TokenStore(store).split(held_out=False)
+
+    class Documents:  # grain's random-access source protocol
+        def __len__(self):
+            return len(docs.lengths)
+
+        def __getitem__(self, i):
+            return np.asarray(docs.tokens(i))
+
+    order = np.random.default_rng(0).permutation(len(docs.lengths))
+    reads = [int(order[k % len(order)]) for k in range(n)]
+    start = time.perf_counter()
+    for i in reads:
+        np.asarray(docs.tokens(i))
+    direct = (time.perf_counter() - start) / n
+    dataset = grain.MapDataset.source(Documents()).shuffle(seed=0).repeat(None)
+    iterator = iter(dataset.to_iter_dataset())
+    for _ in range(100):  # started
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(n):
+        next(iterator)
+    through_grain = (time.perf_counter() - start) / n
+    return {"direct_us_per_document": round(direct * 1e6, 2), "grain_us_per_document": round(through_grain * 1e6, 2)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="a tokenizer.json or its folder")
@@ -174,6 +209,7 @@ def main() -> int:
             print(json.dumps(report), flush=True)
         if not args.skip_read:
             report["memmap"] = read_slices(store, args.steps)
+            report["grain"] = grain_overhead(store)
             report["read"] = [read_batches(store, args.tokenizer, w, args.steps) for w in (0, 1, 2)]
         report["load_average_end"] = os.getloadavg()
         print(json.dumps(report), flush=True)
