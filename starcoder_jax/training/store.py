@@ -15,14 +15,14 @@ for the same documents: one FIM and packing implementation.
 numpy.memmap rather than grain: a row of the packed stream is index
 arithmetic over the offsets (data.PackedSequences), a pure function of
 (seed, step) that needs no iterator state in the checkpoint and gives the
-same batch for any process count. Measured on this machine (BENCHMARKS.md,
-"Token store"): reading the token slices of a 8 x 2049 batch from the
-memmap costs about 1% of building that batch with FIM at rate 0.5 (the FIM
-transform's decode and re-encode is the rest), and grain's MapDataset adds
-its own per-record overhead on top of the same slicing (its ArrayRecord
-format would also need a second writer). Loader parallelism comes from
-processes over the shared page cache (`ParallelRows`), which grain would
-also use.
+same batch for any process count; grain's iterator state would have to be
+saved with the checkpoint and re-sharded when the process count changes.
+Measured on the 1 GB benchmark store (BENCHMARKS.md, "Token store"): our
+arithmetic finds a document's slice in 4.4 us, the same reads through a
+grain MapDataset took 654 us each, and both are small beside the ~60 ms of
+FIM and packing per 8 x 2049 batch (271k tokens/s in one process). Loader
+parallelism comes from processes that each reopen the memmap
+(data.ParallelRows).
 
 Writing (`prepare_store`) streams documents in batches of about
 `batch_bytes` of text through `tokenizers`' encode_batch (Rust threads), so
