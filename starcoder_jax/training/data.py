@@ -9,9 +9,13 @@ document's token count, so every epoch has the same number of sequences and
 step s maps to (epoch, offset) by arithmetic. A resumed run therefore sees
 exactly the batches it would have seen.
 
-Written with numpy rather than a loader framework: the corpora this targets
-fit in host memory, and the whole order is the two lines of arithmetic
-above, which a framework would only hide.
+The sequences are computed row by row (PackedSequences) from the documents'
+token counts, over any document set: token arrays in memory (source files
+tokenized at start-up, for small corpora) or a token store on disk
+(training.store, written once by `starcoder-jax prepare-data`). Both go
+through the same FIM and packing code, so they give the same batches for the
+same documents. Written with numpy rather than a loader framework: the whole
+order is the arithmetic above (training.store says what grain would cost).
 """
 
 from __future__ import annotations
