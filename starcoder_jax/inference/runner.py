@@ -53,7 +53,8 @@ class MeshRunner:
             return put(np.asarray(x), self.replicated)
         return x  # static arguments (the graphdef) and Python values pass through
 
-    def _out_shardings(self, out):
+    def out_shardings(self, out):
+        """The shardings of a jitted call's outputs `out` (a pytree like them): the cache split, the rest whole."""
         def per_node(node):
             if isinstance(node, KVCache):
                 return node.shardings(self.cache)
@@ -61,14 +62,24 @@ class MeshRunner:
 
         return jax.tree.map(per_node, out, is_leaf=lambda n: isinstance(n, KVCache))
 
+    def _jit(self, fn: Callable, donate: tuple[str, ...], args, kwargs):
+        """fn re-jitted once with the mesh's out_shardings and `donate` (inside set_mesh)."""
+        if fn not in self._jitted:
+            shapes = getattr(fn, "eval_shape", None) or functools.partial(jax.eval_shape, fn)
+            out = shapes(*args, **kwargs)
+            self._jitted[fn] = jax.jit(
+                getattr(fn, "__wrapped__", fn), static_argnames=("graphdef",),
+                donate_argnames=donate, out_shardings=self.out_shardings(out))
+        return self._jitted[fn]
+
     def call(self, fn: Callable, donate: tuple[str, ...], *args, **kwargs):
         """fn(*args, **kwargs) on the mesh; fn is a jax.jit function with a static `graphdef`."""
         args, kwargs = jax.tree.map(self._place, (args, kwargs))
         with jax.set_mesh(self.mesh):
-            if fn not in self._jitted:
-                shapes = getattr(fn, "eval_shape", None) or functools.partial(jax.eval_shape, fn)
-                out = shapes(*args, **kwargs)
-                self._jitted[fn] = jax.jit(
-                    getattr(fn, "__wrapped__", fn), static_argnames=("graphdef",),
-                    donate_argnames=donate, out_shardings=self._out_shardings(out))
-            return self._jitted[fn](*args, **kwargs)
+            return self._jit(fn, donate, args, kwargs)(*args, **kwargs)
+
+    def lower(self, fn: Callable, donate: tuple[str, ...], *args, **kwargs) -> jax.stages.Lowered:
+        """The program `call` runs, lowered; args may be ShapeDtypeStructs carrying their shardings."""
+        args, kwargs = jax.tree.map(self._place, (args, kwargs))
+        with jax.set_mesh(self.mesh):
+            return self._jit(fn, donate, args, kwargs).lower(*args, **kwargs)

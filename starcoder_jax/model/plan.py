@@ -11,7 +11,7 @@ from starcoder_jax.model.modules import abstract_model
 from starcoder_jax.parallel.plan import plan_bytes
 
 
-def _model_config(model: str | StarCoderConfig) -> tuple[str, StarCoderConfig]:
+def model_config(model: str | StarCoderConfig) -> tuple[str, StarCoderConfig]:
     if isinstance(model, StarCoderConfig):
         return "config", model
     if os.path.isdir(model):
@@ -27,7 +27,7 @@ def shard_plan(model: str | StarCoderConfig, mesh_spec: str, *, dtype: str | Non
     directory) on the mesh of `mesh_spec`, from shapes only; dtype: parameter and
     compute dtype (default: the config's). kwargs: those of `parallel.plan.plan_bytes`
     (batch, seq, optimizer, devices, device_memory_gb)."""
-    name, config = _model_config(model)
+    name, config = model_config(model)
     if dtype is not None:
         config = config.replace(param_dtype=dtype, dtype=dtype)
     params = nnx.state(abstract_model(config))

@@ -206,7 +206,13 @@ def _tiled(x2: jax.Array, q3: jax.Array, *, per_row: bool) -> jax.Array:
 
 def int8_product(x: jax.Array, w: QuantizedWeight, form: str) -> jax.Array:
     """x [..., *in] @ dequantize(w) -> float32 [..., *out], computed by `form`
-    (one of INT8_FORMS; every form reads either layout of w)."""
+    (one of INT8_FORMS; every form reads either layout of w).
+
+    The CPU forms (cpu_rows, cpu_tiles, reduce) round the activations to
+    bfloat16, which XLA:CPU multiplies fastest. "dot", the accelerators' and
+    training's form, multiplies in the activations' own dtype, as a float
+    matmul does: bfloat16 activations give every form's result, float32 ones
+    the dequantized product to float32 round-off."""
     if form not in INT8_FORMS:
         raise ValueError(f"int8 form must be one of {', '.join(INT8_FORMS)}, got {form!r}")
     in_shape, out_shape = w.in_shape, w.out_shape
@@ -226,7 +232,8 @@ def int8_product(x: jax.Array, w: QuantizedWeight, form: str) -> jax.Array:
         xf = x2.astype(jnp.float32).reshape(m, c, 1, k)
         y = jnp.stack([jnp.sum(xf[r] * q3.astype(jnp.float32), axis=(0, 2)) for r in range(m)])
     else:
-        y = jnp.einsum("MCK,COK->MO", x2.reshape(m, c, k), q3.astype(jnp.bfloat16),
+        exact = x.dtype if jnp.dtype(x.dtype).itemsize >= 4 else jnp.bfloat16
+        y = jnp.einsum("MCK,COK->MO", x.reshape(m, c, k).astype(exact), q3.astype(exact),
                        preferred_element_type=jnp.float32)
     y = y * w.scale.reshape(o).astype(jnp.float32)
     return y.reshape(*lead, *out_shape)

@@ -208,6 +208,19 @@ def state_shardings(params: nnx.State, mesh: Mesh | str) -> nnx.State:
     return nnx.map_state(sharding, params)
 
 
+def abstract_on_mesh(params: nnx.State, mesh: Mesh | str) -> nnx.State:
+    """The state with each array a jax.ShapeDtypeStruct carrying its sharding per the rules:
+    what a compile on abstract inputs takes for params placed by `shard_state`."""
+    shardings = param_shardings(params, mesh)
+
+    def abstract(path, var):
+        value = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             var.get_value(), shardings[path])
+        return var.replace(value)
+
+    return nnx.map_state(abstract, params)
+
+
 def put(value, sharding: NamedSharding):
     """device_put that also works when `sharding` spans other processes' devices.
 

@@ -1,17 +1,18 @@
 """Device memory of the real train step, from XLA's compiler: compiled on
 abstract shapes, never run, no full-size weights allocated.
 
-`train_step_memory(config, batch=, seq_len=, remat=, loss_chunk=, mesh=)`
-builds the abstract model (`nnx.eval_shape`), its AdamW state
-(`jax.eval_shape`) and the batch as `jax.ShapeDtypeStruct`s, lowers and
-compiles `step.make_train_step` (the step fine-tuning runs: forward, backward,
-clipping, AdamW, donated params and optimizer state) and reads
+`train_step_memory(config, batch=, seq_len=, remat=, loss_chunk=, mesh=, lora=,
+quantize=)` builds the abstract model (`nnx.eval_shape`; an int8 base and
+LoRA adapters when asked), its AdamW state (`jax.eval_shape`) and the batch
+as `jax.ShapeDtypeStruct`s, lowers and compiles `step.make_train_step` (the
+step fine-tuning runs: forward, backward, clipping, AdamW, donated params
+and optimizer state; `lower_train_step`) and reads
 `compiled.memory_analysis()`, per device:
 
   peak = arguments + outputs - aliased (donated inputs reused as outputs) + temporaries
 
-next to the analytic bytes of the params, their gradients and the AdamW
-moments (parallel.plan.plan_bytes). Under a mesh the compile needs that
+next to the bytes each device holds of the params, of the gradients of the
+trained ones and of their AdamW moments (from the shards' shapes). Under a mesh the compile needs that
 many devices; on a CPU host, fake ones do
 (XLA_FLAGS=--xla_force_host_platform_device_count=8, set before JAX starts),
 and the CPU compiler's analysis then stands in for the accelerator's.
@@ -21,22 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from starcoder_jax.config import StarCoderConfig
-from starcoder_jax.model.modules import abstract_model, check_remat
-from starcoder_jax.parallel.mesh import mesh_from_spec, parse_mesh_spec, state_shardings
-from starcoder_jax.parallel.mesh import param_shardings as param_shardings_by_path
-from starcoder_jax.parallel.plan import plan_bytes
+from starcoder_jax.model.lora import LoRAConfig, add_lora
+from starcoder_jax.model.modules import StarCoder, check_remat
+from starcoder_jax.parallel.mesh import abstract_on_mesh, mesh_from_spec, parse_mesh_spec
 from starcoder_jax.parallel.rules import logical_spec, mesh_sizes
 from starcoder_jax.training.config import OptimConfig
 from starcoder_jax.training.losses import LOSS_CHUNK, check_loss_chunk
-from starcoder_jax.training.step import make_optimizer, make_train_step
+from starcoder_jax.training.state import step_shardings
+from starcoder_jax.training.step import make_optimizer, make_train_step, trainable_filter
 
 GIB = 2**30
 
@@ -91,62 +92,109 @@ def _abstract_batch(shape, dtype, mesh) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
+def abstract_training_model(config: StarCoderConfig, *, remat: str | bool = "full", lora: LoRAConfig | None = None,
+                            quantize: str | None = None) -> StarCoder:
+    """The model a run trains, with ShapeDtypeStructs for arrays: `quantize` ("int8") makes its
+    base int8 (model.quantize_), `lora` adds adapters (model.lora.add_lora), as
+    training.state.with_lora does."""
+    def build():
+        model = StarCoder(config, rngs=nnx.Rngs(params=0))
+        if quantize is not None:
+            model.quantize_(quantize)
+        return model if lora is None else add_lora(model, lora)
+
+    model = nnx.eval_shape(build)
+    model.remat = check_remat(remat)
+    return model
+
+
+@dataclasses.dataclass
+class LoweredTrainStep:
+    """The train step of fine-tuning lowered on abstract inputs (nothing allocated)."""
+
+    lowered: jax.stages.Lowered
+    params: nnx.State  # the trained variables (ShapeDtypeStructs, with shardings under a mesh)
+    rest: nnx.State  # everything else: the frozen base, derived arrays
+    opt_state: object
+    mesh: jax.sharding.Mesh | None
+
+
+def lower_train_step(config: StarCoderConfig, *, batch: int = 1, seq_len: int | None = None,
+                     remat: str | bool = "full", loss_chunk: int | None = LOSS_CHUNK, grad_accum: int = 1,
+                     mesh: str | jax.sharding.Mesh | None = None, optim: OptimConfig | None = None,
+                     lora: LoRAConfig | None = None, quantize: str | None = None, steps: int = 1000,
+                     seed: int = 0, skip_nonfinite: bool = False) -> LoweredTrainStep:
+    """`step.make_train_step` as fine-tuning builds it (training.state.prepare), lowered for
+    abstract params, AdamW state and batch; arguments as train_step_memory's, and those of a
+    run's that its program depends on: steps (train.steps: the learning-rate schedule),
+    seed (train.seed) and skip_nonfinite (train.nan_policy == "skip")."""
+    seq_len = config.n_positions if seq_len is None else seq_len
+    if not 1 <= seq_len <= config.n_positions:
+        raise ValueError(f"seq_len is {seq_len} but the model holds {config.n_positions} positions")
+    if batch < 1 or grad_accum < 1 or batch % grad_accum:
+        raise ValueError(f"batch {batch} must be a positive multiple of grad_accum {grad_accum}")
+    loss_chunk = check_loss_chunk(loss_chunk)
+    mesh = _mesh(mesh)
+    model = abstract_training_model(config, remat=remat, lora=lora, quantize=quantize)
+    graphdef, params, rest = nnx.split(model, trainable_filter(lora=lora is not None), ...)
+    tx, _ = make_optimizer(optim or OptimConfig(), steps)
+    opt_state = jax.eval_shape(tx.init, params)
+    out_shardings = None
+    if mesh is not None:
+        out_shardings = step_shardings(tx, params, opt_state, mesh)
+        params, rest = abstract_on_mesh(params, mesh), abstract_on_mesh(rest, mesh)
+        opt_state = _with_shardings(opt_state, out_shardings[1])
+    dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop, lora.lora_dropout if lora else 0) > 0
+    step_fn = make_train_step(graphdef, tx, seed=seed, dropout=dropout, skip_nonfinite=skip_nonfinite,
+                              out_shardings=out_shardings, loss_chunk=loss_chunk)
+    shape = (grad_accum, batch // grad_accum, seq_len + 1)
+    args = (params, opt_state, rest, _abstract_batch(shape, jnp.int32, mesh), _abstract_batch(shape, jnp.bool_, mesh),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        lowered = step_fn.lower(*args)
+    return LoweredTrainStep(lowered, params, rest, opt_state, mesh)
+
+
 def train_step_memory(config: StarCoderConfig, *, batch: int = 1, seq_len: int | None = None,
                       remat: str | bool = "full", loss_chunk: int | None = LOSS_CHUNK, grad_accum: int = 1,
-                      mesh: str | jax.sharding.Mesh | None = None,
-                      optim: OptimConfig | None = None) -> TrainStepMemory:
+                      mesh: str | jax.sharding.Mesh | None = None, optim: OptimConfig | None = None,
+                      lora: LoRAConfig | None = None, quantize: str | None = None) -> TrainStepMemory:
     """XLA's memory analysis of `make_train_step` for `config` (compiled, never run).
 
     batch: sequences per optimizer step (B), in grad_accum micro-batches;
     seq_len: tokens per sequence (T, default n_positions); remat: a name of
     model.modules.REMAT_POLICIES; loss_chunk: as train.loss_chunk (None: whole
     logits); mesh: a spec such as "fsdp=8" or a Mesh (None: one device);
-    optim: the optimizer settings (AdamW's state is the same size whatever they are).
-    Every parameter is trained, as in full fine-tuning.
+    optim: the optimizer settings (AdamW's state is the same size whatever they are);
+    lora: train these adapters only (a frozen base); quantize: "int8" for an
+    int8 base (with lora). Without lora every parameter is trained.
     """
-    seq_len = config.n_positions if seq_len is None else seq_len
-    if not 1 <= seq_len <= config.n_positions:
-        raise ValueError(f"seq_len is {seq_len} but the model holds {config.n_positions} positions")
-    if batch < 1 or grad_accum < 1 or batch % grad_accum:
-        raise ValueError(f"batch {batch} must be a positive multiple of grad_accum {grad_accum}")
-    remat, loss_chunk = check_remat(remat), check_loss_chunk(loss_chunk)
-    mesh = _mesh(mesh)
-    model = abstract_model(config)
-    model.remat = remat
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx, _ = make_optimizer(optim or OptimConfig(), 1000)
-    opt_state = jax.eval_shape(tx.init, params)
-    out_shardings = None
-    if mesh is not None:
-        param_shardings = state_shardings(params, mesh)
-        by_path = param_shardings_by_path(params, mesh)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        # the moments follow their params (found by optax through the params' own
-        # structure: variables holding shardings); the step counts live whole on every device
-        as_params = nnx.map_state(lambda path, var: var.replace(by_path[path]), params)
-        opt_shardings = optax.tree_utils.tree_map_params(
-            tx, lambda _, s: s, opt_state, as_params, transform_non_params=lambda _: replicated)
-        params = _with_shardings(params, as_params)
-        opt_state = _with_shardings(opt_state, opt_shardings)
-        out_shardings = (param_shardings, opt_shardings, replicated)
-    dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) > 0
-    step_fn = make_train_step(graphdef, tx, seed=0, dropout=dropout, skip_nonfinite=False,
-                              out_shardings=out_shardings, loss_chunk=loss_chunk)
-    shape = (grad_accum, batch // grad_accum, seq_len + 1)
-    args = (params, opt_state, rest, _abstract_batch(shape, jnp.int32, mesh), _abstract_batch(shape, jnp.bool_, mesh),
-            jax.ShapeDtypeStruct((), jnp.int32))
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        analysis = step_fn.lower(*args).compile().memory_analysis()
-    spec = "data=1" if mesh is None else ",".join(f"{a}={s}" for a, s in mesh_sizes(mesh).items())
-    plan = plan_bytes("train step", config, nnx.state(model, nnx.Param), spec, batch=batch, seq=seq_len,
-                      optimizer="adamw", devices=1 if mesh is None else mesh.size)["per_device"]
+    if quantize is not None and lora is None:
+        raise ValueError("an int8 base trains only LoRA adapters: give lora with quantize")
+    step = lower_train_step(config, batch=batch, seq_len=seq_len, remat=remat, loss_chunk=loss_chunk,
+                            grad_accum=grad_accum, mesh=mesh, optim=optim, lora=lora, quantize=quantize)
+    analysis = step.lowered.compile().memory_analysis()
+    frozen = nnx.filter_state(step.rest, nnx.Param)
+    trained = device_bytes(step.params)
     return TrainStepMemory(
         argument_bytes=analysis.argument_size_in_bytes, output_bytes=analysis.output_size_in_bytes,
         alias_bytes=analysis.alias_size_in_bytes, temp_bytes=analysis.temp_size_in_bytes,
         generated_code_bytes=analysis.generated_code_size_in_bytes,
-        params_bytes=plan["params"], gradients_bytes=plan["gradients"], optimizer_bytes=plan["optimizer"],
-        batch=batch, seq_len=seq_len, grad_accum=grad_accum, remat=remat, loss_chunk=loss_chunk,
-        mesh=None if mesh is None else mesh_sizes(mesh), param_count=config.param_count())
+        params_bytes=trained + device_bytes(frozen), gradients_bytes=trained,
+        optimizer_bytes=device_bytes(step.opt_state),
+        batch=batch, seq_len=config.n_positions if seq_len is None else seq_len, grad_accum=grad_accum,
+        remat=check_remat(remat), loss_chunk=check_loss_chunk(loss_chunk),
+        mesh=None if step.mesh is None else mesh_sizes(step.mesh), param_count=config.param_count())
+
+
+def device_bytes(tree) -> int:
+    """Bytes one device holds of a pytree of arrays or ShapeDtypeStructs (its shard of each)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
 
 
 def _mesh(mesh):

@@ -228,21 +228,17 @@ class Placement:
 
         return shard_model(model, self.mesh)
 
-    def state(self, state: TrainState) -> tuple[TrainState, tuple | None]:
-        """The state with its optimizer state on the mesh, and the train step's out_shardings."""
+    def state(self, state: TrainState, tx) -> tuple[TrainState, tuple | None]:
+        """The state with its optimizer state on the mesh (tx: the optimizer that made it), and
+        the train step's out_shardings (step_shardings)."""
         if self.mesh is None:
             return state, None
-        from jax.sharding import NamedSharding, PartitionSpec
+        from starcoder_jax.parallel.mesh import put
 
-        from starcoder_jax.parallel.mesh import put, state_shardings
-
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        # Moments follow their params; scalars (step counts) live on every device.
-        opt_shardings = jax.tree.map(
-            lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state.opt_state)
+        shardings = step_shardings(tx, state.params, state.opt_state, self.mesh)
         # put: a step count on one local device joins a sharding that spans every process
-        state = dataclasses.replace(state, opt_state=jax.tree.map(put, state.opt_state, opt_shardings))
-        return state, (state_shardings(state.params, self.mesh), opt_shardings, replicated)
+        state = dataclasses.replace(state, opt_state=jax.tree.map(put, state.opt_state, shardings[1]))
+        return state, shardings
 
     def batch(self, x: np.ndarray) -> jax.Array:
         """x [A, b, T + 1] on the device(s): the rows of each micro-batch over data and fsdp."""
@@ -268,6 +264,27 @@ class Placement:
 
     def context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+
+def step_shardings(tx, params: nnx.State, opt_state, mesh: jax.sharding.Mesh) -> tuple:
+    """The train step's out_shardings on `mesh`: (params, optimizer state, metrics).
+
+    Each param per the rules (parallel.mesh.state_shardings); the optimizer's
+    moments follow their params (optax finds them through the params' own
+    structure); its scalars (step counts) and the metrics live on every device.
+    params, opt_state: arrays or ShapeDtypeStructs (an abstract model's).
+    """
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from starcoder_jax.parallel.mesh import param_shardings, state_shardings
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_path = param_shardings(params, mesh)
+    as_params = nnx.map_state(lambda path, var: var.replace(by_path[path]), params)
+    opt_shardings = optax.tree_utils.tree_map_params(
+        tx, lambda _, s: s, opt_state, as_params, transform_non_params=lambda _: replicated)
+    return state_shardings(params, mesh), opt_shardings, replicated
 
 
 @dataclasses.dataclass
@@ -311,7 +328,7 @@ def prepare(cfg: FinetuneConfig, *, progress: bool | None = None) -> Setup:
     train_data, eval_data = _data_sources(cfg, tokenizer, train_docs, held_docs)
     if start_step:
         state = state.restored(checkpoints)
-    state, out_shardings = placement.state(state)
+    state, out_shardings = placement.state(state, tx)
     config = model.config
     dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop,
                   cfg.lora.dropout if cfg.lora is not None else 0) > 0

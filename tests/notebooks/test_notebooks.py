@@ -71,6 +71,8 @@ def test_notebook_runs(name, kernel_name, tmp_path, monkeypatch):
     # The notebooks' model hook is for development only: tests run the shipped default.
     monkeypatch.delenv("STARCODER_JAX_NOTEBOOK_MODEL", raising=False)
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # 04's compiled sweep in its one-mesh, 1B-only form (the full one compiles 24 programs)
+    monkeypatch.setenv("STARCODER_JAX_NOTEBOOK_QUICK", "1")
     nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
     repo_before = _repo_listing()
     client = nbclient.NotebookClient(nb, kernel_name=kernel_name, timeout=CELL_TIMEOUT_S,

@@ -1,0 +1,79 @@
+"""README's "How big a model fits where": the compiled train step's peak memory per device.
+
+    python docs/fit_table.py [--json fit.json]
+
+For each StarCoder size, full fine-tuning and LoRA (rank 16 on c_attn, c_proj and
+c_fc) over an int8 base, at 2048 and 8192 tokens, batch one sequence per device,
+bfloat16 compute, full remat: the peak of XLA's memory analysis on one device and on
+fsdp=8, each from
+
+    starcoder-jax shard-plan --compile --preset P --mesh M --step train --seq-len T \\
+        --batch B --layers 2 [--lora 16 --quantize int8]
+
+(2 and 3 layers compiled, extended to the model's depth). Runs with 8 fake CPU
+devices; prints the markdown table and writes every plan as JSON.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from starcoder_jax.compiled import compiled_plan  # noqa: E402
+
+MODELS = {"starcoderbase-1b": "1B", "starcoderbase-3b": "3B", "starcoderbase-7b": "7B", "starcoder": "15.5B"}
+COLUMNS = [("full", 2048), ("full", 8192), ("lora", 2048), ("lora", 8192)]
+MESHES = [("data=1", 1), ("fsdp=8", 8)]
+
+
+def command(model, mesh, batch, seq, kind) -> str:
+    extra = " --lora 16 --quantize int8" if kind == "lora" else ""
+    return (f"starcoder-jax shard-plan --compile --preset {model} --mesh {mesh} --step train "
+            f"--seq-len {seq} --batch {batch} --layers 2{extra}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="fit.json")
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    args = parser.parse_args()
+    plans, start = [], time.perf_counter()
+    for model in args.models:
+        for kind, seq in COLUMNS:
+            for mesh, batch in MESHES:
+                lora = dict(lora_rank=16, quantize="int8") if kind == "lora" else {}
+                plan = compiled_plan(model, mesh, step="train", batch=batch, seq_len=seq, layers=2, remat="full",
+                                     **lora).to_dict()
+                plan["command"] = command(model, mesh, batch, seq, kind)
+                plans.append(plan)
+                print(f"{model} {kind} {seq} {mesh}: peak {plan['peak_bytes'] / 2**30:.2f} GiB "
+                      f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+                with open(args.json, "w") as f:
+                    json.dump(plans, f, indent=1)
+    print(table(plans))
+
+
+def table(plans) -> str:
+    by = {(p["model"], p["lora_rank"] is not None, p["seq_len"], p["mesh"]): p for p in plans}
+    head = ("| model | full, 2k | full, 8k | LoRA int8, 2k | LoRA int8, 8k |\n"
+            "|---|---|---|---|---|")
+    rows = []
+    for model, short in MODELS.items():
+        cells = []
+        for kind, seq in COLUMNS:
+            one = by.get((model, kind == "lora", seq, "data=1,fsdp=1,tensor=1"))
+            eight = by.get((model, kind == "lora", seq, "data=1,fsdp=8,tensor=1"))
+            if one is None or eight is None:
+                cells.append("-")
+                continue
+            cells.append(f"{one['peak_bytes'] / 2**30:.1f} / {eight['peak_bytes'] / 2**30:.1f}")
+        rows.append(f"| {short} (`{model}`) | " + " | ".join(cells) + " |")
+    return head + "\n" + "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

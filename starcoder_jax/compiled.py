@@ -1,0 +1,359 @@
+"""Compiled shard plans (`starcoder-jax shard-plan --compile`): one step of the library,
+compiled for a mesh on fake CPU devices and never run.
+
+`compiled_plan(model, mesh, step=...)` lowers the very function a run
+executes (training: `step.make_train_step` as `finetune` builds it, through
+training.memory.lower_train_step; prefill / decode: the Generator's jitted
+`prefill` and `decode_loop`, re-jitted for the mesh by
+inference.runner.MeshRunner), on `jax.ShapeDtypeStruct`s that carry the
+shardings a run gives its arrays, and reads per device:
+- XLA's memory analysis: arguments, outputs, aliased (donated inputs
+  written over), temporaries, and peak = arguments + outputs - aliased +
+  temporaries; beside them the bytes a device holds of the params, of the
+  trained params' gradients and of their AdamW moments, from the shards'
+  shapes;
+- XLA's cost analysis: FLOPs and bytes accessed;
+- every collective of the partitioned program (parallel.hlo), with its
+  mesh axes;
+- with a target (parallel.targets), a roofline estimate of the step time
+  and whether the peak fits in HBM.
+
+`layers=N` compiles N and N + 1 layers and extends each figure linearly to
+the preset's depth: f(L) = f(N) + (L - N) (f(N + 1) - f(N)). The first
+layer's figures differ from the others' (buffers it shares with the
+embedding and the loss), so N >= 2; past it each figure grows by the same
+amount per layer (checked against full compiles in docs/sharding.md).
+
+A mesh needs that many devices. On a CPU host `compiled_plans` runs the
+compiles in a subprocess with `--xla_force_host_platform_device_count` set
+when this process has too few. The default attention and matmul forms for
+the compile are "chunked" and "xla": what an accelerator runs, in forms
+XLA:CPU compiles (cuDNN and splash do not compile here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from starcoder_jax.config import StarCoderConfig
+from starcoder_jax.model.lora import LoRAConfig
+from starcoder_jax.model.plan import model_config
+from starcoder_jax.parallel.hlo import collectives as hlo_collectives
+from starcoder_jax.parallel.mesh import abstract_on_mesh, mesh_from_spec, parse_mesh_spec
+from starcoder_jax.parallel.rules import mesh_sizes
+from starcoder_jax.parallel.targets import estimate, target
+from starcoder_jax.training.losses import LOSS_CHUNK
+from starcoder_jax.training.memory import abstract_training_model, device_bytes, lower_train_step
+
+STEPS = ("train", "prefill", "decode")
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+_SCALED = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "flops", "bytes_accessed")
+
+
+@dataclasses.dataclass
+class CompiledPlan:
+    """One step on one mesh, per device, for the model's full depth (see the module docstring)."""
+
+    model: str
+    mesh: dict[str, int]
+    devices: int
+    step: str
+    batch: int
+    seq_len: int
+    layers: int  # the depth the figures are for
+    compiled_layers: list[int]  # the depths compiled: [L] or [N, N + 1] when scaled
+    remat: str
+    lora_rank: int | None
+    quantize: str | None
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    flops: float
+    bytes_accessed: float
+    params_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    kv_cache_bytes: int
+    collectives: list[dict]
+    hlo_fingerprint: str  # sha256 of the compiled program (the deepest one compiled)
+    output_shardings: list[str]  # of the deepest program compiled, one PartitionSpec per output leaf
+    estimate: dict | None = None
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def mesh_spec(self) -> str:
+        return ",".join(f"{a}={s}" for a, s in self.mesh.items())
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(mesh=self.mesh_spec, mesh_sizes=self.mesh, peak_bytes=self.peak_bytes)
+        if self.estimate is not None:
+            out["estimated_step_s"] = self.estimate["estimated_step_s"]
+        return out
+
+
+def lora_config(rank: int | None) -> LoRAConfig | None:
+    return None if rank is None else LoRAConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS)
+
+
+def _compile_config(config: StarCoderConfig, attention_impl: str | None) -> StarCoderConfig:
+    return config.replace(attention_impl=attention_impl or "chunked", matmul_impl="xla")
+
+
+def compile_step(config: StarCoderConfig, mesh, *, step: str = "train", batch: int = 1, seq_len: int | None = None,
+                 remat: str = "full", lora_rank: int | None = None, quantize: str | None = None,
+                 loss_chunk: int | None = LOSS_CHUNK, max_new_tokens: int = 1):
+    """(jax.stages.Compiled, analytic bytes per device) of one step of `config` on `mesh` (a Mesh,
+    a spec, or None for one device), exactly as fine-tuning or generation would run it."""
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
+    if quantize is not None and step == "train" and lora_rank is None:
+        raise ValueError("an int8 base trains only LoRA adapters: give a LoRA rank with quantize")
+    mesh = mesh_from_spec(mesh) if isinstance(mesh, str) else mesh
+    seq_len = config.n_positions if seq_len is None else seq_len
+    if step == "train":
+        lowered = lower_train_step(config, batch=batch, seq_len=seq_len, remat=remat, loss_chunk=loss_chunk,
+                                   mesh=mesh, lora=lora_config(lora_rank), quantize=quantize)
+        frozen = nnx.filter_state(lowered.rest, nnx.Param)
+        trained = device_bytes(lowered.params)
+        analytic = {"params_bytes": trained + device_bytes(frozen), "gradients_bytes": trained,
+                    "optimizer_bytes": device_bytes(lowered.opt_state), "kv_cache_bytes": 0}
+        return lowered.lowered.compile(), analytic
+    return _compile_generation(config, mesh, step=step, batch=batch, seq_len=seq_len, lora_rank=lora_rank,
+                               quantize=quantize, max_new_tokens=max_new_tokens)
+
+
+def _compile_generation(config, mesh, *, step, batch, seq_len, lora_rank, quantize, max_new_tokens):
+    from starcoder_jax.inference.generate import DecodeConsts, decode_loop, prefill
+    from starcoder_jax.inference.runner import MeshRunner
+    from starcoder_jax.model.kv_cache import KVCache
+
+    model = abstract_training_model(config, remat="none", lora=lora_config(lora_rank), quantize=quantize)
+    graphdef, params = nnx.split(model)
+    runner = None if mesh is None else MeshRunner(config, params, mesh)
+    cache_len = seq_len + (max_new_tokens if step == "decode" else 0)
+    if cache_len > config.n_positions:
+        raise ValueError(f"seq_len {seq_len} + {max_new_tokens} new tokens exceed the model's "
+                         f"{config.n_positions} positions")
+    if runner is not None:
+        batch = runner.round_batch(batch)
+        params = abstract_on_mesh(params, runner.mesh)
+    cache = jax.eval_shape(lambda: KVCache.init(config, batch, cache_len))
+    if runner is not None:
+        cache = _with_shardings(cache, cache.shardings(runner.cache))
+    consts = DecodeConsts.make(batch, max_new_tokens, config.vocab_size)
+    args = dict(ids=_sds((batch, seq_len), jnp.int32, runner), lengths=_sds((batch,), jnp.int32, runner),
+                cache=cache, consts=consts, out_len_like=_sds((max_new_tokens,), jnp.int8, runner),
+                active=_sds((batch,), jnp.bool_, runner))
+
+    def lower(fn, donate, *a, **k):
+        if runner is None:
+            return fn.lower(graphdef, *a, **k)
+        return runner.lower(fn, donate, graphdef, *a, **k)
+
+    if step == "prefill":
+        lowered = lower(prefill, ("cache",), params, **args)
+    else:
+        state = jax.eval_shape(lambda p, kw: prefill(graphdef, p, **kw), params, args)
+        if runner is not None:
+            state = _with_shardings(state, runner.out_shardings(state))
+        lowered = lower(decode_loop, ("state",), params, state, jnp.int32(1), consts)
+    analytic = {"params_bytes": device_bytes(params), "gradients_bytes": 0, "optimizer_bytes": 0,
+                "kv_cache_bytes": device_bytes(cache)}
+    return lowered.compile(), analytic
+
+
+def _sds(shape, dtype, runner) -> jax.ShapeDtypeStruct:
+    sharding = None if runner is None else NamedSharding(runner.mesh, PartitionSpec())
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def fingerprint(compiled) -> str:
+    """sha256 of a compiled program's HLO text without its source metadata (the Python stack
+    that traced each op): equal for equal programs, wherever they were built from."""
+    lines = compiled.as_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if re.match(r"^(ENTRY\s+)?%\S+ .*\{\s*$", line)), 1)
+    program = re.sub(r",?\s*metadata=\{[^{}]*\}", "", "\n".join(lines[:1] + lines[start:]))
+    return hashlib.sha256(program.encode()).hexdigest()
+
+
+def output_specs(compiled) -> list[str]:
+    """The PartitionSpec of every output leaf of a compiled program, as text."""
+    return [str(getattr(s, "spec", s)) for s in jax.tree.leaves(compiled.output_shardings)]
+
+
+def _figures(compiled, mesh_shape: dict[str, int]) -> dict:
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
+            "alias_bytes": memory.alias_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+            "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+            "collectives": [c.to_dict() for c in hlo_collectives(compiled.as_text(), mesh_shape)]}
+
+
+def _extend(a: dict, b: dict, steps: int) -> dict:
+    """Figures of depth N (a) and N + 1 (b) extended by `steps` more layers."""
+    out = {k: a[k] + steps * (b[k] - a[k]) for k in _SCALED}
+    for k in _SCALED:
+        out[k] = int(round(out[k])) if k.endswith("_bytes") else out[k]
+    keyed = {}
+    for which, figures in ((0, a), (1, b)):
+        for c in figures["collectives"]:
+            key = (c["kind"], tuple(c["mesh_axes"]))
+            keyed.setdefault(key, [None, None])[which] = c
+    merged = []
+    for (kind, axes), (ca, cb) in keyed.items():
+        zero = {"count": 0, "bytes": 0}
+        ca, cb = ca or {**(cb), **zero}, cb or {**(ca), **zero}
+        count = ca["count"] + steps * (cb["count"] - ca["count"])
+        nbytes = ca["bytes"] + steps * (cb["bytes"] - ca["bytes"])
+        if count > 0:
+            merged.append({"kind": kind, "count": int(count), "bytes": int(nbytes), "mesh_axes": list(axes),
+                           "group_size": cb["group_size"]})
+    out["collectives"] = merged
+    return out
+
+
+def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str = "train", batch: int = 1,
+                  seq_len: int | None = None, layers: int | None = None, remat: str = "full",
+                  lora_rank: int | None = None, quantize: str | None = None, dtype: str = "bfloat16",
+                  attention_impl: str | None = None, loss_chunk: int | None = LOSS_CHUNK,
+                  target_name: str | None = None) -> CompiledPlan:
+    """The compiled plan of one step on one mesh in this process (it must have the devices).
+
+    model: a preset name, a model directory or a StarCoderConfig; mesh: a spec
+    ("fsdp=8") or None for one device; step: train, prefill or decode;
+    seq_len: tokens per sequence (train), prompt length (prefill), cache
+    length (decode); layers: compile N and N + 1 layers and extend to the
+    model's depth (None: compile it whole); dtype: the compute dtype (params
+    stay float32 in training, as fine-tuning keeps them; generation holds
+    them in this dtype); lora_rank / quantize: LoRA adapters on c_attn,
+    c_proj and c_fc over an int8 or float base.
+    """
+    name, config = model_config(model)
+    config = _compile_config(config, attention_impl)
+    config = config.replace(dtype=dtype, param_dtype="float32" if step == "train" else dtype)
+    seq_len = config.n_positions if seq_len is None else seq_len
+    devices = 1 if mesh is None else _mesh_devices(mesh)
+    mesh_obj = None if mesh is None else mesh_from_spec(mesh, jax.devices()[:devices])
+    shape = {"data": 1, "fsdp": 1, "tensor": 1} if mesh_obj is None else mesh_sizes(mesh_obj)
+    kw = dict(step=step, batch=batch, seq_len=seq_len, remat=remat, lora_rank=lora_rank, quantize=quantize,
+              loss_chunk=loss_chunk)
+    depth = config.n_layer
+    if layers is not None and not 2 <= layers:
+        raise ValueError(f"layers must be >= 2 (the first layer's figures differ from the others'), got {layers}")
+    if layers is None or layers >= depth:
+        compiled, analytic = compile_step(config, mesh_obj, **kw)
+        figures, compiled_layers = _figures(compiled, shape), [depth]
+    else:
+        low, _ = compile_step(config.replace(n_layer=layers), mesh_obj, **kw)
+        compiled, _ = compile_step(config.replace(n_layer=layers + 1), mesh_obj, **kw)
+        figures = _extend(_figures(low, shape), _figures(compiled, shape), depth - layers)
+        compiled_layers = [layers, layers + 1]
+        analytic = _analytic(config, mesh_obj, **kw)
+    plan = CompiledPlan(
+        model=name, mesh=shape, devices=devices, step=step, batch=batch, seq_len=seq_len, layers=depth,
+        compiled_layers=compiled_layers, remat=remat if step == "train" else "none", lora_rank=lora_rank,
+        quantize=quantize, **{k: figures[k] for k in _SCALED}, **analytic, collectives=figures["collectives"],
+        hlo_fingerprint=fingerprint(compiled), output_shardings=output_specs(compiled))
+    if target_name is not None:
+        plan.estimate = estimate(flops=plan.flops, bytes_accessed=plan.bytes_accessed,
+                                 collectives=plan.collectives, mesh=shape, t=target(target_name),
+                                 peak_bytes=plan.peak_bytes)
+    return plan
+
+
+def _analytic(config: StarCoderConfig, mesh, *, step, batch, seq_len, lora_rank, quantize, max_new_tokens=1,
+              **_) -> dict:
+    """The analytic bytes per device at full depth, from the abstract model (no compile)."""
+    from starcoder_jax.model.kv_cache import KVCache, cache_sharding
+    from starcoder_jax.training.step import trainable_filter
+
+    model = abstract_training_model(config, remat="none", lora=lora_config(lora_rank), quantize=quantize)
+    state = nnx.state(model)
+    if mesh is not None:
+        state = abstract_on_mesh(state, mesh)
+    if step != "train":
+        cache_len = seq_len + (max_new_tokens if step == "decode" else 0)
+        cache = jax.eval_shape(lambda: KVCache.init(config, batch, cache_len))
+        if mesh is not None:
+            cache = _with_shardings(cache, cache.shardings(cache_sharding(config, mesh)))
+        return {"params_bytes": device_bytes(state), "gradients_bytes": 0, "optimizer_bytes": 0,
+                "kv_cache_bytes": device_bytes(cache)}
+    trained = nnx.filter_state(state, trainable_filter(lora=lora_rank is not None))
+    # AdamW: mu and nu in the trained params' dtype (float32); its step count is negligible
+    return {"params_bytes": device_bytes(nnx.filter_state(state, nnx.Param)), "gradients_bytes": device_bytes(trained),
+            "optimizer_bytes": 2 * device_bytes(trained), "kv_cache_bytes": 0}
+
+
+def _mesh_devices(spec: str) -> int:
+    """Devices a spec names (no -1 axis: a compiled plan has no machine to fill)."""
+    sizes = parse_mesh_spec(spec, 1 << 20)
+    if any(part.split("=")[1].strip() == "-1" for part in spec.split(",")):
+        raise ValueError(f"mesh spec {spec!r}: give every axis a size (-1 needs a device count)")
+    n = 1
+    for s in sizes.values():
+        n *= s
+    return n
+
+
+def compiled_plans(model: str, meshes: list[str | None], **kwargs) -> list[dict]:
+    """`compiled_plan(model, mesh, **kwargs).to_dict()` for each mesh, sorted by estimated
+    time when a target is given. Runs in a subprocess with enough fake CPU devices
+    when this process has too few (or has a non-CPU backend)."""
+    need = max(1 if m is None else _mesh_devices(m) for m in meshes)
+    here = jax.devices()
+    if len(here) >= need and here[0].platform == "cpu":
+        plans = [compiled_plan(model, m, **kwargs).to_dict() for m in meshes]
+    else:
+        plans = _in_subprocess(model, meshes, need, kwargs)
+    if kwargs.get("target_name"):
+        plans.sort(key=lambda p: p["estimated_step_s"])
+    return plans
+
+
+def _in_subprocess(model, meshes, devices: int, kwargs) -> list[dict]:
+    if isinstance(model, StarCoderConfig):
+        model = {"config": model.to_hf(), "runtime": {k: getattr(model, k) for k in ("dtype", "param_dtype")}}
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"))
+    request = json.dumps({"model": model, "meshes": meshes, "kwargs": kwargs})
+    run = subprocess.run([sys.executable, "-m", "starcoder_jax.compiled"], input=request, capture_output=True,
+                         text=True, env=env)
+    if run.returncode != 0:
+        last = run.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"the compile on {devices} fake devices failed: {last[0]}\n{run.stderr[-4000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _main() -> None:
+    request = json.loads(sys.stdin.read())
+    model = request["model"]
+    if isinstance(model, dict):
+        model = StarCoderConfig.from_hf(model["config"]).replace(**model["runtime"])
+    plans = [compiled_plan(model, m, **request["kwargs"]).to_dict() for m in request["meshes"]]
+    print(json.dumps(plans))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,80 @@
+"""Every memory saver at once: an int8 base, LoRA adapters, chunked attention, the chunked
+LM-head loss and full remat train a model holding 2048 positions at T = 2048 exactly as
+the run without them does.
+
+The run without savers holds the int8 base's own values as a float base (dequantized),
+materializes the attention scores ("xla") and the whole logits (loss_chunk 0), and keeps
+every activation (remat none). In float32 compute the int8 "dot" product multiplies the
+float32 activations by the int8 values and scales them after: the dequantized product to
+float32 round-off, so the two runs differ only by summation order.
+"""
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from builders import make_hf_model
+from flax import nnx
+from test_lora_train import BASE, dequantized_hf_dir, logits, peft_logits
+from test_train import corpus_dir, losses, write_config  # noqa: F401 (a fixture)
+
+import starcoder_jax as sj
+from starcoder_jax.model.weights import copy_tokenizer_files
+from starcoder_jax.training import train
+
+STEPS = 30
+SEQ = 2048
+
+
+def _config(tmp_path, corpus, tokenizer_dir, base_dir, out, name, *, savers: bool) -> str:
+    path = write_config(tmp_path / name, corpus, tokenizer_dir, out,
+                        **{"train.steps": STEPS, "train.save_every": STEPS, "train.eval_every": STEPS,
+                           "train.batch_size": 2, "train.loss_chunk": 512 if savers else 0,
+                           "data.seq_len": SEQ, "data.eval_fraction": 0.0, "optim.learning_rate": 1e-2})
+    raw = yaml.safe_load(open(path))
+    raw["model"] = {"path": base_dir, "compute_dtype": "float32", "remat": "full" if savers else "none",
+                    "config": {"attention_impl": "chunked" if savers else "xla", "matmul_impl": "xla"}}
+    if savers:
+        raw["model"]["quantize"] = "int8"
+    raw["lora"] = {"rank": 4, "alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"]}
+    yaml.safe_dump(raw, open(path, "w"))
+    return path
+
+
+def _int8_base(model) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, BASE))]
+
+
+@pytest.mark.slow
+def test_every_saver_together_trains_like_none(tmp_path, corpus_dir, tokenizer_dir):  # noqa: F811
+    source = make_hf_model(str(tmp_path / "source"), n_positions=SEQ, n_embd=64, n_layer=2, n_head=4)
+    # the float base that holds exactly the int8 base's values
+    base = dequantized_hf_dir(sj.load_pretrained(source, quantize="int8", matmul_impl="xla"),
+                              str(tmp_path / "base"))
+    copy_tokenizer_files(tokenizer_dir, base)
+    before = sj.load_pretrained(base, quantize="int8", matmul_impl="xla")
+    again = dequantized_hf_dir(before, str(tmp_path / "again"))
+    for name in ("model.safetensors",):  # quantizing the dequantized base gives it back
+        assert open(f"{again}/{name}", "rb").read() == open(f"{base}/{name}", "rb").read()
+
+    on_dir, off_dir, export = str(tmp_path / "on"), str(tmp_path / "off"), str(tmp_path / "peft")
+    on = train.run(train.load_config(_config(tmp_path, corpus_dir, tokenizer_dir, base, on_dir, "on.yaml",
+                                             savers=True), []), progress=False, export_peft=export)["model"]
+    off = train.run(train.load_config(_config(tmp_path, corpus_dir, tokenizer_dir, base, off_dir, "off.yaml",
+                                              savers=False), []), progress=False)["model"]
+    assert on.config.quantization == "int8" and on.config.attention_impl == "chunked"
+    assert on.remat == "full" and off.remat == "none"
+
+    got, want = losses(on_dir), losses(off_dir)
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, STEPS + 1))
+    history = np.array([loss for _, loss in want])
+    assert history[-5:].mean() < history[0] - 0.3, history  # the adapters learn
+    np.testing.assert_allclose([loss for _, loss in got], history, rtol=0, atol=1e-4)
+
+    # the int8 base is bit-identical after training
+    for a, b in zip(_int8_base(on), _int8_base(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # PEFT loads the exported adapters on the dequantized base and computes the savers' logits
+    ours = logits(on)
+    np.testing.assert_allclose(peft_logits(base, export), ours, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(logits(off), ours, rtol=0, atol=1e-4)
