@@ -7,6 +7,7 @@ import json
 import sys
 
 from starcoder_jax.cli import bench, common, infill, plan
+from starcoder_jax.cli import data as data_command
 from starcoder_jax.cli import eval as eval_command
 from starcoder_jax.config import QUANTIZATION_MODES
 
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     infill.register_cli(sub)
     eval_command.register(sub)
     bench.register(sub)
+    data_command.register(sub)
     return parser
 
 

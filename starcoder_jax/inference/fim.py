@@ -24,6 +24,7 @@ not the special tokens, so file content can never forge prompt structure.
 from __future__ import annotations
 
 import dataclasses
+import re
 import weakref
 from collections.abc import Sequence
 
@@ -72,12 +73,17 @@ def encode_literal(tokenizer: Tokenizer, text: str) -> list[int]:
     StarCoder's), so the shared backend is never mutated. On text without
     special-token strings both give the same ids.
     """
+    return literal_backend(tokenizer).encode(text, add_special_tokens=False).ids
+
+
+def literal_backend(tokenizer: Tokenizer) -> _HFTokenizer:
+    """The `tokenizers` backend that `encode_literal` uses (for batch encoding the same way)."""
     backend = _LITERAL_BACKENDS.get(tokenizer)
     if backend is None:
         backend = _HFTokenizer.from_str(tokenizer.backend.to_str())
         backend.encode_special_tokens = True
         _LITERAL_BACKENDS[tokenizer] = backend
-    return backend.encode(text, add_special_tokens=False).ids
+    return backend
 
 
 def check_mode(mode: str) -> str:
@@ -219,6 +225,107 @@ def infill(model, tokenizer: Tokenizer, prefix: str, suffix: str, *, mode: str =
 # The training transform
 
 
+class _Unsynced(Exception):
+    """A cut the local re-encoding cannot place exactly: encode the part whole."""
+
+
+# Where every scan of the ByteLevel regex has a pre-token boundary (LocalReencoder): a
+# space after a printable ASCII character (no pattern runs across "x ": the word and
+# punctuation classes hold no space, and a whitespace run cannot start at "x"; the
+# space begins the next pre-token, alone or as the prefix of " word"), and a
+# printable ASCII character after "\n" (a whitespace run stops before it).
+_SYNC = re.compile(r"(?<=[!-~]) |(?<=\n)(?=[!-~])")
+
+
+class LocalReencoder:
+    """The ids of a slice of a document's text, from the document's own ids: BPE reruns
+    only near the slice's ends.
+
+    For a StarCoder-style tokenizer (no normalizer; Digits(individual) then GPT-2's
+    ByteLevel regex; plain BPE; every added token special, and encoded literally),
+    pre-tokenization is local: at the `_SYNC` points every scan has a pre-token
+    boundary, whatever came before, and tokens never cross pre-tokens. So the encoding of text[a:b] equals the
+    document's ids between two such points inside (a, b), with only the pieces
+    before the first and after the last encoded afresh. A piece cut short at such a
+    point is encoded with its next character (a one-byte token, then dropped) so that
+    the whitespace rule `\\s+(?!\\S)` sees what follows, as it does in text[a:b].
+    Exactness is tested against whole re-encoding (tests/inference/test_fim.py);
+    anything else falls back to encoding the slice whole.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.backend = literal_backend(tokenizer)
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        self.byte_len = np.zeros(max(vocab.values()) + 1, np.int64)
+        for token, i in vocab.items():
+            self.byte_len[i] = len(token)  # byte-level BPE: one character per byte
+
+    @staticmethod
+    def supported(tokenizer: Tokenizer) -> bool:
+        import json
+
+        spec = json.loads(tokenizer.backend.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+        return (spec.get("normalizer") is None and spec["model"].get("type") == "BPE"
+                and not spec["model"].get("dropout") and not spec["model"].get("byte_fallback")
+                and [p.get("type") for p in parts] == ["Digits", "ByteLevel"]
+                and parts[0].get("individual_digits") is True and parts[1].get("use_regex") is True
+                and not parts[1].get("add_prefix_space")
+                and all(t.get("special") for t in spec.get("added_tokens", [])))
+
+    def _encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    @staticmethod
+    def _sync_after(text: str, lo: int, hi: int) -> int | None:
+        """The first sync point q with lo < q < hi (its character before inside the slice)."""
+        found = _SYNC.search(text, lo + 1, hi)
+        return found.start() if found else None
+
+    @staticmethod
+    def _sync_before(text: str, lo: int, hi: int) -> int | None:
+        """The last sync point q with lo < q < hi."""
+        width = 256
+        while True:
+            found = [m.start() for m in _SYNC.finditer(text, max(lo + 1, hi - width), hi)]
+            if found or hi - width <= lo + 1:
+                return found[-1] if found else None
+            width *= 16
+
+    def _encode_to(self, text: str, a: int, q: int) -> list[int]:
+        """ids of text[a:q] where q is a sync point, as a longer slice encodes them."""
+        ids = self._encode(text[a:q + 1])
+        if not ids or self.byte_len[ids[-1]] != 1:
+            raise _Unsynced
+        return ids[:-1]
+
+    def parts(self, text: str, ids: np.ndarray, start: int, end: int) -> tuple[list[int], ...]:
+        """ids of text[:start], text[start:end], text[end:] (ids: the encoding of text)."""
+        offsets = np.concatenate([[0], np.cumsum(self.byte_len[ids])])
+
+        def token_at(q: int) -> int:
+            b = len(text[:q].encode("utf-8"))
+            k = int(np.searchsorted(offsets, b))
+            if k >= len(offsets) or offsets[k] != b:
+                raise _Unsynced
+            return k
+
+        def piece(a: int, b: int) -> list[int]:
+            try:
+                first = self._sync_after(text, a, b) if a > 0 else a
+                last = self._sync_before(text, max(a, (first or a) - 1), b) if b < len(text) else b
+                if first is None or last is None or last < first:
+                    raise _Unsynced
+                head = self._encode_to(text, a, first) if first > a else []
+                tail = self._encode(text[last:b]) if b > last else []
+                return head + ids[token_at(first):token_at(last)].tolist() + tail
+            except _Unsynced:
+                return self._encode(text[a:b])
+
+        return piece(0, start), piece(start, end), piece(end, len(text))
+
+
 class FIMTransform:
     """Per-document FIM augmentation for fine-tuning, after BigCode's `permute`.
 
@@ -251,7 +358,7 @@ class FIMTransform:
     """
 
     def __init__(self, tokenizer: Tokenizer, fim_rate: float = 0.5, fim_spm_rate: float = 0.5, *,
-                 truncate_or_pad: bool = True, mask_pad: bool = True):
+                 truncate_or_pad: bool = True, mask_pad: bool = True, ids_are_encodings: bool = False):
         for name, rate in (("fim_rate", fim_rate), ("fim_spm_rate", fim_spm_rate)):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1]; got {rate}")
@@ -261,6 +368,10 @@ class FIMTransform:
         self.fim_spm_rate = float(fim_spm_rate)
         self.truncate_or_pad = truncate_or_pad
         self.mask_pad = mask_pad
+        # Token input that is the literal encoding of its text (a training document)
+        # is cut without re-encoding it whole (LocalReencoder): the same ids, faster.
+        self.local = (LocalReencoder(tokenizer) if ids_are_encodings and LocalReencoder.supported(tokenizer)
+                      else None)
 
     def __call__(self, doc: str | Sequence[int] | np.ndarray, rng: np.random.Generator | int,
                  length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -268,28 +379,33 @@ class FIMTransform:
         if length is not None and length < 1:
             raise ValueError(f"length must be >= 1 token; got {length}")
         if isinstance(doc, str):
-            text, doc_ids = doc, None
+            text, doc_ids, doc_array = doc, None, None
         else:
-            doc_ids = [int(i) for i in np.asarray(doc).reshape(-1)]
-            text = None
+            doc_array = np.asarray(doc).reshape(-1)
+            doc_ids, text = doc_array.tolist(), None
         if length is None and self.truncate_or_pad:
             if doc_ids is None:
                 doc_ids = encode_literal(self.tokenizer, text)
+                doc_array = np.asarray(doc_ids)  # the literal encoding of `text`
             length = len(doc_ids)
 
         sample = None
         if rng.random() < self.fim_rate:
             if text is None:
-                text = self.tokenizer.decode(doc_ids)
-            sample = self._permute(text, rng, length)
+                text = self.tokenizer.backend.decode(doc_ids, skip_special_tokens=False)
+            sample = self._permute(text, rng, length, doc_array)
         if sample is None:  # no FIM, or the FIM sample could not be cut to length
             sample = doc_ids if doc_ids is not None else encode_literal(self.tokenizer, text)
         return self._fit(sample, length)
 
-    def _permute(self, text: str, rng: np.random.Generator, length: int | None) -> list[int] | None:
+    def _permute(self, text: str, rng: np.random.Generator, length: int | None,
+                 doc_ids: np.ndarray | None = None) -> list[int] | None:
         start, end = sorted(int(c) for c in rng.integers(0, len(text) + 1, size=2))
-        prefix, middle, suffix = (encode_literal(self.tokenizer, part)
-                                  for part in (text[:start], text[start:end], text[end:]))
+        if self.local is not None and doc_ids is not None:
+            prefix, middle, suffix = self.local.parts(text, doc_ids, start, end)
+        else:
+            prefix, middle, suffix = (encode_literal(self.tokenizer, part)
+                                      for part in (text[:start], text[start:end], text[end:]))
         mode = "spm" if rng.random() < self.fim_spm_rate else "psm"
         if length is not None:
             excess = len(prefix) + len(middle) + len(suffix) + PROMPT_SPECIAL_TOKENS - length

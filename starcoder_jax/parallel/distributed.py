@@ -6,7 +6,8 @@ with `parallel.mesh.mesh_from_spec` (it spans every process's devices), load
 the model with `load_pretrained(..., mesh=mesh)` (each process reads the same
 checkpoint and keeps only its shards) and put each batch on the mesh with
 `parallel.mesh.place_batch` (every process passes the same batch and keeps
-its own rows).
+its own rows) or `parallel.mesh.place_rows` (each process computes only its
+own rows, as training from data.PackedSequences does).
 """
 
 from __future__ import annotations

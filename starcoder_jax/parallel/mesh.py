@@ -279,3 +279,40 @@ def place_batch(x, mesh: Mesh | str, *, batch_dim: int = 0) -> jax.Array:
         raise ValueError(f"a batch of {x.shape[batch_dim]} rows is not divisible by the {split} row "
                          f"shards of mesh {dict(mesh.shape)} (data x fsdp); pad the batch")
     return put(x, NamedSharding(mesh, spec))
+
+
+def place_rows(fetch, shape: tuple[int, ...], mesh: Mesh | str, *, batch_dim: int = 0) -> tuple[jax.Array, ...]:
+    """Global arrays of `shape` whose rows (dimension `batch_dim`, split over data and fsdp
+    as in `place_batch`) come from `fetch`, asked only for the rows this process holds.
+
+    A row is a position in the dimensions up to batch_dim, numbered in C order (for
+    [A, b, T] and batch_dim=1: a * b + i). fetch(rows) -> a tuple of arrays
+    [len(rows), *shape[batch_dim + 1:]], one per output. Every process passes the
+    same shape; each computes only its own rows (a pure function of the step).
+    """
+    mesh = as_mesh(mesh)
+    logical = [None] * len(shape)
+    logical[batch_dim] = "batch"
+    spec = logical_spec(logical, mesh)
+    split = math.prod(mesh.shape[a] for a in jax.tree.leaves(spec[batch_dim]))
+    if shape[batch_dim] % split:
+        raise ValueError(f"a batch of {shape[batch_dim]} rows is not divisible by the {split} row "
+                         f"shards of mesh {dict(mesh.shape)} (data x fsdp); pad the batch")
+    sharding = NamedSharding(mesh, spec)
+    lead = shape[:batch_dim + 1]
+    grid = np.arange(math.prod(lead)).reshape(lead)
+    index_map = sharding.addressable_devices_indices_map(tuple(shape))
+    local = np.unique(np.concatenate([grid[index[:batch_dim + 1]].ravel() for index in index_map.values()]))
+    arrays = fetch(local)
+    position = {int(r): k for k, r in enumerate(local)}
+
+    def build(values):
+        def piece(index):
+            rows = grid[index[:batch_dim + 1]]
+            got = values[[position[int(r)] for r in rows.ravel()]]
+            got = got.reshape(rows.shape + got.shape[1:])
+            return got[(slice(None),) * (batch_dim + 1) + tuple(index[batch_dim + 1:])]
+
+        return jax.make_array_from_callback(tuple(shape), sharding, piece)
+
+    return tuple(build(np.asarray(v)) for v in arrays)

@@ -249,5 +249,5 @@ def _resolve_paths(cfg: FinetuneConfig, base: str) -> FinetuneConfig:
         candidate = os.path.join(base, p)
         return candidate if os.path.exists(candidate) or any(c in p for c in "*?[") else p
 
-    data = dataclasses.replace(cfg.data, paths=tuple(fix(p) for p in cfg.data.paths))
+    data = dataclasses.replace(cfg.data, paths=tuple(fix(p) for p in cfg.data.paths), store=fix(cfg.data.store))
     return dataclasses.replace(cfg, data=data, tokenizer=fix(cfg.tokenizer))

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 
+import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
@@ -21,10 +22,13 @@ from starcoder_jax.training.state import Setup, TrainingError, TrainState
 
 
 class Metrics:
-    """metrics.jsonl (truncated to the resumed step) + TensorBoard events."""
+    """metrics.jsonl (truncated to the resumed step) + TensorBoard events, written by
+    process 0 only (every process of a multi-host run computes the same records)."""
 
     def __init__(self, out_dir: str, start_step: int):
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        if jax.process_index() != 0:
+            self.path = os.devnull
         kept = []
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
@@ -32,12 +36,15 @@ class Metrics:
         with open(self.path, "w", encoding="utf-8") as f:
             f.writelines(kept)
         self.file = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        if self.path == os.devnull:
+            return
         try:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_step + 1)
         except ImportError:  # optional: metrics.jsonl always has everything
-            self.tb = None
+            pass
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -110,9 +117,8 @@ class Loop:
     def _train_step(self) -> dict:
         """One optimizer step on the batch of `self.step`; returns its metrics (device arrays)."""
         loop, placement, state = self.loop, self.setup.placement, self.state
-        ids, mask = self.setup.train_data.batch(self.step)
-        shape = (loop.grad_accum, loop.batch_size // loop.grad_accum, -1)  # [A, b, T + 1]
-        ids, mask = placement.batch(ids.reshape(shape)), placement.batch(mask.reshape(shape))
+        shape = (loop.grad_accum, loop.batch_size // loop.grad_accum, self.setup.cfg.data.seq_len + 1)  # [A, b, T + 1]
+        ids, mask = placement.source_batch(self.setup.train_data, self.step, shape)
         with placement.context():
             params, opt_state, out = self.setup.train_step(state.params, state.opt_state, state.rest, ids, mask,
                                                            jnp.int32(self.step))

@@ -33,10 +33,13 @@ from starcoder_jax.training.checkpoint import Checkpoints, abstract_like
 from starcoder_jax.training.config import FinetuneConfig, LoopConfig, ModelSection, parse_config
 from starcoder_jax.training.data import (
     DataSource,
-    PackedDataset,
+    DocumentTokens,
+    PackedSequences,
+    ParallelRows,
     collect_documents,
     eval_sequences,
     split_documents,
+    tokenize_documents,
 )
 from starcoder_jax.training.step import make_eval_fn, make_optimizer, make_train_step, path_name, trainable_filter
 
@@ -230,8 +233,11 @@ class Placement:
         the train step's out_shardings (step_shardings)."""
         if self.mesh is None:
             return state, None
+        from starcoder_jax.parallel.mesh import put
+
         shardings = step_shardings(tx, state.params, state.opt_state, self.mesh)
-        state = dataclasses.replace(state, opt_state=jax.device_put(state.opt_state, shardings[1]))
+        # put: a step count on one local device joins a sharding that spans every process
+        state = dataclasses.replace(state, opt_state=jax.tree.map(put, state.opt_state, shardings[1]))
         return state, shardings
 
     def batch(self, x: np.ndarray) -> jax.Array:
@@ -241,6 +247,20 @@ class Placement:
         from starcoder_jax.parallel.mesh import place_batch
 
         return place_batch(x, self.mesh, batch_dim=1)
+
+    def source_batch(self, source: DataSource, step: int, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+        """The batch of `step`, ids and mask reshaped to `shape` [A, b, T + 1], on the device(s).
+
+        On a mesh, a source with `rows` (data.PackedSequences) computes only the
+        rows this process's devices hold, and the global arrays are built from
+        them (parallel.mesh.place_rows); other sources give the whole batch.
+        """
+        if self.mesh is None or not hasattr(source, "rows"):
+            ids, mask = source.batch(step)
+            return self.batch(ids.reshape(shape)), self.batch(mask.reshape(shape))
+        from starcoder_jax.parallel.mesh import place_rows
+
+        return place_rows(lambda rows: source.rows(step, rows), shape, self.mesh, batch_dim=1)
 
     def context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -297,7 +317,7 @@ def prepare(cfg: FinetuneConfig, *, progress: bool | None = None) -> Setup:
     if not cfg.tokenizer:
         raise ValueError("tokenizer is not set: give the path of a tokenizer.json or model directory")
     tokenizer = load_tokenizer(cfg.tokenizer)
-    train_docs, held_docs = split_documents(collect_documents(cfg.data), cfg.data.eval_fraction)
+    train_docs, held_docs = _documents(cfg, tokenizer, progress)
     model = build_model(cfg, tokenizer)
     base = base_digest(model) if cfg.lora is not None else None  # before placing: every array is local
     placement = Placement.from_config(loop)
@@ -305,7 +325,7 @@ def prepare(cfg: FinetuneConfig, *, progress: bool | None = None) -> Setup:
     state = TrainState.create(placement.model(model), run_filter(cfg), tx, save_frozen=cfg.lora is None)
     prints = fingerprint(cfg, state, model.config, base)
     checkpoints, start_step = _open_checkpoints(out_dir, loop, prints)
-    train_data, eval_data = _data_sources(cfg, tokenizer, train_docs, held_docs, progress)
+    train_data, eval_data = _data_sources(cfg, tokenizer, train_docs, held_docs)
     if start_step:
         state = state.restored(checkpoints)
     state, out_shardings = placement.state(state, tx)
@@ -342,21 +362,41 @@ def _open_checkpoints(out_dir: str, loop: LoopConfig, prints: dict) -> tuple[Che
     return checkpoints, start_step
 
 
-def _data_sources(cfg: FinetuneConfig, tokenizer: Tokenizer, train_docs, held_docs, progress: bool | None
+def _documents(cfg: FinetuneConfig, tokenizer: Tokenizer, progress: bool | None
+               ) -> tuple[DocumentTokens, DocumentTokens | None]:
+    """The training and held-out documents as token ids (None: no held-out set): a
+    token store's splits (refused when another tokenizer wrote it), or the source
+    files tokenized here."""
+    if cfg.data.store:
+        from starcoder_jax.training.store import TokenStore
+
+        store = TokenStore(cfg.data.store)
+        store.check_tokenizer(tokenizer)
+        held = store.split(held_out=True)
+        return store.split(held_out=False), held if len(held.lengths) else None
+    train_docs, held_docs = split_documents(collect_documents(cfg.data), cfg.data.eval_fraction)
+    return (tokenize_documents(train_docs, tokenizer, progress),
+            tokenize_documents(held_docs, tokenizer) if held_docs else None)
+
+
+def _data_sources(cfg: FinetuneConfig, tokenizer: Tokenizer, train_docs: DocumentTokens,
+                  held_docs: DocumentTokens | None
                   ) -> tuple[DataSource, tuple[np.ndarray, np.ndarray] | None]:
     """The training batches and the held-out sequences (None without held-out documents)."""
     loop = cfg.train
-    train_data = PackedDataset(train_docs, tokenizer, cfg.data, batch_size=loop.batch_size, seed=loop.seed,
-                               progress=progress)
-    if not held_docs:
+    train_data = PackedSequences(train_docs, tokenizer, cfg.data, batch_size=loop.batch_size, seed=loop.seed)
+    if cfg.data.loader_workers:
+        train_data = ParallelRows(train_data, cfg.data.loader_workers)
+    if held_docs is None:
         return train_data, None
     try:
-        held = PackedDataset(held_docs, tokenizer, cfg.data, batch_size=loop.batch_size, seed=loop.seed,
-                             shuffle=False, fim=False)
+        held = PackedSequences(held_docs, tokenizer, cfg.data, batch_size=loop.batch_size, seed=loop.seed,
+                               shuffle=False, fim=False)
     except ValueError as e:
-        raise ValueError(f"the held-out documents (data.eval_fraction={cfg.data.eval_fraction}: "
-                         f"{len(held_docs)} of {len(held_docs) + len(train_docs)}) are too short for one "
-                         f"evaluation sequence: {e}; raise data.eval_fraction or lower data.seq_len") from None
+        n_held, n_all = len(held_docs.lengths), len(held_docs.lengths) + len(train_docs.lengths)
+        raise ValueError(f"the held-out documents ({n_held} of {n_all}; data.eval_fraction or the store's "
+                         f"--eval-fraction) are too short for one evaluation sequence: {e}; hold out more "
+                         "or lower data.seq_len") from None
     return train_data, eval_sequences(held, loop.eval_sequences)
 
 

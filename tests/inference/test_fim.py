@@ -385,3 +385,26 @@ def test_cli_infill_json(tiny_model_dir, model, tok, tmp_path, capsys):
     assert out["prompt_ids"] == build_prompt(tok, PREFIX, SUFFIX, "spm")
     assert out["text"] == infill(model, tok, PREFIX, SUFFIX, mode="spm", max_new_tokens=10)
     assert 1 <= len(out["ids"]) <= 10
+
+
+def test_local_reencoding_gives_the_ids_of_whole_reencoding(tok):
+    """FIM of a document's own ids (ids_are_encodings: training data) re-encodes only near the
+    cuts (LocalReencoder); the samples equal those of encoding each part whole, on texts built
+    to stress the pre-tokenizer: runs of spaces, tabs and newlines, digits, contractions,
+    non-ASCII letters and spaces, special-token strings."""
+    from starcoder_jax.inference.fim import LocalReencoder, encode_literal
+
+    assert LocalReencoder.supported(tok)
+    pieces = ["def", " f", "(x)", ":", "\n", "    ", "  ", "\t", " ", "\n\n", "\r\n", "123", "4", "'s", "'t", "it",
+              "é", "wörld", "\u00a0", "\u2003", "..", "''", " =", "<|endoftext|>", "<fim_middle>", "#", "x", "->"]
+    rng = np.random.default_rng(0)
+    texts = ["".join(rng.choice(pieces, size=rng.integers(1, 120))) for _ in range(150)] + list(CORPUS)
+    whole = FIMTransform(tok, 1.0, 0.5)
+    local = FIMTransform(tok, 1.0, 0.5, ids_are_encodings=True)
+    assert local.local is not None and whole.local is None
+    for i, text in enumerate(texts):
+        ids = np.asarray(encode_literal(tok, text), np.int32)
+        for seed in range(4):
+            want, got = whole(ids, 1000 * i + seed), local(ids, 1000 * i + seed)
+            np.testing.assert_array_equal(got[0], want[0], err_msg=repr(text))
+            np.testing.assert_array_equal(got[1], want[1])
