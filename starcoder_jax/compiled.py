@@ -21,8 +21,12 @@ shardings a run gives its arrays, and reads per device:
 `layers=N` compiles N and N + 1 layers and extends each figure linearly to
 the preset's depth: f(L) = f(N) + (L - N) (f(N + 1) - f(N)). The first
 layer's figures differ from the others' (buffers it shares with the
-embedding and the loss), so N >= 2; past it each figure grows by the same
-amount per layer (checked against full compiles in docs/sharding.md).
+embedding and the loss), so N >= 2. A training step's peak is a phase
+whose size does not grow with depth (the LM head and the loss) until the
+layers' gradients and kept inputs outgrow it; when one more layer adds
+less to the temporaries than its gradients and kept input, both depths are
+still below that point and N doubles (the figures say which depths were
+compiled). Checked against whole compiles in docs/sharding.md.
 
 A mesh needs that many devices. On a CPU host `compiled_plans` runs the
 compiles in a subprocess with `--xla_force_host_platform_device_count` set
@@ -268,10 +272,20 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
         compiled, analytic = compile_step(config, mesh_obj, **kw)
         figures, compiled_layers = _figures(compiled, shape), [depth]
     else:
-        low, _ = compile_step(config.replace(n_layer=layers), mesh_obj, **kw)
-        compiled, _ = compile_step(config.replace(n_layer=layers + 1), mesh_obj, **kw)
-        figures = _extend(_figures(low, shape), _figures(compiled, shape), depth - layers)
-        compiled_layers = [layers, layers + 1]
+        n = layers
+        while True:
+            low, _ = compile_step(config.replace(n_layer=n), mesh_obj, **kw)
+            compiled, _ = compile_step(config.replace(n_layer=n + 1), mesh_obj, **kw)
+            a, b = _figures(low, shape), _figures(compiled, shape)
+            # Below some depth the peak is a phase whose size does not depend on it (the
+            # LM head and loss); past it every layer adds at least its gradients and its
+            # saved input. A smaller step means both depths are still below: go deeper.
+            if b["temp_bytes"] - a["temp_bytes"] >= 0.9 * _layer_floor(config, mesh_obj, n, **kw) \
+                    or 2 * n + 1 >= depth:
+                break
+            n *= 2
+        figures = _extend(a, b, depth - n)
+        compiled_layers = [n, n + 1]
         analytic = _analytic(config, mesh_obj, **kw)
     plan = CompiledPlan(
         model=name, mesh=shape, devices=devices, step=step, batch=batch, seq_len=seq_len, layers=depth,
@@ -283,6 +297,19 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
                                  collectives=plan.collectives, mesh=shape, t=target(target_name),
                                  peak_bytes=plan.peak_bytes)
     return plan
+
+
+def _layer_floor(config: StarCoderConfig, mesh, n: int, *, step, batch, seq_len, remat, **kw) -> int:
+    """Bytes per device one more layer adds to a training step's peak at least: its
+    gradients and, under full remat, the block input it keeps ([b, T, D] in the compute
+    dtype). 0 for generation, whose temporaries do not grow with depth."""
+    if step != "train":
+        return 0
+    grads = [_analytic(config.replace(n_layer=k), mesh, step=step, batch=batch, seq_len=seq_len, **kw)
+             ["gradients_bytes"] for k in (n, n + 1)]
+    rows = batch if mesh is None else -(-batch // (mesh.shape["data"] * mesh.shape["fsdp"]))
+    kept = rows * seq_len * config.n_embd * jnp.dtype(config.dtype).itemsize if remat == "full" else 0
+    return grads[1] - grads[0] + kept
 
 
 def _analytic(config: StarCoderConfig, mesh, *, step, batch, seq_len, lora_rank, quantize, max_new_tokens=1,

@@ -4,7 +4,7 @@
 # torch and transformers (nothing is installed; the package runs from this
 # checkout). Logs go to $OUT (default ./gpu-out).
 #
-#   bash docs/gpu/check.sh                  # every part: env forms decode tests train long memory
+#   bash docs/gpu/check.sh                  # every part: env forms decode tests train long memory lora8k
 #   bash docs/gpu/check.sh "decode tests"   # some parts, in the order given
 #
 # FORMS_ARGS passes options to docs/gpu/int8_forms.py (e.g. "--rows 1");
@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # transformers runs in the same process after ours: leave it room on the card
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
-parts=${1:-env forms decode tests train long memory}
+parts=${1:-env forms decode tests train long memory lora8k}
 SJ="python3 -m starcoder_jax.cli"
 
 for part in $parts; do
@@ -55,6 +55,11 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
       # XLA's analysis of the same 8192-token step (compiled on this GPU, not run)
       timeout 200 $SJ bench --train --memory --dtype bfloat16 --train-batch 1 --train-seq-len 8192 \
         --remat full --json "$OUT/memory_8192.json" 2>&1 | tee "$OUT/memory_8192.txt" ;;
+    lora8k)
+      # configs/finetune/starcoderbase-1b-lora-8k.yaml (random base, stdlib data): the allocator's
+      # peak beside the compiled report's (compiled here), and tokens/s
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 300 python3 docs/gpu/lora8k.py --steps 12 \
+        --out "$OUT/lora8k-run" 2>&1 | tee "$OUT/lora8k.txt" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done

@@ -80,3 +80,22 @@ def test_every_saver_together_trains_like_none(tmp_path, corpus_dir, tokenizer_d
     ours = logits(on)
     np.testing.assert_allclose(peft_logits(base, export), ours, rtol=0, atol=1e-4)
     np.testing.assert_allclose(logits(off), ours, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, base", [("starcoder-15b-lora-8k.yaml", "bigcode/starcoder"),
+                                        ("starcoderbase-1b-lora-8k.yaml", "bigcode/starcoderbase-1b")])
+def test_the_headline_configs_turn_every_saver_on(name, base):
+    import os
+
+    from builders import REPO_ROOT
+
+    path = os.path.join(REPO_ROOT, "configs/finetune", name)
+    cfg = train.load_config(path, [])
+    assert cfg.model.path == base and cfg.model.quantize == "int8" and cfg.model.remat == "full"
+    assert cfg.lora.rank == 16 and set(cfg.lora.target_modules) == {"c_attn", "c_proj", "c_fc"}
+    assert cfg.data.seq_len == 8192 and cfg.train.loss_chunk == 1024
+    assert cfg.train.batch_size // cfg.train.grad_accum == 1  # the compiled report's micro-batch
+    # docs/gpu/lora8k.py's offline form of the 1B twin: a random base of the preset's shape
+    offline = train.load_config(path, ["model.path=null", "model.preset=starcoderbase-1b",
+                                       "tokenizer=pystdlib-9m", 'data.paths=["{stdlib}"]'])
+    assert offline.model.path is None and offline.model.preset == "starcoderbase-1b"
