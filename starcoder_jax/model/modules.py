@@ -344,9 +344,10 @@ class MLP(nnx.Module):
     def __init__(self, config: StarCoderConfig, *, rngs: nnx.Rngs):
         d, f = config.n_embd, config.mlp_dim
         std = config.initializer_range
-        self.fc = Dense("BTD,DF->BTF", (d,), (f,), ("embed", "mlp"), std=std, config=config, rngs=rngs)
+        self.fc = Dense("BTD,DF->BTF", (d,), (f,), ("embed", "mlp"), std=std, config=config, rngs=rngs,
+                        bias=config.use_bias)
         self.proj = Dense("BTF,FD->BTD", (f,), (d,), ("mlp", "embed"),
-                          std=std / math.sqrt(2 * config.n_layer), config=config, rngs=rngs)
+                          std=std / math.sqrt(2 * config.n_layer), config=config, rngs=rngs, bias=config.use_bias)
         self.approximate = config.gelu_approximate
         self.drop = nnx.Dropout(config.resid_pdrop)
 
