@@ -30,6 +30,7 @@ has just overwritten.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -229,8 +230,10 @@ def scale_sharding_of(slab_sharding: jax.sharding.Sharding, ndim: int = 3) -> ja
 def cache_sharding(config: StarCoderConfig, mesh, batch: int | None = None) -> jax.sharding.NamedSharding:
     """The sharding of every k / v slab [B, S, K, H] of a KVCache on `mesh` (a Mesh or a spec).
 
-    With `batch`, mesh axes that do not divide it are dropped from the row split.
+    With `batch`, mesh axes that do not divide it are dropped from the row split;
+    kv heads that `tensor` does not divide (grouped heads) stay whole.
     """
     mesh = as_mesh(mesh)
-    shape = None if batch is None else (batch, 1, config.kv_heads, config.head_dim)
+    rows = batch if batch is not None else math.prod(mesh.shape.values())  # None: every row axis
+    shape = (rows, 1, config.kv_heads, config.head_dim)
     return jax.sharding.NamedSharding(mesh, logical_spec(KVCache.logical_axes(config), mesh, shape))

@@ -141,7 +141,7 @@ def test_greedy_matches_transformers_across_the_window(gqa_dir):
 def test_cached_decode_equals_full_forward_past_the_window(gqa_dir):
     """Prefill 10 tokens (past the window of 8), a 5-token chunk continuing the cache,
     then one-token steps up to 40: every logit equals the full forward's, through a
-    ring of 8 slots per layer."""
+    ring of 8 slots per layer (and is close to it through an int8 ring)."""
     model = sj.load_pretrained(gqa_dir)
     ids = jnp.asarray(np.random.default_rng(1).integers(1, 512, (2, 40)), jnp.int32)
     full = np.asarray(model(ids))
@@ -161,13 +161,19 @@ def test_cached_decode_equals_full_forward_past_the_window(gqa_dir):
         logits, cache = step(params, ids[:, lo:hi], pos, cache, read_cache)
         return np.asarray(logits), cache
 
-    first, cache = run(0, 10, cache, read_cache=False)
-    chunk, cache = run(10, 15, cache)
-    steps = [first, chunk]
-    for t in range(15, 40):
-        logits, cache = run(t, t + 1, cache)
-        steps.append(logits)
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=F32_TOL)
+    def decode(cache):
+        first, cache = run(0, 10, cache, read_cache=False)
+        chunk, cache = run(10, 15, cache)
+        steps = [first, chunk]
+        for t in range(15, 40):
+            logits, cache = run(t, t + 1, cache)
+            steps.append(logits)
+        return np.concatenate(steps, axis=1)
+
+    np.testing.assert_allclose(decode(cache), full, rtol=0, atol=F32_TOL)
+    # an int8 ring (per-token scales) tracks the full forward to its rounding
+    int8 = decode(KVCache.init(model.config, 2, 64, quantize="int8"))
+    assert np.abs(int8 - full).max() <= 0.05 * np.abs(full).max()
 
 
 def test_windowed_cache_memory_is_bounded_by_the_window():
