@@ -4,7 +4,8 @@ throughput, against the physical limits.
 Decode reads every weight (and the whole static KV cache) once per step, so
 its yardstick is memory bandwidth: limit tok/s = batch * bandwidth / bytes
 read per step. Prefill is bound by matmul throughput. With
-`--compare-transformers`, transformers' GPTBigCode (torch) runs the same
+`--compare-transformers`, transformers' model (GPTBigCode, or Starcoder2 for a
+StarCoder2 config; torch) runs the same
 config in the same process, on the same kind of device (CUDA when JAX runs on
 a GPU and torch sees one, else the CPU), in float32 and bfloat16, and its best
 dtype is the reference. Medians of `--repeats` runs are reported.
@@ -12,7 +13,7 @@ dtype is the reference. Medians of `--repeats` runs are reported.
 `--train` measures training instead: full optimizer steps (forward, backward,
 clipping, AdamW) built by the library's own training loop (starcoder_jax.training.step),
 in tokens/s and in model FLOP/s (and MFU on a GPU with a known peak). With
-`--compare-transformers`, torch AdamW steps of transformers' GPTBigCode on the
+`--compare-transformers`, torch AdamW steps of transformers' model on the
 same config and batch run beside it, in float32 and under bfloat16 autocast.
 """
 
@@ -147,20 +148,27 @@ def bench_ours(model, args, batch_sizes) -> dict:
 
 
 def _hf_config(config):
-    from transformers import GPTBigCodeConfig
+    from transformers import GPTBigCodeConfig, Starcoder2Config
 
-    return GPTBigCodeConfig(**{k: v for k, v in config.to_hf().items()
-                               if k not in ("architectures", "model_type", "torch_dtype")})
+    kind = Starcoder2Config if config.model_type == "starcoder2" else GPTBigCodeConfig
+    return kind(**{k: v for k, v in config.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")})
+
+
+def _hf_model(config):
+    """A randomly initialised transformers model of `config`'s architecture (torch)."""
+    from transformers import GPTBigCodeForCausalLM, Starcoder2ForCausalLM
+
+    kind = Starcoder2ForCausalLM if config.model_type == "starcoder2" else GPTBigCodeForCausalLM
+    return kind(_hf_config(config))
 
 
 def bench_transformers(config, args, batch_sizes) -> dict:
     import torch
-    from transformers import GPTBigCodeForCausalLM
 
     device, sync = _torch_device()
     torch.manual_seed(0)
     out = {}
-    model32 = GPTBigCodeForCausalLM(_hf_config(config)).eval().to(device)
+    model32 = _hf_model(config).eval().to(device)
     # the key/value cache's argument and output field: `cache` in recent
     # transformers, `past_key_values` (now deprecated) before
     cache_name = "cache" if "cache" in inspect.signature(model32.forward).parameters else "past_key_values"
@@ -289,13 +297,12 @@ def bench_train_ours(model, args) -> dict:
 
 
 def bench_train_transformers(config, args) -> dict:
-    """transformers' GPTBigCode + torch AdamW (on CUDA beside a JAX GPU run,
+    """transformers' model + torch AdamW (on CUDA beside a JAX GPU run,
     else the CPU), same config, batch and optimizer settings (decay on matmul
     weights only, like training.step.decay_mask): float32, then bfloat16 autocast over
     float32 master weights. Each starts from the same fresh model, so its loss
     is comparable with ours."""
     import torch
-    from transformers import GPTBigCodeForCausalLM
 
     o = train_optim()
     device, sync = _torch_device()
@@ -306,10 +313,10 @@ def bench_train_transformers(config, args) -> dict:
     out = {}
     for name, autocast in (("float32", False), ("bfloat16_autocast", True)):
         torch.manual_seed(0)
-        model = GPTBigCodeForCausalLM(_hf_config(config)).train().to(device)
+        model = _hf_model(config).train().to(device)
         decay, rest = [], []
         for key, p in model.named_parameters():  # a tied lm_head is wte, listed once
-            embedding = key.endswith(("wte.weight", "wpe.weight"))
+            embedding = key.endswith(("wte.weight", "wpe.weight", "embed_tokens.weight"))
             (decay if p.ndim == 2 and not embedding else rest).append(p)
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                        {"params": rest, "weight_decay": 0.0}],

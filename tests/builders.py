@@ -66,12 +66,47 @@ def make_hf_model(out_dir: str, *, seed: int = 0, weight_std: float = 0.2, **con
     return out_dir
 
 
-def hf_logits(model_dir: str, ids) -> np.ndarray:
+def make_hf_starcoder2(out_dir: str, *, seed: int = 0, weight_std: float = 0.2, **config) -> str:
+    """Saves a random-weight transformers Starcoder2ForCausalLM with save_pretrained
+    (default: 4 query heads over 2 K/V heads, a window of 8, rope_theta 10000),
+    weights drawn as in make_hf_model."""
     import torch
-    from transformers import GPTBigCodeForCausalLM
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    defaults = dict(vocab_size=512, max_position_embeddings=512, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, sliding_window=8,
+                    hidden_act="gelu_pytorch_tanh", use_bias=True, norm_epsilon=1e-5,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                    bos_token_id=0, eos_token_id=0)
+    defaults.update(config)
+    torch.manual_seed(seed)
+    model = Starcoder2ForCausalLM(Starcoder2Config(**defaults)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm.weight" in name or name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(weight_std * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def hf_model(model_dir: str):
+    """The transformers model of an HF directory (either architecture), in float32, eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
     # float32 whatever the checkpoint's dtype (transformers would otherwise compute in it)
-    model = GPTBigCodeForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def hf_logits(model_dir: str, ids) -> np.ndarray:
+    import torch
+
+    model = hf_model(model_dir)
     with torch.no_grad():
         return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
 

@@ -133,7 +133,7 @@ def cmd_train_tokenizer(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="starcoder-jax", description="StarCoder (GPTBigCode) models in JAX / Flax NNX")
+        prog="starcoder-jax", description="StarCoder-family models (GPTBigCode, StarCoder2) in JAX / Flax NNX")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert checkpoints between HF safetensors and orbax; merge a LoRA adapter",

@@ -160,6 +160,8 @@ def prefill(graphdef, params, ids, lengths, cache, consts: DecodeConsts, out_len
     model: StarCoder = nnx.merge(graphdef, params)
     b, t = ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache.ring:  # a ring keeps each row's newest real tokens: mark the padding as no position
+        positions = jnp.where(positions < lengths[:, None], positions, -1)
     hidden, cache = model.hidden(ids, positions, cache, read_cache=False)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
     logits = model.logits(last)[:, 0]  # [B, V]
@@ -178,7 +180,7 @@ def prefill(graphdef, params, ids, lengths, cache, consts: DecodeConsts, out_len
 
 def decode_step(model: StarCoder, state: DecodeState, consts: DecodeConsts) -> DecodeState:
     """Feeds each row's last token, samples the next one. Finished rows idle."""
-    s = state.cache.length
+    s = state.cache.capacity
     position = jnp.minimum(state.position, s - 1)
     hidden, cache = model.hidden(state.token[:, None], position[:, None], state.cache)
     logits = model.logits(hidden)[:, 0]

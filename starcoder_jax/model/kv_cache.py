@@ -15,18 +15,29 @@ per token instead of 24 KiB in float32, which is what lets a batch of long
 contexts fit: at 8192 positions the float32 cache of one row (192 MiB) is a
 twentieth of the model, at batch 32 it outweighs it. Every read dequantizes
 the slots, so on a CPU the int8 cache saves memory rather than time.
+
+A model with a sliding attention window (StarCoder2: config.window) gets a
+ring buffer instead: S = min(length, window) slots, slot s holding the
+newest token whose position p has p % S == s, and `pos` [B, S] recording
+which position each slot holds (-1: none yet). A query at position p sees
+positions p - window + 1 .. p, all of which the ring still holds, so a
+16k-token generation keeps 4096 slots per layer for starcoder2's window of
+4096. New tokens attend over the slots as they were before the write plus
+themselves (`Attention`), so a chunk of several tokens never reads a slot it
+has just overwritten.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 from starcoder_jax.config import StarCoderConfig, check_quantization
 from starcoder_jax.parallel.mesh import as_mesh
-from starcoder_jax.parallel.rules import logical_spec
+from starcoder_jax.parallel.rules import kv_head_axis, logical_spec
 
 
 def _quantize_tokens(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -45,13 +56,25 @@ class LayerCache:
     v: jax.Array  # [B, S, K, H]
     k_scale: jax.Array | None = None  # [B, S, K] float32, int8 caches only
     v_scale: jax.Array | None = None
+    pos: jax.Array | None = None  # [B, S] int32, ring buffers (windowed models) only: -1 empty
 
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
 
+    @property
+    def ring(self) -> bool:
+        return self.pos is not None
+
     def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
-        """Stores k, v [B, T, K, H] at positions [B, T] (contiguous per row)."""
+        """Stores k, v [B, T, K, H] at positions [B, T] (contiguous per row).
+
+        A ring buffer stores each row's newest S tokens at slots position % S;
+        negative positions (padding) and tokens S or more behind the row's
+        newest are not written.
+        """
+        if self.ring:
+            return self._write_ring(k, v, positions)
         start = positions[:, 0]
 
         def put(slab, update, s):
@@ -67,6 +90,21 @@ class LayerCache:
         return LayerCache(put_all(self.k, kq), put_all(self.v, vq),
                           put_all(self.k_scale, ks), put_all(self.v_scale, vs))
 
+    def _write_ring(self, k, v, positions) -> LayerCache:
+        s = self.k.shape[1]
+        newest = jnp.max(positions, axis=1, keepdims=True)
+        kept = (positions >= 0) & (positions > newest - s)
+        slots = jnp.where(kept, positions % s, s)  # [B, T]; s: out of range, dropped
+
+        def put(slab, update):
+            return jax.vmap(lambda a, u, i: a.at[i].set(u.astype(a.dtype), mode="drop"))(slab, update, slots)
+
+        pos = put(self.pos, positions.astype(jnp.int32))
+        if not self.quantized:
+            return LayerCache(put(self.k, k), put(self.v, v), pos=pos)
+        (kq, ks), (vq, vs) = _quantize_tokens(k), _quantize_tokens(v)
+        return LayerCache(put(self.k, kq), put(self.v, vq), put(self.k_scale, ks), put(self.v_scale, vs), pos)
+
     def keys(self, dtype=None) -> jax.Array:
         """All S slots of keys [B, S, K, H] (dequantized to `dtype` for an int8 cache)."""
         if not self.quantized:
@@ -79,7 +117,9 @@ class LayerCache:
         return (self.v.astype(jnp.float32) * self.v_scale[..., None]).astype(dtype or jnp.float32)
 
     def positions(self) -> jax.Array:
-        """Absolute position of every slot, [B, S]."""
+        """Absolute position of every slot, [B, S] (-1: a ring slot not written yet)."""
+        if self.ring:
+            return self.pos
         b, s = self.k.shape[:2]
         return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
 
@@ -88,12 +128,17 @@ class LayerCache:
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     layers: tuple[LayerCache, ...]
+    # Positions the cache serves, 0 .. span - 1: its slots for a plain cache, the
+    # length asked for of a ring buffer (which has fewer slots). Static.
+    span: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @classmethod
     def init(cls, config: StarCoderConfig, batch: int, length: int, dtype=None,
              sharding: jax.sharding.Sharding | None = None, quantize: str | None = None) -> KVCache:
         """Zeroed cache for `batch` rows of `length` positions (<= n_positions).
 
+        A model with an attention window shorter than `length` gets a ring
+        buffer of window slots (see the module).
         sharding: where every k / v slab [B, S, K, H] lives (see
         kv_cache.cache_sharding); each device allocates only its own shard,
         and int8 scales [B, S, K] are split like the slabs' first three axes.
@@ -106,29 +151,35 @@ class KVCache:
             )
         if dtype is None:
             dtype = jnp.dtype(config.dtype)
-        shape = (batch, length, config.kv_heads, config.head_dim)
+        ring = config.window is not None and config.window < length
+        slots = config.window if ring else length
+        shape = (batch, slots, config.kv_heads, config.head_dim)
+        pos_sharding = None if sharding is None else scale_sharding_of(sharding, 2)
+
+        def pos():
+            return jnp.full(shape[:2], -1, jnp.int32, device=pos_sharding) if ring else None
+
         if quantize is None:
             return cls(tuple(
                 LayerCache(jnp.zeros(shape, dtype, device=sharding),
-                           jnp.zeros(shape, dtype, device=sharding))
+                           jnp.zeros(shape, dtype, device=sharding), pos=pos())
                 for _ in range(config.n_layer)
-            ))
+            ), length)
         scale_sharding = None if sharding is None else scale_sharding_of(sharding)
         return cls(tuple(
             LayerCache(jnp.zeros(shape, jnp.int8, device=sharding),
                        jnp.zeros(shape, jnp.int8, device=sharding),
                        jnp.ones(shape[:3], jnp.float32, device=scale_sharding),
-                       jnp.ones(shape[:3], jnp.float32, device=scale_sharding))
+                       jnp.ones(shape[:3], jnp.float32, device=scale_sharding), pos())
             for _ in range(config.n_layer)
-        ))
+        ), length)
 
     @staticmethod
     def logical_axes(config: StarCoderConfig) -> tuple[str, ...]:
         """Logical axes of each k / v slab [B, S, K, H] (parallel.rules): rows over
-        data and fsdp; kv heads over tensor for multi-head models, whole on every
-        device for multi-query ones (one head cannot be split)."""
-        kv = "shared_kv_head" if config.multi_query else "kv_heads"
-        return ("cache_batch", "cache_sequence", kv, "head_dim")
+        data and fsdp; kv heads as the model's key projection splits them
+        (parallel.rules.kv_head_axis: whole for one shared head)."""
+        return ("cache_batch", "cache_sequence", kv_head_axis(config.kv_heads, config.n_head), "head_dim")
 
     @property
     def quantized(self) -> bool:
@@ -140,36 +191,49 @@ class KVCache:
 
     @property
     def length(self) -> int:
+        """Slots per row (S): fewer than `capacity` for a ring buffer."""
         return self.layers[0].k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        """Positions the cache serves: 0 .. capacity - 1."""
+        return self.span or self.length
+
+    @property
+    def ring(self) -> bool:
+        return self.layers[0].ring
 
     def layer(self, i: int) -> LayerCache:
         return self.layers[i]
 
     def replace_layers(self, layers) -> KVCache:
-        return KVCache(tuple(layers))
+        return KVCache(tuple(layers), self.span)
 
     def shardings(self, slab_sharding: jax.sharding.Sharding):
-        """A pytree like this cache: `slab_sharding` for k / v, its first three axes for scales."""
-        scales = scale_sharding_of(slab_sharding)
-        return jax.tree.map(lambda x: slab_sharding if x.ndim == 4 else scales, self)
+        """A pytree like this cache: `slab_sharding` for k / v, its first axes for
+        scales [B, S, K] and ring positions [B, S]."""
+        return jax.tree.map(lambda x: slab_sharding if x.ndim == 4 else scale_sharding_of(slab_sharding, x.ndim),
+                            self)
 
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
 
 
-def scale_sharding_of(slab_sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    """The sharding of [B, S, K] scales that sit beside [B, S, K, H] slabs sharded so."""
+def scale_sharding_of(slab_sharding: jax.sharding.Sharding, ndim: int = 3) -> jax.sharding.Sharding:
+    """The sharding of [B, S, K] scales (ndim 2: [B, S] ring positions) beside [B, S, K, H] slabs sharded so."""
     if isinstance(slab_sharding, jax.sharding.NamedSharding):
         spec = tuple(slab_sharding.spec) + (None,) * (4 - len(slab_sharding.spec))
-        return jax.sharding.NamedSharding(slab_sharding.mesh, jax.P(*spec[:3]))
+        return jax.sharding.NamedSharding(slab_sharding.mesh, jax.P(*spec[:ndim]))
     return slab_sharding
 
 
 def cache_sharding(config: StarCoderConfig, mesh, batch: int | None = None) -> jax.sharding.NamedSharding:
     """The sharding of every k / v slab [B, S, K, H] of a KVCache on `mesh` (a Mesh or a spec).
 
-    With `batch`, mesh axes that do not divide it are dropped from the row split.
+    With `batch`, mesh axes that do not divide it are dropped from the row split;
+    kv heads that `tensor` does not divide (grouped heads) stay whole.
     """
     mesh = as_mesh(mesh)
-    shape = None if batch is None else (batch, 1, config.kv_heads, config.head_dim)
+    rows = batch if batch is not None else math.prod(mesh.shape.values())  # None: every row axis
+    shape = (rows, 1, config.kv_heads, config.head_dim)
     return jax.sharding.NamedSharding(mesh, logical_spec(KVCache.logical_axes(config), mesh, shape))

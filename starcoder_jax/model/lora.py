@@ -1,7 +1,8 @@
-"""LoRA adapters on the GPTBigCode projections, configured and named as PEFT's LoRA.
+"""LoRA adapters on the StarCoder projections, configured and named as PEFT's LoRA.
 
 PEFT names a model's projections by their transformers module names
-(`transformer.h.3.attn.c_attn`) and picks the adapted ones with
+(`transformer.h.3.attn.c_attn` in GPTBigCode, `model.layers.3.self_attn.q_proj`
+in StarCoder2: `Architecture`) and picks the adapted ones with
 `target_modules`. `LoRAConfig` holds the PEFT fields our adapters
 represent; `LoRAConfig.targets` resolves the names the way PEFT does;
 `add_lora` puts an adapter (model.modules.LoRA) on each targeted Dense and
@@ -35,6 +36,40 @@ DEFAULT_TARGETS = ("c_attn",)  # PEFT's default target_modules for gpt_bigcode
 # transformers' other module names in a GPTBigCodeForCausalLM, for matching as PEFT does
 _LAYER_OTHERS = ("ln_1", "attn", "attn.resid_dropout", "ln_2", "mlp", "mlp.act", "mlp.dropout")
 _EMBEDDINGS = ("transformer.wte", "transformer.wpe", "lm_head")
+# StarCoder2 keeps its four attention projections apart: an adapter (its own A) on each.
+STARCODER2_SITES: dict[str, tuple[tuple[str, str], ...]] = {
+    "self_attn.q_proj": (("attn", "query"),),
+    "self_attn.k_proj": (("attn", "key"),),
+    "self_attn.v_proj": (("attn", "value"),),
+    "self_attn.o_proj": (("attn", "out"),),
+    "mlp.c_fc": (("mlp", "fc"),),
+    "mlp.c_proj": (("mlp", "proj"),),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """transformers' module names of one model_type, as PEFT sees them."""
+
+    layers: str  # the prefix of layer i's modules: f"{layers}.{i}"
+    sites: dict[str, tuple[tuple[str, str], ...]]  # adaptable module -> our Dense modules
+    layer_others: tuple[str, ...]  # the layer's other modules
+    embeddings: tuple[str, ...]  # modules that hold an embedding or the LM head
+    others: tuple[str, ...]  # the model's other modules outside the layers
+
+
+ARCHITECTURES = {
+    "gpt_bigcode": Architecture("transformer.h", SITES, _LAYER_OTHERS, _EMBEDDINGS,
+                                ("transformer", "transformer.drop", "transformer.h", "transformer.ln_f")),
+    "starcoder2": Architecture("model.layers", STARCODER2_SITES,
+                               ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "mlp.act"),
+                               ("model.embed_tokens", "lm_head"),
+                               ("model", "model.layers", "model.norm", "model.rotary_emb")),
+}
+
+
+def architecture(config: StarCoderConfig) -> Architecture:
+    return ARCHITECTURES[config.model_type]
 
 
 def _tuple(value):
@@ -128,26 +163,28 @@ class LoRAConfig:
         that cannot take an adapter here (an embedding, the LM head, a LayerNorm)
         or no projection at all."""
         found = []
-        names = ["transformer", "transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h",
-                 "transformer.ln_f", "lm_head"]
+        arch = architecture(config)
+        names = [*arch.others, *arch.embeddings]
         for i in range(config.n_layer):
-            layer = f"transformer.h.{i}"
+            layer = f"{arch.layers}.{i}"
             names.append(layer)
-            names += [f"{layer}.{other}" for other in _LAYER_OTHERS]
-            for site in SITES:
+            names += [f"{layer}.{other}" for other in arch.layer_others]
+            for site in arch.sites:
                 if self.matches(f"{layer}.{site}"):
                     r, alpha = self.rank_and_alpha(f"{layer}.{site}")
                     found.append((i, site, r, alpha))
         refused = [n for n in names if self.matches(n)]
         if refused:
-            kind = ("the embedding or LM head" if any(n in _EMBEDDINGS for n in refused)
+            kind = ("the embedding or LM head" if any(n in arch.embeddings for n in refused)
                     else "a module that is not a projection")
             raise ValueError(f"LoRA target_modules {self._targets_text()} selects {', '.join(refused[:4])}: "
                              f"adapters on {kind} are not supported; starcoder-jax adapts "
-                             f"{', '.join(SITES)}")
+                             f"{', '.join(arch.sites)}")
         if not found:
+            example = (["c_attn", "c_proj", "c_fc"] if config.fused_qkv
+                       else ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"])
             raise ValueError(f"LoRA target_modules {self._targets_text()} matches none of the projections "
-                             f"{', '.join(SITES)} (e.g. ['c_attn', 'c_proj', 'c_fc'])")
+                             f"{', '.join(arch.sites)} (e.g. {example})")
         return found
 
     def _targets_text(self) -> str:
@@ -167,9 +204,9 @@ def has_lora(model: StarCoder) -> bool:
 
 
 def site_modules(model: StarCoder, layer: int, site: str) -> list[Dense]:
-    """The Dense modules of HF module transformer.h.{layer}.{site}."""
+    """The Dense modules of HF module {layers}.{layer}.{site} (transformer.h or model.layers)."""
     block = model.blocks[layer]
-    return [getattr(getattr(block, parent), name) for parent, name in SITES[site]]
+    return [getattr(getattr(block, parent), name) for parent, name in architecture(model.config).sites[site]]
 
 
 def adapted(model: StarCoder) -> list[tuple[int, str, list[Dense]]]:

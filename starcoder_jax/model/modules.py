@@ -1,4 +1,4 @@
-"""The GPTBigCode architecture (StarCoder family) as Flax NNX modules.
+"""The StarCoder family as Flax NNX modules: GPTBigCode and StarCoder2 in one stack.
 
 Shape letters, used in every einsum and shape comment below:
   B batch, T query length, S key length (cache length), D model width,
@@ -8,6 +8,12 @@ Shape letters, used in every einsum and shape comment below:
 Weights are stored as [in, out] kernels (HF's nn.Linear stores [out, in]), with
 the fused HF `c_attn` split into query / key / value projections so that each
 one carries its own head axes (which the sharding rules name).
+
+The two architectures differ where the config says (config.model_type):
+GPTBigCode adds a learned position table to the token embedding, StarCoder2
+rotates queries and keys by position (RoPE, `rotate`), has K kv heads
+(1 <= K <= N), an attention window (`config.window`) and optional biases.
+Blocks, LayerNorms, MLP and heads are the same modules.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from starcoder_jax.ops.attention import attention
 from starcoder_jax.ops.int8 import int8_lookup, quantize
 from starcoder_jax.ops.matmul import project, resolve
 from starcoder_jax.ops.remat import recompute
-from starcoder_jax.parallel.rules import ACTIVATION, constrain
+from starcoder_jax.parallel.rules import ACTIVATION, constrain, kv_head_axis
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -209,7 +215,7 @@ class Dense(nnx.Module):
     """
 
     def __init__(self, equation: str, in_shape, out_shape, axes: tuple[str, ...], *, std: float,
-                 config: StarCoderConfig, rngs: nnx.Rngs):
+                 config: StarCoderConfig, rngs: nnx.Rngs, bias: bool = True):
         _check_equation(equation, len(in_shape), len(out_shape))
         pdt = jnp_dtype(config.param_dtype)
         self.n_in = len(in_shape)
@@ -221,7 +227,7 @@ class Dense(nnx.Module):
             self.kernel = param(kernel, axes, decay=True)
         # a [D] output bias is tiny: whole on every device like the LayerNorms
         bias_axes = tuple("norm" if a == "embed" else a for a in axes[self.n_in:])
-        self.bias = param(jnp.zeros(out_shape, pdt), bias_axes)
+        self.bias = param(jnp.zeros(out_shape, pdt), bias_axes) if bias else None
         self.dtype = jnp_dtype(config.dtype)
         self.lora: LoRA | None = nnx.data(None)  # a data attribute: add_lora may set one later
 
@@ -241,32 +247,51 @@ class Dense(nnx.Module):
                  rngs: nnx.Rngs | None = None) -> jax.Array:
         """x [..., *in] -> [..., *out]; low_rank: the adapter's input made elsewhere (`lora_input`)."""
         y = project(x, self.kernel.get_value(), self.n_in, impl=self.matmul_impl, dtype=self.dtype)
-        y = y + self.bias[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
         if self.lora is not None:
             y = y + self.lora.up(self.lora_input(x, rngs) if low_rank is None else low_rank, self.dtype)
         # named for the "projections" remat policy, which saves exactly these outputs
         return checkpoint_name(y.astype(self.dtype), PROJECTION)
 
 
+def rotate(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (RoPE, in transformers' half-split form): x [B, T, *, H]
+    at positions [B, T] -> x * cos + rotate_half(x) * sin, the angles of dimension pair
+    (i, i + H/2) being position / theta^(2i / H); computed in float32, returned in x's dtype."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    x32 = x.astype(jnp.float32)
+    half = jnp.concatenate([-x32[..., h // 2:], x32[..., :h // 2]], axis=-1)
+    return (x32 * jnp.cos(angles) + half * jnp.sin(angles)).astype(x.dtype)
+
+
 class Attention(nnx.Module):
-    """Causal self-attention with N query heads sharing K kv heads (K=1: multi-query);
-    the attention form is config.attention_impl (starcoder_jax.ops.attention)."""
+    """Causal self-attention with N query heads sharing K kv heads (K=1: multi-query),
+    rotary positions and a window for StarCoder2; the attention form is
+    config.attention_impl (starcoder_jax.ops.attention)."""
 
     def __init__(self, config: StarCoderConfig, *, rngs: nnx.Rngs):
         d, n, k, h = config.n_embd, config.n_head, config.kv_heads, config.head_dim
         std = config.initializer_range
         # One K/V head (multi-query) cannot be split: the rules keep it whole.
-        kv = "shared_kv_head" if config.multi_query else "kv_heads"
+        kv = kv_head_axis(k, n)
+        bias = config.use_bias
         self.query = Dense("BTD,DNH->BTNH", (d,), (n, h), ("embed", "heads", "head_dim"),
-                           std=std, config=config, rngs=rngs)
+                           std=std, config=config, rngs=rngs, bias=bias)
         self.key = Dense("BTD,DKH->BTKH", (d,), (k, h), ("embed", kv, "head_dim"),
-                         std=std, config=config, rngs=rngs)
+                         std=std, config=config, rngs=rngs, bias=bias)
         self.value = Dense("BTD,DKH->BTKH", (d,), (k, h), ("embed", kv, "head_dim"),
-                           std=std, config=config, rngs=rngs)
+                           std=std, config=config, rngs=rngs, bias=bias)
         # GPT-2's scaled init of the residual projections (std / sqrt(2 L)).
         self.out = Dense("BTNH,NHD->BTD", (n, h), (d,), ("heads", "head_dim", "embed"),
-                         std=std / math.sqrt(2 * config.n_layer), config=config, rngs=rngs)
-        self.scale = 1.0 / math.sqrt(h) if config.scale_attn_weights else 1.0
+                         std=std / math.sqrt(2 * config.n_layer), config=config, rngs=rngs, bias=bias)
+        self.scale = 1.0 / math.sqrt(h) if config.scale_attn_weights or config.rotary else 1.0
+        self.rope_theta = config.rope_theta if config.rotary else None  # None: positions are learned
+        self.window = config.window
+        self.fused_qkv = config.fused_qkv  # HF's one c_attn: one LoRA A shared by q, k and v
         self.attn_pdrop = config.attn_pdrop
         self.attention_impl = config.attention_impl  # ops.attention form: "auto" or forced by name
         self.resid_drop = nnx.Dropout(config.resid_pdrop)
@@ -278,17 +303,28 @@ class Attention(nnx.Module):
 
         With a cache, k/v are written at `positions`; `read_cache=False`
         (a prefill from position 0) attends to the T new keys only instead of
-        all S cache slots. segment_ids [B, T] (int, no cache): a token sees
+        all S cache slots. A ring-buffer cache (a windowed model) is read as it
+        was before the write, followed by the T new keys. segment_ids [B, T] (int, no cache): a token sees
         only the keys of its own segment (documents packed into one row).
         """
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for training and evaluation without a cache; got a cache too")
-        low = self.query.lora_input(x, rngs)  # c_attn's one LoRA A, read by q, k and v (or None)
-        q = self.query(x, low_rank=low)  # [B, T, N, H]
-        k = self.key(x, low_rank=low)  # [B, T, K, H]
-        v = self.value(x, low_rank=low)  # [B, T, K, H]
+        # c_attn's one LoRA A, read by q, k and v (or None); separate projections have their own
+        low = self.query.lora_input(x, rngs) if self.fused_qkv else None
+        q = self.query(x, low_rank=low, rngs=rngs)  # [B, T, N, H]
+        k = self.key(x, low_rank=low, rngs=rngs)  # [B, T, K, H]
+        v = self.value(x, low_rank=low, rngs=rngs)  # [B, T, K, H]
+        if self.rope_theta is not None:
+            q, k = rotate(q, positions, self.rope_theta), rotate(k, positions, self.rope_theta)
         k_positions = positions
-        if cache is not None:
+        if cache is not None and cache.ring:
+            new_k, new_v = k, v
+            if read_cache:  # the slots before this write, then the new keys
+                k = jnp.concatenate([cache.keys(q.dtype).astype(k.dtype), k], axis=1)  # [B, S + T, K, H]
+                v = jnp.concatenate([cache.values(q.dtype).astype(v.dtype), v], axis=1)
+                k_positions = jnp.concatenate([cache.positions(), positions.astype(jnp.int32)], axis=1)
+            cache = cache.write(new_k, new_v, positions)
+        elif cache is not None:
             cache = cache.write(k, v, positions)
             if read_cache:
                 k, v = cache.keys(q.dtype), cache.values(q.dtype)  # [B, S, K, H]
@@ -298,7 +334,7 @@ class Attention(nnx.Module):
         dropout_key = rngs.dropout() if rngs is not None and self.attn_pdrop > 0 else None
         out = attention(q, k, v, positions, k_positions, impl=self.attention_impl, own_keys=own_keys,
                         scale=self.scale, dropout_rate=self.attn_pdrop, dropout_key=dropout_key,
-                        q_segments=segment_ids, k_segments=segment_ids)
+                        q_segments=segment_ids, k_segments=segment_ids, window=self.window)
         y = self.out(out, rngs=rngs)
         y = self.resid_drop(y, deterministic=rngs is None, rngs=rngs)
         return y, cache
@@ -308,9 +344,10 @@ class MLP(nnx.Module):
     def __init__(self, config: StarCoderConfig, *, rngs: nnx.Rngs):
         d, f = config.n_embd, config.mlp_dim
         std = config.initializer_range
-        self.fc = Dense("BTD,DF->BTF", (d,), (f,), ("embed", "mlp"), std=std, config=config, rngs=rngs)
+        self.fc = Dense("BTD,DF->BTF", (d,), (f,), ("embed", "mlp"), std=std, config=config, rngs=rngs,
+                        bias=config.use_bias)
         self.proj = Dense("BTF,FD->BTD", (f,), (d,), ("mlp", "embed"),
-                          std=std / math.sqrt(2 * config.n_layer), config=config, rngs=rngs)
+                          std=std / math.sqrt(2 * config.n_layer), config=config, rngs=rngs, bias=config.use_bias)
         self.approximate = config.gelu_approximate
         self.drop = nnx.Dropout(config.resid_pdrop)
 
@@ -346,7 +383,7 @@ class Block(nnx.Module):
 
 
 class StarCoder(nnx.Module):
-    """GPTBigCodeForCausalLM in NNX.
+    """GPTBigCodeForCausalLM (or Starcoder2ForCausalLM, per config.model_type) in NNX.
 
     `model(input_ids)` maps int32 ids [B, T] to float32 logits [B, T, V].
     Generation uses `model.hidden(...)` with a `KVCache` and `model.logits(...)`
@@ -358,8 +395,9 @@ class StarCoder(nnx.Module):
         quantized = config.quantization is not None
         self.wte = Embedding(config.vocab_size, config.n_embd, ("vocab", "embed"), config=config,
                              rngs=rngs, quantize=quantized)
-        self.wpe = Embedding(config.n_positions, config.n_embd, ("positions", "embed"), config=config,
-                             rngs=rngs)
+        # GPTBigCode's learned positions; StarCoder2 rotates q and k instead (no table)
+        self.wpe = None if config.rotary else Embedding(config.n_positions, config.n_embd, ("positions", "embed"),
+                                                        config=config, rngs=rngs)
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, config=config)
         if not config.tie_word_embeddings:
@@ -403,7 +441,9 @@ class StarCoder(nnx.Module):
         """
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for training and evaluation without a cache; got a cache too")
-        x = self.wte(input_ids) + self.wpe(positions)  # [B, T, D]
+        x = self.wte(input_ids)  # [B, T, D]
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
         layers = []
         rematted = _rematted_block(self.remat)

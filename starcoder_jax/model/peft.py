@@ -2,7 +2,8 @@
 
 A PEFT directory holds `adapter_config.json` (PEFT's LoraConfig) and
 `adapter_model.safetensors`, with tensors named
-`base_model.model.transformer.h.{i}.{site}.lora_A.weight` (and `lora_B`) in
+`base_model.model.transformer.h.{i}.{site}.lora_A.weight` (and `lora_B`;
+`base_model.model.model.layers.{i}.{site}...` for StarCoder2) in
 nn.Linear's [out, in] layout: lora_A [r, in], lora_B [out, r]. Ours are
 A [*in, r] and B [r, *out] with named head axes; c_attn's one lora_B has
 its rows laid out like c_attn's own weight (weights.split_qkv_weight), so it
@@ -27,7 +28,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from starcoder_jax.model.lora import SITES, LoRAConfig, add_lora, has_lora, site_modules
+from starcoder_jax.model.lora import LoRAConfig, add_lora, architecture, has_lora, site_modules
 from starcoder_jax.model.modules import StarCoder, jnp_dtype
 from starcoder_jax.model.weights import CheckpointError, Entry, join_qkv_weight, split_qkv_weight
 
@@ -41,7 +42,7 @@ UNSUPPORTED = {
     "use_dora": "DoRA adapters (a learned magnitude per output)",
     "lora_bias": "a trained bias on lora_B",
     "modules_to_save": "whole modules trained and saved beside the adapters",
-    "fan_in_fan_out": "[in, out] (Conv1D) base weights; GPTBigCode's projections are nn.Linear",
+    "fan_in_fan_out": "[in, out] (Conv1D) base weights; StarCoder's projections are nn.Linear",
     "use_qalora": "QA-LoRA's pooled adapter inputs",
     "target_parameters": "adapters on bare parameters",
     "trainable_token_indices": "trained embedding rows",
@@ -122,6 +123,7 @@ def adapter_table(model: StarCoder, lora: LoRAConfig) -> list[Entry]:
     """Every tensor of the PEFT adapter `lora` on `model` (with or without its
     adapters yet) and how it maps to our adapter params."""
     config = model.config
+    arch = architecture(config)
     entries = []
     for i, site, r, _ in lora.targets(config):
         denses = site_modules(model, i, site)
@@ -129,8 +131,8 @@ def adapter_table(model: StarCoder, lora: LoRAConfig) -> list[Entry]:
         n_in = denses[0].n_in
         in_shape, outs = shapes[0][:n_in], [s[n_in:] for s in shapes]
         n_inputs, n_outputs = math.prod(in_shape), sum(math.prod(o) for o in outs)
-        key = f"{PREFIX}transformer.h.{i}.{site}"
-        paths = [("blocks", i, parent, name, "lora") for parent, name in SITES[site]]
+        key = f"{PREFIX}{arch.layers}.{i}.{site}"
+        paths = [("blocks", i, parent, name, "lora") for parent, name in arch.sites[site]]
 
         def a_to_ours(a, in_shape=in_shape, r=r):
             return (a.T.reshape(*in_shape, r),)

@@ -5,7 +5,8 @@ and a pair of transforms (HF -> ours, ours -> HF). HF stores nn.Linear weights
 as [out, in]; we store [in, out] kernels with named head axes. The fused HF
 `c_attn` is [q | k | v] along the output for multi-query models (q: N*H rows,
 then one k head, then one v head) and per-head interleaved [N, (q, k, v), H]
-for multi-head models.
+for multi-head models. StarCoder2 keeps q_proj, k_proj, v_proj and o_proj
+apart, under `model.layers.{i}.self_attn`, and has no position table.
 
 Loading reads one tensor at a time from memory-mapped files, so host memory
 stays near one copy of the model. Every problem with a checkpoint (missing,
@@ -44,7 +45,7 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "generation_config.json",
 )
 # Buffers some older exports carry; they hold no learned weights.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 IGNORED_KEYS = ("transformer.bias",)
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
@@ -101,8 +102,21 @@ def join_qkv_weight(q: np.ndarray, kk: np.ndarray, vv: np.ndarray, config: StarC
     return stacked.reshape(3 * n * h, i)
 
 
+def heads_to_ours(w: np.ndarray, heads: int, h: int) -> tuple[np.ndarray]:
+    """nn.Linear [heads H, I] -> our [I, heads, H] (a q/k/v projection, or a LoRA B with I = r)."""
+    return (np.ascontiguousarray(w.T.reshape(w.shape[1], heads, h)),)
+
+
+def heads_to_hf(w: np.ndarray) -> np.ndarray:
+    """The inverse of heads_to_ours: [I, heads, H] -> [heads H, I]."""
+    return w.reshape(w.shape[0], -1).T
+
+
 def weight_table(config: StarCoderConfig) -> list[Entry]:
-    """Every HF tensor of a GPTBigCodeForCausalLM and how it maps to our params."""
+    """Every HF tensor of a GPTBigCodeForCausalLM (or Starcoder2ForCausalLM) and how it
+    maps to our params."""
+    if config.model_type == "starcoder2":
+        return _starcoder2_table(config)
     d, n, k, h = config.n_embd, config.n_head, config.kv_heads, config.head_dim
     f, v, p = config.mlp_dim, config.vocab_size, config.n_positions
     qkv_rows = (n + 2 * k) * h
@@ -158,6 +172,52 @@ def weight_table(config: StarCoderConfig) -> list[Entry]:
     entries += [
         Entry("transformer.ln_f.weight", (d,), (("ln_f", "scale"),), _same, _ident),
         Entry("transformer.ln_f.bias", (d,), (("ln_f", "bias"),), _same, _ident),
+    ]
+    if not config.tie_word_embeddings:
+        entries.append(Entry("lm_head.weight", (v, d), (("lm_head",),), _transpose, _transpose_back))
+    return entries
+
+
+def _starcoder2_table(config: StarCoderConfig) -> list[Entry]:
+    """Starcoder2ForCausalLM's tensors: embed_tokens, per layer input_layernorm,
+    self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{c_fc,c_proj} (biases
+    when use_bias), then norm and an untied lm_head."""
+    d, n, k, h = config.n_embd, config.n_head, config.kv_heads, config.head_dim
+    f, v = config.mlp_dim, config.vocab_size
+
+    def linear(hf, ours, hf_shape, to_ours, to_hf, bias_shape, bias_to_ours, bias_to_hf):
+        out = [Entry(f"{hf}.weight", hf_shape, ((*ours, "kernel"),), to_ours, to_hf)]
+        if config.use_bias:
+            out.append(Entry(f"{hf}.bias", bias_shape, ((*ours, "bias"),), bias_to_ours, bias_to_hf))
+        return out
+
+    def heads(count):
+        return (lambda w: heads_to_ours(w, count, h), heads_to_hf,
+                (count * h,), lambda b: (b.reshape(count, h),), lambda b: b.reshape(-1))
+
+    def o_to_ours(w):  # [D, N H] -> [N, H, D]
+        return (w.T.reshape(n, h, d),)
+
+    entries = [Entry("model.embed_tokens.weight", (v, d), (("wte", "embedding"),), _same, _ident)]
+    for i in range(config.n_layer):
+        hf, ours = f"model.layers.{i}", ("blocks", i)
+        attn = (*ours, "attn")
+        for hf_ln, ln in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+            entries += [
+                Entry(f"{hf}.{hf_ln}.weight", (d,), ((*ours, ln, "scale"),), _same, _ident),
+                Entry(f"{hf}.{hf_ln}.bias", (d,), ((*ours, ln, "bias"),), _same, _ident),
+            ]
+        for proj, name, count in (("q_proj", "query", n), ("k_proj", "key", k), ("v_proj", "value", k)):
+            entries += linear(f"{hf}.self_attn.{proj}", (*attn, name), (count * h, d), *heads(count))
+        entries += linear(f"{hf}.self_attn.o_proj", (*attn, "out"), (d, n * h), o_to_ours,
+                          lambda w: w.reshape(n * h, d).T, (d,), _same, _ident)
+        entries += linear(f"{hf}.mlp.c_fc", (*ours, "mlp", "fc"), (f, d), _transpose, _transpose_back,
+                          (f,), _same, _ident)
+        entries += linear(f"{hf}.mlp.c_proj", (*ours, "mlp", "proj"), (d, f), _transpose, _transpose_back,
+                          (d,), _same, _ident)
+    entries += [
+        Entry("model.norm.weight", (d,), (("ln_f", "scale"),), _same, _ident),
+        Entry("model.norm.bias", (d,), (("ln_f", "bias"),), _same, _ident),
     ]
     if not config.tie_word_embeddings:
         entries.append(Entry("lm_head.weight", (v, d), (("lm_head",),), _transpose, _transpose_back))
@@ -354,7 +414,7 @@ def _describe(value) -> str:
 def load_hf(path: str, config: StarCoderConfig | None = None, *, dtype: str = "float32",
             compute_dtype: str | None = None, progress: bool | None = None,
             shardings: dict | None = None, **impls: str) -> StarCoder:
-    """Loads an HF GPTBigCode directory (config.json + safetensors) into our model.
+    """Loads an HF GPTBigCode or StarCoder2 directory (config.json + safetensors) into our model.
 
     impls: attention_impl / matmul_impl for the model's config (default "auto").
     """
@@ -385,7 +445,8 @@ def param_arrays(model: StarCoder) -> dict[Path, jax.Array]:
 def save_hf(model: StarCoder, out_dir: str, *, max_shard_bytes: int = 5 * 2**30,
             dtype: str | None = None, tokenizer_from: str | None = None,
             progress: bool | None = None) -> str:
-    """Writes `model` as an HF directory GPTBigCodeForCausalLM.from_pretrained loads.
+    """Writes `model` as an HF directory GPTBigCodeForCausalLM.from_pretrained (or
+    Starcoder2ForCausalLM's, for a StarCoder2 model) loads.
 
     Tensors are written in `dtype` (default: the model's param dtype), split
     into shards of at most `max_shard_bytes` with an index file when needed;

@@ -7,7 +7,13 @@ key s is visible to query t iff 0 <= k_positions[s] <= q_positions[t]. A
 negative position marks padding (a padded key is never visible); a query that
 sees no key at all gets zeros (and passes no gradient). Optional segment ids,
 q_segments [B, T] and k_segments [B, S], also hide every key of another
-segment: documents packed into one training row stay apart.
+segment: documents packed into one training row stay apart. A sliding
+window of W (StarCoder2) also hides every key W or more positions before its
+query: key s is then visible iff q_positions[t] - W < k_positions[s] <=
+q_positions[t]. With own keys, positions increase along a row wherever a key
+is visible to a query (one document, or packed documents with segment ids),
+so such a key is also fewer than W tokens back: the blocked forms skip the
+key blocks before the window as they skip those after the query.
 
 The forms compute the same function and differ in layout and memory (`impl`,
 the names of config.ATTENTION_IMPLS):
@@ -105,7 +111,7 @@ def query_block(t: int, block: int = QUERY_BLOCK, max_blocks: int = MAX_QUERY_BL
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
               *, impl: str, own_keys: bool, scale: float, dropout_rate: float = 0.0,
               dropout_key: jax.Array | None = None, q_segments: jax.Array | None = None,
-              k_segments: jax.Array | None = None, block: int = QUERY_BLOCK,
+              k_segments: jax.Array | None = None, window: int | None = None, block: int = QUERY_BLOCK,
               max_blocks: int = MAX_QUERY_BLOCKS, chunk: tuple[int, int] = (CHUNK_Q, CHUNK_K),
               interpret: bool = False) -> jax.Array:
     """q [B, T, N, H] over k, v [B, S, K, H] -> [B, T, N, H] in q's dtype.
@@ -123,6 +129,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
       key (the same in the backward).
     q_segments [B, T], k_segments [B, S]: int segment ids, both or neither; a
       key is visible only to queries of its own segment.
+    window: a query sees only keys fewer than `window` positions back (itself
+      included: `window` keys at most); None: no window.
     block, max_blocks: queries per block of cpu_blocked (`query_block`).
     chunk: (queries, keys) per block of the chunked form.
     interpret: run the splash kernel in Pallas interpret mode (off a TPU: tests).
@@ -135,6 +143,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
     if q_segments is not None and (q_segments.shape != (b, t) or k_segments.shape != k.shape[:2]):
         raise ValueError(f"q_segments must be [B, T] = {(b, t)} and k_segments [B, S] = {k.shape[:2]}, "
                          f"got {q_segments.shape} and {k_segments.shape}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive integer or None, got {window!r}")
     form = resolve(impl, own_keys, t)
     kv = k.shape[2]
     drop = dropout_rate if dropout_key is not None else 0.0
@@ -145,19 +155,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
             form = _fall_back(form, why, warn=impl != "auto")
     with jax.named_scope(f"attention_{form}"):
         if form == "cudnn":
-            return _cudnn(q, k, v, q_positions, scale, chunk, warn=impl != "auto")
+            return _cudnn(q, k, v, q_positions, scale, window, chunk, warn=impl != "auto")
         q = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
         if form == "splash":
-            out = _splash(q, k, v, q_positions, segments, scale, interpret)
+            out = _splash(q, k, v, q_positions, segments, scale, window, interpret)
         elif form == "chunked":
             out = _chunked(q, k, v, q_positions, k_positions, segments, scale, drop, dropout_key,
-                           own_keys, chunk)
+                           own_keys, chunk, window)
         elif form == "cpu_blocked":
             out = _query_blocks(q, k, v, q_positions, k_positions, segments, scale, drop, dropout_key,
-                                query_block(t, block, max_blocks))
+                                query_block(t, block, max_blocks), window)
         else:
             attend = _query_major if form == "xla" else _key_major
-            out = attend(q, k, v, _visible(q_positions, k_positions, segments), scale, drop, dropout_key)
+            out = attend(q, k, v, _visible(q_positions, k_positions, segments, window), scale, drop,
+                         dropout_key)
     return out.reshape(b, t, n, h)
 
 
@@ -178,10 +189,12 @@ def _check_shapes(q, k, v, q_positions, k_positions, own_keys) -> tuple[int, int
 
 
 def _visible(q_positions: jax.Array, k_positions: jax.Array,
-             segments: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """[B, T, S] bool: key s visible to query t (positions, and segments if given)."""
-    k_pos = k_positions[:, None, :]
-    visible = (k_pos >= 0) & (k_pos <= q_positions[:, :, None])
+             segments: tuple[jax.Array, jax.Array] | None = None, window: int | None = None) -> jax.Array:
+    """[B, T, S] bool: key s visible to query t (positions, the window and segments if given)."""
+    k_pos, q_pos = k_positions[:, None, :], q_positions[:, :, None]
+    visible = (k_pos >= 0) & (k_pos <= q_pos)
+    if window is not None:
+        visible &= k_pos > q_pos - window
     if segments is not None:
         visible &= segments[0][:, :, None] == segments[1][:, None, :]
     return visible
@@ -243,7 +256,7 @@ def _key_major(q, k, v, visible, scale, rate, key):
     return jnp.transpose(out.reshape(b, kv, t, g, h), (0, 2, 1, 3, 4)).astype(q.dtype)
 
 
-def _query_blocks(q, k, v, q_positions, k_positions, segments, scale, rate, key, size):
+def _query_blocks(q, k, v, q_positions, k_positions, segments, scale, rate, key, size, window=None):
     """Attention of q [B, T, K, G, H] over its own keys k/v [B, T, K, H] in
     blocks of `size` queries -> [B, T, K, G, H].
 
@@ -254,7 +267,8 @@ def _query_blocks(q, k, v, q_positions, k_positions, segments, scale, rate, key,
     keys]: both products get standard matrices and the softmax runs along the
     minor axis. The output is divided by the sums of the exponentials
     ([size * G, H]) rather than the exponentials ([size * G, keys]); dropping
-    exponentials before that division drops probabilities.
+    exponentials before that division drops probabilities. With a window,
+    block i also starts at the first key its first query can see.
     """
     b, t, kv, g, h = q.shape
     rows = jnp.transpose(q, (0, 2, 1, 3, 4))  # [B, K, T, G, H]
@@ -262,15 +276,17 @@ def _query_blocks(q, k, v, q_positions, k_positions, segments, scale, rate, key,
     outs = []
     for i, lo in enumerate(range(0, t, size)):
         hi = min(t, lo + size)
+        first = 0 if window is None else max(0, lo - window + 1)
         rq = rows[:, :, lo:hi].reshape(b, kv, (hi - lo) * g, h)
-        scores = jax.lax.dot_general(rq, keys[:, :, :hi], (((3,), (3,)), ((0, 1), (0, 1))),
+        scores = jax.lax.dot_general(rq, keys[:, :, first:hi], (((3,), (3,)), ((0, 1), (0, 1))),
                                      preferred_element_type=jnp.float32)  # [B, K, rows, keys]
-        scores = scores.reshape(b, kv, hi - lo, g, hi) * scale
-        seg = None if segments is None else (segments[0][:, lo:hi], segments[1][:, :hi])
-        visible = _visible(q_positions[:, lo:hi], k_positions[:, :hi], seg)[:, None, :, None, :]
+        scores = scores.reshape(b, kv, hi - lo, g, hi - first) * scale
+        seg = None if segments is None else (segments[0][:, lo:hi], segments[1][:, first:hi])
+        visible = _visible(q_positions[:, lo:hi], k_positions[:, first:hi], seg, window)[:, None, :, None, :]
         e, total = _exps(scores, visible, axis=-1)  # total [B, K, block, G, 1]
         e = _dropout(e, rate, None if key is None else jax.random.fold_in(key, i))
-        out = jax.lax.dot_general(e.reshape(b, kv, (hi - lo) * g, hi).astype(v.dtype), values[:, :, :hi],
+        out = jax.lax.dot_general(e.reshape(b, kv, (hi - lo) * g, hi - first).astype(v.dtype),
+                                  values[:, :, first:hi],
                                   (((3,), (2,)), ((0, 1), (0, 1))),
                                   preferred_element_type=jnp.float32)  # [B, K, rows, H]
         outs.append(out.reshape(b, kv, hi - lo, g, h) / _nonzero(total))
@@ -288,9 +304,10 @@ class _Blocks(typing.NamedTuple):
     g: int  # query heads per kv head
     bq: int  # queries per block
     bk: int  # keys per block
+    window: int = 0  # keys a query sees at most (0: no window)
 
 
-def _chunked(q, k, v, q_positions, k_positions, segments, scale, rate, key, own_keys, chunk):
+def _chunked(q, k, v, q_positions, k_positions, segments, scale, rate, key, own_keys, chunk, window=None):
     """q [B, T, K, G, H] over k/v [B, S, K, H] -> [B, T, K, G, H], one block
     of queries against one block of keys at a time.
 
@@ -302,7 +319,7 @@ def _chunked(q, k, v, q_positions, k_positions, segments, scale, rate, key, own_
     """
     b, t, kv, g, h = q.shape
     s = k.shape[1]
-    spec = _Blocks(float(scale), float(rate), bool(own_keys), g, min(chunk[0], t), min(chunk[1], s))
+    spec = _Blocks(float(scale), float(rate), bool(own_keys), g, min(chunk[0], t), min(chunk[1], s), window or 0)
     nq, nk = -(-t // spec.bq), -(-s // spec.bk)
     qb = _pad(q, nq * spec.bq).reshape(b, nq, spec.bq, kv, g, h)
     qb = jnp.transpose(qb, (1, 0, 3, 2, 4, 5)).reshape(nq, b, kv, spec.bq * g, h)  # [nq, B, K, bq*G, H]
@@ -329,15 +346,21 @@ def _pad(x: jax.Array, size: int, value: int = 0) -> jax.Array:
 
 
 def _key_span(spec: _Blocks, qi, nk: int):
-    """The key blocks query block qi reads: [0, end); with own keys none after its last query."""
+    """The key blocks query block qi reads: [start, end); with own keys none after its
+    last query, and with a window none wholly before its first query's window."""
     if not spec.own_keys:
-        return nk
-    return jnp.minimum(nk, ((qi + 1) * spec.bq + spec.bk - 1) // spec.bk)
+        return 0, nk
+    start = 0 if not spec.window else jnp.maximum(0, qi * spec.bq - spec.window + 1) // spec.bk
+    return start, jnp.minimum(nk, ((qi + 1) * spec.bq + spec.bk - 1) // spec.bk)
 
 
-def _query_start(spec: _Blocks, ki):
-    """The first query block that reads key block ki (own keys: its first query is at or after the block)."""
-    return (ki * spec.bk) // spec.bq if spec.own_keys else 0
+def _query_span(spec: _Blocks, ki, nq: int):
+    """The query blocks that read key block ki: [start, end) (own keys: from the block
+    holding its first key; with a window, up to the one holding its last key's last query)."""
+    if not spec.own_keys:
+        return 0, nq
+    end = nq if not spec.window else jnp.minimum(nq, ((ki + 1) * spec.bk + spec.window - 2) // spec.bq + 1)
+    return (ki * spec.bk) // spec.bq, end
 
 
 def _block_scores(spec: _Blocks, qblk, kblk, q_pos, k_pos, q_seg, k_seg):
@@ -348,6 +371,8 @@ def _block_scores(spec: _Blocks, qblk, kblk, q_pos, k_pos, q_seg, k_seg):
                                  preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kv, spec.bq, spec.g, spec.bk) * spec.scale
     visible = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if spec.window:
+        visible &= k_pos[:, None, :] > q_pos[:, :, None] - spec.window
     if q_seg is not None:
         visible &= q_seg[:, :, None] == k_seg[:, None, :]
     return scores, visible[:, None, :, None, :]
@@ -397,7 +422,7 @@ def _flash_forward(spec, qb, kb, vb, qp, kp, qs, ks, key):
 
         init = (jnp.full((b, kv, spec.bq, spec.g), _HIDDEN), jnp.zeros((b, kv, spec.bq, spec.g)),
                 jnp.zeros((b, kv, rows, h)))
-        top, total, acc = jax.lax.fori_loop(0, _key_span(spec, qi, nk), key_block, init)
+        top, total, acc = jax.lax.fori_loop(*_key_span(spec, qi, nk), key_block, init)
         seen = total > 0
         out = acc / jnp.where(seen, total, 1.0).reshape(b, kv, rows, 1)
         lse = jnp.where(seen, top + jnp.log(jnp.where(seen, total, 1.0)), 0.0)
@@ -442,7 +467,7 @@ def _flash_bwd(spec, residuals, d_out):
             return dq, dk, dv
 
         zeros = jnp.zeros((b, kv, spec.bk, h))
-        dq, dk, dv = jax.lax.fori_loop(_query_start(spec, ki), nq, query_block, (dq, zeros, zeros))
+        dq, dk, dv = jax.lax.fori_loop(*_query_span(spec, ki, nq), query_block, (dq, zeros, zeros))
         return dq, (dk, dv)
 
     dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qb.shape), (jnp.arange(nk), kb, vb, kp, ks))
@@ -484,30 +509,26 @@ def _fall_back(form: str, why: str, warn: bool) -> str:
     return "chunked"
 
 
-def _cudnn(q, k, v, positions, scale, chunk, warn):
+def _cudnn(q, k, v, positions, scale, window, chunk, warn):
     """Own-key attention q [B, T, N, H] over k/v [B, T, K, H] by cuDNN's fused
     kernel: causal by index, each row's padding (negative positions) as its
     length. Lengths express right padding only; a batch with padding before
     a token (left padding) runs chunked, chosen on device (`lax.cond`: both
     are compiled). Where cuDNN refuses the call while it is traced (shape,
     head dim, cuDNN version) the chunked form runs instead, with a warning
-    when cudnn was asked for by name."""
+    when cudnn was asked for by name. A window is cuDNN's local window of
+    window - 1 keys before each query (`fused`)."""
     b, t, n, h = q.shape
     kv = k.shape[2]
     valid = positions >= 0  # [B, T]
-    lengths = jnp.sum(valid, axis=1, dtype=jnp.int32)
 
     def kernel(q, k, v):
-        # a fully padded row keeps one key: no empty softmax inside the kernel; its output is zeroed
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths,
-                                           key_value_seq_lengths=jnp.maximum(lengths, 1),
-                                           implementation="cudnn")
-        return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)
+        return fused(q, k, v, valid, scale, window, "cudnn")
 
     def chunked(q, k, v):
         with jax.named_scope("attention_chunked"):
             out = _chunked(q.reshape(b, t, kv, n // kv, h), k, v, positions, positions, None, scale, 0.0,
-                           None, True, chunk)
+                           None, True, chunk, window)
         return out.reshape(b, t, n, h)
 
     try:
@@ -519,26 +540,46 @@ def _cudnn(q, k, v, positions, scale, chunk, warn):
     return jax.lax.cond(right_padded, kernel, chunked, q, k, v)
 
 
+def fused(q, k, v, valid, scale, window, implementation):
+    """jax.nn.dot_product_attention as the cudnn form calls it: own keys q [B, T, N, H]
+    over k/v [B, T, K, H], causal by index, valid [B, T] (right padding) as lengths,
+    a window as (window - 1, 0) local keys. implementation "xla" runs the same call
+    on any backend (tests)."""
+    lengths = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    local = None if window is None else (window - 1, 0)
+    # a fully padded row keeps one key: no empty softmax inside the kernel; its output is zeroed
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths,
+                                       key_value_seq_lengths=jnp.maximum(lengths, 1),
+                                       local_window_size=local, implementation=implementation)
+    return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)
+
+
 @functools.lru_cache(maxsize=32)
-def _splash_kernel(length: int, tile: int, heads: int, multi_head: bool, interpret: bool):
-    """The splash kernel for `heads` causal heads of `length` tokens (built once per shape)."""
+def _splash_kernel(length: int, tile: int, heads: int, multi_head: bool, interpret: bool, window: int | None):
+    """The splash kernel for `heads` causal heads of `length` tokens, each query
+    seeing its `window` newest keys (None: all), built once per shape."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    mask = sm.MultiHeadMask([sm.CausalMask((length, length))] * heads)
+    if window is None:
+        one = sm.CausalMask((length, length))
+    else:
+        one = sm.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+    mask = sm.MultiHeadMask([one] * heads)
     tiles = sk.BlockSizes(block_q=tile, block_kv=tile, block_kv_compute=tile, block_q_dkv=tile,
                           block_kv_dkv=tile, block_kv_dkv_compute=tile, use_fused_bwd_kernel=True)
     make = sk.make_splash_mha_single_device if multi_head else sk.make_splash_mqa_single_device
     return make(mask, block_sizes=tiles, interpret=interpret), sk.SegmentIds
 
 
-def _splash(q, k, v, positions, segments, scale, interpret):
+def _splash(q, k, v, positions, segments, scale, window, interpret):
     """Own-key attention q [B, T, K, G, H] over k/v [B, T, K, H] by the splash
     kernel -> [B, T, K, G, H]: causal by index, T padded to whole 128-token
     tiles; padding (negative positions) takes a segment id below every real
     one, so no real query sees it, and padded queries are zeroed. G > 1: the
     multi-query kernel for each kv head's G query heads; G = 1: the
-    multi-head kernel over the K heads. Off a TPU only in interpret mode (tests).
+    multi-head kernel over the K heads. A window is a local mask of window - 1
+    keys before each query. Off a TPU only in interpret mode (tests).
     """
     b, t, kv, g, h = q.shape
     length = -(-t // 128) * 128
@@ -548,7 +589,7 @@ def _splash(q, k, v, positions, segments, scale, interpret):
     seg = jnp.where(valid, _pad(seg, length), jnp.min(seg) - 1)
     q = jnp.transpose(_pad(q * jnp.asarray(scale, q.dtype), length), (0, 2, 3, 1, 4))  # [B, K, G, T', H]
     k, v = (jnp.swapaxes(_pad(x, length), 1, 2) for x in (k, v))  # [B, K, T', H]
-    kernel, segment_ids = _splash_kernel(length, tile, kv if g == 1 else g, g == 1, interpret)
+    kernel, segment_ids = _splash_kernel(length, tile, kv if g == 1 else g, g == 1, interpret, window)
 
     def row(q, k, v, seg):  # one row: q [K, G, T', H], k/v [K, T', H]
         ids = segment_ids(q=seg, kv=seg)

@@ -27,6 +27,7 @@ from starcoder_jax.parallel.rules import (
     MESH_AXES,
     MESH_EXAMPLE,
     SIZE_NAMES,
+    SPLIT_WHERE_DIVIDES,
     ShardingError,
     logical_spec,
     mesh_axes,
@@ -152,7 +153,7 @@ def check_fits(params: nnx.State, mesh) -> None:
         for logical, size in dims:
             axes_of = mesh_axes(logical, sizes)
             split = math.prod(sizes[a] for a in axes_of)
-            if split == 1 or size % split == 0 or logical in problems:
+            if split == 1 or size % split == 0 or logical in problems or logical in SPLIT_WHERE_DIVIDES:
                 continue
             where = " x ".join(f"{a}={sizes[a]}" for a in axes_of)
             hint = {

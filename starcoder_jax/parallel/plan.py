@@ -27,10 +27,11 @@ ACTIVATION_FORMULA = {
               "q/k/v, attention out, MLP hidden pre/post GELU, float32 scores and probs), "
               "plus float32 logits and their gradient; no rematerialisation"),
 }
-KV_FORMULA = "L*2*b*S*(K/tk)*H*dt (k and v per layer)"
-SYMBOLS = ("b = batch rows per device = B/(data*fsdp); t = tensor; tk = t for multi-head, "
-           "1 for multi-query (the shared head is whole on every device); dt = bytes of "
-           "the compute dtype")
+KV_FORMULA = ("L*2*b*S*(K/tk)*H*dt (k and v per layer); with a sliding window W < S, "
+              "S = W slots of a ring buffer + L*b*W*4 bytes of slot positions")
+SYMBOLS = ("b = batch rows per device = B/(data*fsdp); t = tensor; tk = t where it divides the "
+           "K kv heads, else 1 (a shared head, or grouped heads t does not divide, is whole on "
+           "every device); dt = bytes of the compute dtype")
 
 
 def plan_bytes(name: str, config: StarCoderConfig, params: nnx.State, mesh_spec: str, *, batch: int = 1,
@@ -74,7 +75,7 @@ def plan_bytes(name: str, config: StarCoderConfig, params: nnx.State, mesh_spec:
         whole_elems += math.prod(shape)
 
     t = sizes["tensor"]
-    tk = 1 if config.multi_query else t
+    tk = t if config.kv_heads % t == 0 else 1
     rows = batch_rows_per_device(batch, sizes)
     d, f, n, h = config.n_embd, config.mlp_dim, config.n_head, config.head_dim
     k, v, layers = config.kv_heads, config.vocab_size, config.n_layer
@@ -90,7 +91,7 @@ def plan_bytes(name: str, config: StarCoderConfig, params: nnx.State, mesh_spec:
         "gradients": param_elems * pdt if training else 0,
         "optimizer": param_elems * opt_per_elem,
         "activations": acts,
-        "kv_cache": 0 if training else layers * 2 * rows * seq * (k // tk) * h * cdt,
+        "kv_cache": 0 if training else _kv_cache_bytes(config, rows, seq, tk, cdt),
     }
     per_device["total"] = sum(per_device.values())
     limit = None if device_memory_gb is None else int(device_memory_gb * 2**30)
@@ -108,6 +109,7 @@ def plan_bytes(name: str, config: StarCoderConfig, params: nnx.State, mesh_spec:
         "whole_model": {"params": whole_elems * pdt},
         "device_memory": limit,
         "fits": None if limit is None else per_device["total"] <= limit,
+        "notes": _notes(config, t, seq, training),
         "formulas": {
             "activations": ACTIVATION_FORMULA["train" if training else "inference"],
             "kv_cache": KV_FORMULA if not training else "no cache in training",
@@ -116,6 +118,29 @@ def plan_bytes(name: str, config: StarCoderConfig, params: nnx.State, mesh_spec:
             "symbols": SYMBOLS,
         },
     }
+
+
+def _kv_cache_bytes(config: StarCoderConfig, rows: int, seq: int, tk: int, cdt: int) -> int:
+    window = config.window
+    slots = seq if window is None or window >= seq else window
+    ring = 0 if slots == seq else config.n_layer * rows * slots * 4  # int32 slot positions
+    return config.n_layer * 2 * rows * slots * (config.kv_heads // tk) * config.head_dim * cdt + ring
+
+
+def _notes(config: StarCoderConfig, t: int, seq: int, training: bool) -> list[str]:
+    """What the numbers above take from the model rather than the mesh."""
+    k, notes = config.kv_heads, []
+    if k == 1 and t > 1:
+        notes.append("kv heads: one K/V head shared by all query heads cannot be split; k/v projections "
+                     f"and the KV cache are whole on each of the tensor={t} devices")
+    elif 1 < k < config.n_head and t > 1:
+        notes.append(f"kv heads: n_kv_head={k} split over tensor={t}" if k % t == 0 else
+                     f"kv heads: n_kv_head={k} is not divisible by tensor={t}, so k/v projections and the "
+                     f"KV cache are whole on every device (each computes all {k} heads)")
+    window = config.window
+    if window is not None and window < seq and not training:
+        notes.append(f"KV cache: a ring buffer of sliding_window={window} slots per layer, not seq={seq}")
+    return notes
 
 
 def _gib(n: int) -> str:
@@ -140,6 +165,8 @@ def format_shard_plan(plan: dict) -> str:
     if plan["fits"] is not None:
         verdict = "fits in" if plan["fits"] else "does NOT fit in"
         lines.append(f"\n{verdict} {_gib(plan['device_memory'])} per device")
+    for note in plan.get("notes", ()):
+        lines.append(f"note: {note}")
     lines.append("")
     for key, text in plan["formulas"].items():
         lines.append(f"{key}: {text}")

@@ -38,6 +38,10 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "positions": None,  # wpe [P, D]: P is small next to V, only D is split
     "heads": ("tensor",),  # query heads N (and the output projection's N)
     "kv_heads": ("tensor",),  # multi-head models: K = N heads, split like the query heads
+    # Grouped-query models (StarCoder2: 1 < K < N): split over tensor where it divides K,
+    # else whole on every device (each device then computes all K heads' keys and values;
+    # parallel.mesh.check_fits accepts it and shard-plan says why).
+    "grouped_kv_heads": ("tensor",),
     # Multi-query models have ONE key/value head shared by all query heads. A
     # single head cannot be split, so every `tensor` shard holds all of it.
     "shared_kv_head": None,
@@ -56,11 +60,22 @@ RULES: dict[str, tuple[str, ...] | None] = {
 SIZE_NAMES = {
     "vocab": "vocab_size", "embed": "n_embd", "positions": "n_positions", "heads": "n_head",
     "kv_heads": "kv heads (= n_head, multi_query=False)", "shared_kv_head": "the shared K/V head",
+    "grouped_kv_heads": "kv heads (n_kv_head)",
     "head_dim": "head_dim", "mlp": "mlp width (n_inner)", "norm": "n_embd",
     "lora_rank": "the LoRA rank r",
 }
 
 ACTIVATION = ("batch", "sequence", "act_embed")  # the residual stream [B, T, D]
+# Logical axes a mesh axis splits only where it divides them, whole on every device otherwise.
+SPLIT_WHERE_DIVIDES = ("grouped_kv_heads",)
+
+
+def kv_head_axis(kv_heads: int, n_head: int) -> str:
+    """The logical axis of a model's K key/value heads: one shared head is never
+    split, K = N heads split like the query heads, grouped heads where they can be."""
+    if kv_heads == 1:
+        return "shared_kv_head"
+    return "kv_heads" if kv_heads == n_head else "grouped_kv_heads"
 
 
 class ShardingError(ValueError):

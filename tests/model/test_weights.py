@@ -107,10 +107,16 @@ def test_wrong_model_type(tmp_path, tiny_model_dir):
     path = copy_model(tiny_model_dir, tmp_path / "m")
     cfg_file = os.path.join(path, "config.json")
     cfg = json.load(open(cfg_file))
+    cfg["model_type"] = "llama"
+    json.dump(cfg, open(cfg_file, "w"))
+    with pytest.raises(ValueError, match="model_type is 'llama', expected 'gpt_bigcode'"):
+        sj.load_pretrained(path)
+    # GPTBigCode tensors under a StarCoder2 config.json: every name is reported
     cfg["model_type"] = "starcoder2"
     json.dump(cfg, open(cfg_file, "w"))
-    with pytest.raises(ValueError, match="model_type is 'starcoder2', expected 'gpt_bigcode'"):
+    with pytest.raises(weights.CheckpointError, match="missing tensor model.embed_tokens.weight") as err:
         sj.load_pretrained(path)
+    assert "unexpected tensor transformer.wpe.weight" in str(err.value)
 
 
 def test_every_tensor_problem_is_reported_at_once(tmp_path, tiny_model_dir):

@@ -43,6 +43,22 @@ def test_notebook_is_stored_without_outputs(name):
     assert sum(c.cell_type == "markdown" for c in nb.cells) >= 3, f"{name} needs prose between its cells"
 
 
+def test_hub_models_are_shown_not_run():
+    """Loading a model by hub id (network, gigabytes) appears only as code inside
+    markdown cells, which nbclient never executes; notebook 01 shows StarCoderBase
+    and StarCoder2 that way."""
+    shown = {}
+    for name in NOTEBOOKS:
+        nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
+        for cell in nb.cells:
+            if '"bigcode/' in cell.source:
+                assert cell.cell_type == "markdown", f"{name}: a code cell loads a hub model"
+                shown.setdefault(name, []).append(cell.source)
+    text = "\n".join(shown.get("01_generate.ipynb", []))
+    for hub_id in ("bigcode/starcoderbase-1b", "bigcode/starcoder2-3b"):
+        assert f'sj.load_pretrained("{hub_id}"' in text, hub_id
+
+
 @pytest.fixture(scope="session")
 def kernel_name(tmp_path_factory):
     """A kernelspec that runs this interpreter, found first through JUPYTER_PATH.

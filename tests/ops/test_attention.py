@@ -481,3 +481,72 @@ def test_segment_ids_with_a_cache_are_refused():
     with pytest.raises(ValueError, match="segment_ids are for training and evaluation without a cache"):
         model.hidden(ids, jnp.asarray([[0, 1, 2]], jnp.int32), KVCache.init(config, 1, 8),
                      segment_ids=jnp.zeros((1, 3), jnp.int32))
+
+
+# --- grouped K/V heads and a sliding window (StarCoder2) ---
+
+def _grouped_qkv(b, t, s, kv=2, seed=0):
+    """Random q [b, t, 6, 8] over k, v [b, s, kv, 8]: 3 query heads per kv head for kv=2."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, t, N_HEAD, HEAD_DIM)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, s, kv, HEAD_DIM)), jnp.float32) for _ in range(2))
+    return q, k, v
+
+
+def _numpy_window(q, k, v, q_pos, k_pos, window):
+    """The definition with a window: what _numpy_attention computes over the keys
+    fewer than `window` positions back (keys further back get position -1: hidden)."""
+    out = np.zeros(q.shape)
+    for row in range(q.shape[0]):
+        for i in range(q.shape[1]):
+            near = np.where(k_pos[row] > q_pos[row, i] - window, k_pos[row], -1)
+            out[row, i:i + 1] = _numpy_attention(q[row:row + 1, i:i + 1], k[row:row + 1], v[row:row + 1],
+                                                 q_pos[row:row + 1, i:i + 1], near[None])
+    return out
+
+
+@pytest.mark.parametrize("case", ["own_keys", "cache"])
+@pytest.mark.parametrize("t,window", [(130, 37)])
+def test_grouped_heads_and_window_in_every_form(case, t, window):
+    """6 query heads over 2 kv heads with a window: the reference is the definition,
+    and every CPU form gives its output and gradients (the chunked form skipping key
+    blocks before the window in its forward and query blocks after it in its backward,
+    the blocked one starting each block at its window)."""
+    q_pos, k_pos, own_keys = _positions(case, t)
+    q, k, v = _grouped_qkv(3, t, k_pos.shape[1], seed=t)
+    got = np.asarray(_attend("xla", q, k, v, q_pos, k_pos, own_keys, window=window))
+    np.testing.assert_allclose(got, _numpy_window(q, k, v, q_pos, k_pos, window), rtol=0, atol=1e-5)
+    wide = np.asarray(_attend("xla", q, k, v, q_pos, k_pos, own_keys))
+    assert t < window or np.abs(got - wide).max() > 1e-2  # the window hides keys the check can see
+    runs = [("cpu_key_major", {}), ("chunked", {"chunk": (16, 32)}), ("chunked", {"chunk": (32, 16)})]
+    if own_keys:
+        runs += [("cpu_blocked", {"block": 32})]
+    _assert_like_reference(runs, q, k, v, q_pos, k_pos, own_keys, window=window)
+
+
+def test_chunked_window_skips_blocks():
+    """The block spans of a window: query block 3 (queries 48..63, window 20) reads key
+    blocks 1..3 of 16 (keys from 29), and key block 1 (keys 16..31) is read by query
+    blocks 1..3 (its last key's window ends at query 50)."""
+    spec = attention_module._Blocks(1.0, 0.0, True, 1, 16, 16, 20)
+    assert [int(x) for x in attention_module._key_span(spec, 3, 8)] == [1, 4]
+    assert [int(x) for x in attention_module._query_span(spec, 1, 8)] == [1, 4]
+
+
+def test_cudnn_call_with_a_window_equals_the_reference():
+    """The cudnn form's call of jax.nn.dot_product_attention (grouped heads, a local
+    window of window - 1 keys, right padding as lengths), run by its XLA implementation
+    on this machine, gives the reference's output."""
+    q_pos = np.stack([np.arange(40), np.where(np.arange(40) < 29, np.arange(40), -1)])
+    q, k, v = _grouped_qkv(2, 40, 40, seed=3)
+    want = np.asarray(_attend("xla", q, k, v, q_pos, q_pos, True, window=9))
+    got = attention_module.fused(q, k, v, jnp.asarray(q_pos >= 0), SCALE, 9, "xla")
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
+
+
+def test_splash_with_grouped_heads_and_a_window_equals_the_reference():
+    """The splash kernel (interpret mode) with a local mask: 6 query heads over 2 kv
+    heads, a window of 37, left- and right-padded rows."""
+    q_pos, k_pos, _ = _positions("own_keys", 130)
+    q, k, v = _grouped_qkv(3, 130, 130, seed=6)
+    _assert_like_reference([("splash", {"interpret": True})], q, k, v, q_pos, k_pos, True, window=37)

@@ -279,6 +279,26 @@ def test_shard_plan_on_a_real_tiny_model():
     assert plan["per_device"]["kv_cache"] == KVCache.init(config, 3, 40).nbytes()
 
 
+def test_shard_plan_of_starcoder2_15b_lists_bytes_per_device(capsys):
+    """starcoder2-15b at 16k positions: kv heads (4) split on tensor=4, whole on tensor=8
+    (with the reason), and a KV cache of the 4096-slot window, not 16k slots."""
+    parser = argparse.ArgumentParser()
+    plan_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["shard-plan", "--model", "starcoder2-15b", "--mesh", "fsdp=2,tensor=4",
+                              "--devices", "8", "--seq", "16384"])
+    with redirect_stdout(io.StringIO()) as out:
+        assert args.func(args) == 0
+    text = out.getvalue()
+    assert "model starcoder2-15b: 15,655,899,136 parameters" in text and "kv_cache" in text
+    assert "n_kv_head=4 split over tensor=4" in text and "ring buffer of sliding_window=4096" in text
+    split = sj.shard_plan("starcoder2-15b", "fsdp=2,tensor=4", devices=8, seq=16384, dtype="bfloat16")["per_device"]
+    whole = sj.shard_plan("starcoder2-15b", "tensor=8", devices=8, seq=16384, dtype="bfloat16")
+    assert "not divisible by tensor=8" in whole["notes"][0]
+    # 40 layers x (k, v) x 4096 slots x (4 heads / 4) x 128 x bf16, + the ring's int32 positions
+    assert split["kv_cache"] == 40 * 2 * 4096 * 128 * 2 + 40 * 4096 * 4
+    assert whole["per_device"]["kv_cache"] == 40 * 2 * 4096 * 4 * 128 * 2 + 40 * 4096 * 4
+
+
 def test_shard_plan_command_for_a_pod(capsys):
     parser = argparse.ArgumentParser()
     plan_cli.register(parser.add_subparsers(dest="command"))
@@ -353,6 +373,8 @@ def test_wait_for_coordinator_is_bounded():
 
 MESHES_MQA = ["data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2"]
 MESHES_MHA = ["tensor=8", "data=2,fsdp=2,tensor=2"]
+# StarCoder2, 8 query heads over 2 kv heads: split on tensor=2, whole on tensor=4
+MESHES_SC2 = ["fsdp=8", "data=2,fsdp=2,tensor=2", "data=2,tensor=4"]
 
 
 @pytest.mark.multidevice
@@ -361,7 +383,7 @@ def test_eight_fake_devices(tmp_path):
     """Runs every test_mesh8_* test in a process with 8 fake CPU devices."""
     if EIGHT:
         pytest.skip("this is the subprocess")
-    from builders import make_hf_model
+    from builders import make_hf_model, make_hf_starcoder2
 
     shape = dict(TINY, n_positions=128, weight_std=0.35, seed=3)
     env = dict(os.environ,
@@ -372,6 +394,11 @@ def test_eight_fake_devices(tmp_path):
                JAX_PLATFORMS="cpu", STARCODER_JAX_EIGHT_DEVICES="1",
                STARCODER_JAX_TEST_MQA=make_hf_model(str(tmp_path / "mqa"), **shape),
                STARCODER_JAX_TEST_MHA=make_hf_model(str(tmp_path / "mha"), multi_query=False, **shape),
+               # a window of 8: generation past it runs the ring-buffer cache on the mesh
+               STARCODER_JAX_TEST_SC2=make_hf_starcoder2(
+                   str(tmp_path / "sc2"), vocab_size=512, max_position_embeddings=128, hidden_size=64,
+                   num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256,
+                   sliding_window=8, weight_std=0.35, seed=3),
                # an MLP wider than one int8 CPU tile: its int8 output projection is input-blocked
                STARCODER_JAX_TEST_WIDE=make_hf_model(str(tmp_path / "wide"), **dict(shape, n_inner=4096,
                                                                                      weight_std=0.05)))
@@ -437,7 +464,7 @@ def references():
     """Single-device results (device 0, no mesh) per model."""
     assert jax.device_count() == 8
     out = {}
-    for kind in ("MQA", "MHA"):
+    for kind in ("MQA", "MHA", "SC2"):
         path = os.environ[f"STARCODER_JAX_TEST_{kind}"]
         model = sj.load_pretrained(path)
         ids, mask = _ids_mask()
@@ -451,7 +478,8 @@ def references():
 
 
 @mesh8
-@pytest.mark.parametrize("kind, spec", [("MQA", m) for m in MESHES_MQA] + [("MHA", m) for m in MESHES_MHA])
+@pytest.mark.parametrize("kind, spec", [("MQA", m) for m in MESHES_MQA] + [("MHA", m) for m in MESHES_MHA]
+                         + [("SC2", m) for m in MESHES_SC2])
 def test_mesh8_equals_one_device(references, kind, spec):
     ref = references[kind]
     mesh = pm.mesh_from_spec(spec)
@@ -591,9 +619,11 @@ def test_mesh8_bad_mesh_is_refused(tmp_path):
 
 @mesh8
 @pytest.mark.parametrize("spec", ["fsdp=8", "data=2,fsdp=2,tensor=2", "tensor=8"])
-@pytest.mark.parametrize("multi_query", [True, False])
+@pytest.mark.parametrize("multi_query", [True, False, "starcoder2"])
 def test_mesh8_shard_plan_matches_real_shards(spec, multi_query):
-    config = StarCoderConfig(**TINY, multi_query=multi_query)
+    config = StarCoderConfig(**TINY, multi_query=multi_query is True)
+    if multi_query == "starcoder2":  # 2 kv heads (whole on tensor=8), a ring of 16 slots
+        config = config.replace(model_type="starcoder2", n_kv_head=2, sliding_window=16)
     mesh = pm.mesh_from_spec(spec)
     model = pm.shard_model(init_model(config), mesh)
     per_device = {d: 0 for d in jax.devices()}
