@@ -8,9 +8,11 @@ bfloat16 compute, full remat: the peak of XLA's memory analysis on one device an
 fsdp=8, each from
 
     starcoder-jax shard-plan --compile --preset P --mesh M --step train --seq-len T \\
-        --batch B --layers 2 [--lora 16 --quantize int8]
+        --batch B --layers N [--lora 16 --quantize int8]
 
-(2 and 3 layers compiled, extended to the model's depth). Runs with 8 fake CPU
+(N and N + 1 layers compiled, extended to the model's depth: N = 4 for full
+fine-tuning, 2 for LoRA, doubled while the peak is still in its flat phase; each
+plan records the depths). Runs with 8 fake CPU
 devices; prints the markdown table and writes every plan as JSON.
 """
 
@@ -30,10 +32,15 @@ COLUMNS = [("full", 2048), ("full", 8192), ("lora", 2048), ("lora", 8192)]
 MESHES = [("data=1", 1), ("fsdp=8", 8)]
 
 
+def layers(kind) -> int:
+    """Compiled depths start past the flat phase of a full fine-tune's peak (starcoder_jax/compiled.py)."""
+    return 2 if kind == "lora" else 4
+
+
 def command(model, mesh, batch, seq, kind) -> str:
     extra = " --lora 16 --quantize int8" if kind == "lora" else ""
     return (f"starcoder-jax shard-plan --compile --preset {model} --mesh {mesh} --step train "
-            f"--seq-len {seq} --batch {batch} --layers 2{extra}")
+            f"--seq-len {seq} --batch {batch} --layers {layers(kind)}{extra}")
 
 
 def main() -> None:
@@ -46,8 +53,8 @@ def main() -> None:
         for kind, seq in COLUMNS:
             for mesh, batch in MESHES:
                 lora = dict(lora_rank=16, quantize="int8") if kind == "lora" else {}
-                plan = compiled_plan(model, mesh, step="train", batch=batch, seq_len=seq, layers=2, remat="full",
-                                     **lora).to_dict()
+                plan = compiled_plan(model, mesh, step="train", batch=batch, seq_len=seq, layers=layers(kind),
+                                     remat="full", **lora).to_dict()
                 plan["command"] = command(model, mesh, batch, seq, kind)
                 plans.append(plan)
                 print(f"{model} {kind} {seq} {mesh}: peak {plan['peak_bytes'] / 2**30:.2f} GiB "
