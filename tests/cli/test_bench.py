@@ -103,7 +103,7 @@ def test_train_memory_report_compiles_without_running(tmp_path, capsys):
     assert r["peak_bytes"] == r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
     assert (r["remat"], r["loss_chunk"], r["mesh"], r["seq_len"], r["batch"]) == ("full", 16, None, 64, 2)
     assert r["params_bytes"] == r["gradients_bytes"] == 4 * r["params"]
-    assert r["optimizer_bytes"] == 2 * r["params_bytes"]
+    assert abs(r["optimizer_bytes"] - 2 * r["params_bytes"]) <= 64  # mu, nu and AdamW's step counts
     # params and AdamW moments come in and, donated, go out in the same buffers
     assert r["argument_bytes"] >= r["params_bytes"] + r["optimizer_bytes"]
     assert r["alias_bytes"] >= r["params_bytes"] + r["optimizer_bytes"]
