@@ -53,10 +53,19 @@ def make_hf_model(out_dir: str, *, seed: int = 0, weight_std: float = 0.2, **con
     defaults.update(config)
     torch.manual_seed(seed)
     model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**defaults)).eval()
+    is_norm = lambda name: name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))  # noqa: E731
+    return _save_randomized(model, out_dir, seed, weight_std, is_norm)
+
+
+def _save_randomized(model, out_dir: str, seed: int, weight_std: float, is_norm) -> str:
+    """Draws every parameter of a transformers model (LayerNorm scales, where is_norm(name),
+    around 1; biases normal(0.2); the rest normal(weight_std)) and saves it to out_dir."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+            if is_norm(name):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
@@ -81,17 +90,8 @@ def make_hf_starcoder2(out_dir: str, *, seed: int = 0, weight_std: float = 0.2, 
     defaults.update(config)
     torch.manual_seed(seed)
     model = Starcoder2ForCausalLM(Starcoder2Config(**defaults)).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm.weight" in name or name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(weight_std * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(out_dir)
-    return out_dir
+    is_norm = lambda name: "layernorm.weight" in name or name.endswith("norm.weight")  # noqa: E731
+    return _save_randomized(model, out_dir, seed, weight_std, is_norm)
 
 
 def hf_model(model_dir: str):
@@ -131,3 +131,27 @@ def params_loss(params, graphdef, ids, mask=None, chunk=LIBRARY_DEFAULT):
     from flax import nnx
 
     return mean_next_token_loss(nnx.merge(graphdef, params), ids, mask, chunk)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finish_process(proc, timeout):
+    """(returncode, stdout, stderr) of a subprocess.Popen; fails the test if it outlives timeout."""
+    import subprocess
+
+    import pytest
+
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"worker still running after {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+    return proc.returncode, out, err

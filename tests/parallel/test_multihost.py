@@ -10,7 +10,6 @@ coordinator never answers must end with an error, not hang.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from builders import REPO_ROOT, params_loss
+from builders import REPO_ROOT, finish_process, free_port, params_loss
 from flax import nnx
 
 import starcoder_jax as sj
@@ -33,11 +32,6 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_wor
 ROOT = REPO_ROOT
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _start(process_id, port, *extra, num_processes=2, timeout=60):
     # optimization level 0: compiles faster; tolerances hold across the two settings
@@ -50,15 +44,6 @@ def _start(process_id, port, *extra, num_processes=2, timeout=60):
                             text=True)
 
 
-def _finish(proc, timeout):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"worker still running after {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
-    return proc.returncode, out, err
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -70,10 +55,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_equal_one(model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     out = str(tmp_path / "result.npz")
     procs = [_start(i, port, "--model", model_dir, "--out", out) for i in (0, 1)]
-    results = [_finish(p, 240) for p in procs]
+    results = [finish_process(p, 240) for p in procs]
     for i, (code, stdout, stderr) in enumerate(results):
         assert code == 0, f"process {i} exited {code}:\n{stdout[-3000:]}\n{stderr[-5000:]}"
 
@@ -106,11 +91,11 @@ def test_two_processes_equal_one(model_dir, tmp_path):
 def test_lost_coordinator_ends_in_an_error():
     """Neither a worker whose coordinator is gone nor a coordinator whose peer never comes hangs."""
     start = time.monotonic()
-    orphan = _start(1, _free_port(), timeout=5)  # nobody listens on that port
-    lonely = _start(0, _free_port(), timeout=5)  # process 1 never joins
-    code, _, err = _finish(orphan, 60)
+    orphan = _start(1, free_port(), timeout=5)  # nobody listens on that port
+    lonely = _start(0, free_port(), timeout=5)  # process 1 never joins
+    code, _, err = finish_process(orphan, 60)
     assert code != 0
     assert "no coordinator accepted connections at 127.0.0.1" in err
-    code, _, err = _finish(lonely, 60)
+    code, _, err = finish_process(lonely, 60)
     assert code != 0, err[-2000:]
     assert time.monotonic() - start < 60

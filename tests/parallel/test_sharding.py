@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from builders import REPO_ROOT, mean_next_token_loss, params_loss
+from builders import REPO_ROOT, free_port, mean_next_token_loss, params_loss
 from flax import nnx
 
 import starcoder_jax as sj
@@ -349,14 +349,9 @@ def test_initialize_reads_environment(monkeypatch):
         distributed.initialize()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_wait_for_coordinator_is_bounded():
-    port = _free_port()
+    port = free_port()
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=f"no coordinator accepted connections at 127.0.0.1:{port}"):
         distributed.wait_for_coordinator("127.0.0.1", port, 1)

@@ -7,15 +7,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import yaml
-from builders import CORPUS, REPO_ROOT
-from test_train import losses, run_cli, wait_for_step, write_config
+from builders import CORPUS, REPO_ROOT, finish_process, free_port
+from test_train import corpus_dir, losses, run_cli, wait_for_step, write_config  # noqa: F401 (a fixture)
 from tokenizers import Tokenizer as HFTokenizer
 
 from starcoder_jax.inference.fim import FIMTokens, FIMTransform
@@ -34,20 +33,6 @@ from starcoder_jax.training.store import SourceSpec, StoreError, TokenStore, pre
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "store_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _finish(proc, timeout):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"worker still running after {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
-    return proc.returncode, out, err
 
 
 def epoch_at_once(docs, tokenizer, config, seed, e, shuffle=True, fim=True):
@@ -231,23 +216,13 @@ def test_store_errors(tmp_path, mixed_corpus, tokenizer_dir):
         TokenStore(str(tmp_path))
 
 
-@pytest.fixture(scope="module")
-def run_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        parts = [CORPUS[j] for j in rng.permutation(len(CORPUS))[:4]]
-        (root / f"file_{i:02d}.py").write_text(f"# file {i}\n" + "\n".join(parts))
-    return str(root)
-
-
 @pytest.mark.multidevice
-def test_two_processes_read_disjoint_rows_whose_union_is_the_batch(tmp_path, run_corpus, tokenizer_dir):
+def test_two_processes_read_disjoint_rows_whose_union_is_the_batch(tmp_path, corpus_dir, tokenizer_dir):  # noqa: F811
     from starcoder_jax.training.data import DataConfig
 
     store = str(tmp_path / "store")
-    prepare_store(SourceSpec(paths=(run_corpus,)), load_tokenizer(tokenizer_dir), store, progress=False)
-    port, out = _free_port(), str(tmp_path / "rows")
+    prepare_store(SourceSpec(paths=(corpus_dir,)), load_tokenizer(tokenizer_dir), store, progress=False)
+    port, out = free_port(), str(tmp_path / "rows")
     flags = " --xla_force_host_platform_device_count=2"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + flags)
     procs = [subprocess.Popen(
@@ -255,7 +230,7 @@ def test_two_processes_read_disjoint_rows_whose_union_is_the_batch(tmp_path, run
          "--process-id", str(i), "--mode", "rows", "--store", store, "--tokenizer", tokenizer_dir, "--out", out],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     for i, proc in enumerate(procs):
-        code, stdout, stderr = _finish(proc, 180)
+        code, stdout, stderr = finish_process(proc, 180)
         assert code == 0, f"process {i} exited {code}:\n{stdout[-2000:]}\n{stderr[-4000:]}"
     got = [np.load(f"{out}.{i}.npz") for i in (0, 1)]
     source = PackedSequences(TokenStore(store).split(held_out=False), load_tokenizer(tokenizer_dir),
@@ -271,18 +246,18 @@ def test_two_processes_read_disjoint_rows_whose_union_is_the_batch(tmp_path, run
 
 
 @pytest.mark.slow
-def test_store_fed_run_resumes_exactly_after_kill_9(tmp_path, run_corpus, tokenizer_dir):
+def test_store_fed_run_resumes_exactly_after_kill_9(tmp_path, corpus_dir, tokenizer_dir):  # noqa: F811
     """A store-fed fine-tune killed twice gives the losses of an uninterrupted run fed from the
     source files: the same batches, and the same resume."""
     straight = str(tmp_path / "straight")
-    train.run(train.load_config(write_config(tmp_path / "a.yaml", run_corpus, tokenizer_dir, straight,
+    train.run(train.load_config(write_config(tmp_path / "a.yaml", corpus_dir, tokenizer_dir, straight,
                                              **{"train.steps": 8}), []), progress=False)
     reference = losses(straight)
     store = str(tmp_path / "store")
-    prepare_store(SourceSpec(paths=(run_corpus,)), load_tokenizer(tokenizer_dir), store, eval_fraction=0.1,
+    prepare_store(SourceSpec(paths=(corpus_dir,)), load_tokenizer(tokenizer_dir), store, eval_fraction=0.1,
                   progress=False)
     killed = str(tmp_path / "killed")
-    config = write_config(tmp_path / "b.yaml", run_corpus, tokenizer_dir, killed,
+    config = write_config(tmp_path / "b.yaml", corpus_dir, tokenizer_dir, killed,
                           **{"data.paths": [], "data.store": store, "train.steps": 8})
     proc = run_cli(config, wait=False)
     wait_for_step(killed, 5, proc)
@@ -297,7 +272,7 @@ def _train(config, processes, stop_after=None):
     2 processes of 2, joined by jax.distributed (gloo on loopback)."""
     flags = f" --xla_force_host_platform_device_count={4 // processes}"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + flags)
-    port = _free_port()
+    port = free_port()
     extra = ["--stop-after", str(stop_after)] if stop_after else []
     procs = [subprocess.Popen(
         [sys.executable, "-u", WORKER, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
@@ -305,21 +280,21 @@ def _train(config, processes, stop_after=None):
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(processes)]
     for i, proc in enumerate(procs):
-        code, stdout, stderr = _finish(proc, 240)
+        code, stdout, stderr = finish_process(proc, 240)
         assert code == 0, f"process {i} of {processes} exited {code}:\n{stdout[-2000:]}\n{stderr[-4000:]}"
 
 
 @pytest.mark.slow
 @pytest.mark.multidevice
-def test_a_run_checkpointed_with_2_processes_resumes_with_1_and_back(tmp_path, run_corpus, tokenizer_dir):
+def test_a_run_checkpointed_with_2_processes_resumes_with_1_and_back(tmp_path, corpus_dir, tokenizer_dir):  # noqa: F811
     """The same 4 devices as one process or two: a run saved at step 3 by one count and
     resumed by the other takes the uninterrupted run's batches (same losses)."""
     store = str(tmp_path / "store")
-    prepare_store(SourceSpec(paths=(run_corpus,)), load_tokenizer(tokenizer_dir), store, progress=False)
+    prepare_store(SourceSpec(paths=(corpus_dir,)), load_tokenizer(tokenizer_dir), store, progress=False)
     configs = {}
     for name in ("straight", "two_then_one"):
         configs[name] = write_config(
-            tmp_path / f"{name}.yaml", run_corpus, tokenizer_dir, str(tmp_path / name),
+            tmp_path / f"{name}.yaml", corpus_dir, tokenizer_dir, str(tmp_path / name),
             **{"data.paths": [], "data.store": store, "data.eval_fraction": 0.0, "train.steps": 6,
                "train.save_every": 3, "train.eval_every": 100, "train.mesh": "data=4",
                "train.async_checkpoints": False})
@@ -344,11 +319,11 @@ def test_a_run_checkpointed_with_2_processes_resumes_with_1_and_back(tmp_path, r
         np.testing.assert_allclose([x for _, x in got], [x for _, x in reference], rtol=2e-6)
 
 
-def test_loader_workers_give_the_same_batches(tmp_path, run_corpus, tokenizer_dir):
+def test_loader_workers_give_the_same_batches(tmp_path, corpus_dir, tokenizer_dir):  # noqa: F811
     from starcoder_jax.training.data import DataConfig, ParallelRows
 
     store = str(tmp_path / "store")
-    prepare_store(SourceSpec(paths=(run_corpus,)), load_tokenizer(tokenizer_dir), store, progress=False)
+    prepare_store(SourceSpec(paths=(corpus_dir,)), load_tokenizer(tokenizer_dir), store, progress=False)
     source = PackedSequences(TokenStore(store).split(held_out=False), load_tokenizer(tokenizer_dir),
                              DataConfig(seq_len=32), batch_size=4, seed=1)
     parallel = ParallelRows(source, 2)
