@@ -59,7 +59,7 @@ from starcoder_jax.parallel.mesh import abstract_on_mesh, mesh_from_spec, parse_
 from starcoder_jax.parallel.rules import mesh_sizes
 from starcoder_jax.parallel.targets import estimate, target
 from starcoder_jax.training.losses import LOSS_CHUNK
-from starcoder_jax.training.memory import abstract_training_model, device_bytes, lower_train_step
+from starcoder_jax.training.memory import abstract_training_model, device_bytes, lower_train_step, with_shardings
 
 STEPS = ("train", "prefill", "decode")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -161,7 +161,7 @@ def _compile_generation(config, mesh, *, step, batch, seq_len, lora_rank, quanti
         params = abstract_on_mesh(params, runner.mesh)
     cache = jax.eval_shape(lambda: KVCache.init(config, batch, cache_len))
     if runner is not None:
-        cache = _with_shardings(cache, cache.shardings(runner.cache))
+        cache = with_shardings(cache, cache.shardings(runner.cache))
     consts = DecodeConsts.make(batch, max_new_tokens, config.vocab_size)
     args = dict(ids=_sds((batch, seq_len), jnp.int32, runner), lengths=_sds((batch,), jnp.int32, runner),
                 cache=cache, consts=consts, out_len_like=_sds((max_new_tokens,), jnp.int8, runner),
@@ -177,7 +177,7 @@ def _compile_generation(config, mesh, *, step, batch, seq_len, lora_rank, quanti
     else:
         state = jax.eval_shape(lambda p, kw: prefill(graphdef, p, **kw), params, args)
         if runner is not None:
-            state = _with_shardings(state, runner.out_shardings(state))
+            state = with_shardings(state, runner.out_shardings(state))
         lowered = lower(decode_loop, ("state",), params, state, jnp.int32(1), consts)
     analytic = {"params_bytes": device_bytes(params), "gradients_bytes": 0, "optimizer_bytes": 0,
                 "kv_cache_bytes": device_bytes(cache)}
@@ -187,10 +187,6 @@ def _compile_generation(config, mesh, *, step, batch, seq_len, lora_rank, quanti
 def _sds(shape, dtype, runner) -> jax.ShapeDtypeStruct:
     sharding = None if runner is None else NamedSharding(runner.mesh, PartitionSpec())
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-
-def _with_shardings(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def fingerprint(compiled) -> str:
@@ -326,7 +322,7 @@ def _analytic(config: StarCoderConfig, mesh, *, step, batch, seq_len, lora_rank,
         cache_len = seq_len + (max_new_tokens if step == "decode" else 0)
         cache = jax.eval_shape(lambda: KVCache.init(config, batch, cache_len))
         if mesh is not None:
-            cache = _with_shardings(cache, cache.shardings(cache_sharding(config, mesh)))
+            cache = with_shardings(cache, cache.shardings(cache_sharding(config, mesh)))
         return {"params_bytes": device_bytes(state), "gradients_bytes": 0, "optimizer_bytes": 0,
                 "kv_cache_bytes": device_bytes(cache)}
     trained = nnx.filter_state(state, trainable_filter(lora=lora_rank is not None))

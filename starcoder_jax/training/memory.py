@@ -143,7 +143,7 @@ def lower_train_step(config: StarCoderConfig, *, batch: int = 1, seq_len: int | 
     if mesh is not None:
         out_shardings = step_shardings(tx, params, opt_state, mesh)
         params, rest = abstract_on_mesh(params, mesh), abstract_on_mesh(rest, mesh)
-        opt_state = _with_shardings(opt_state, out_shardings[1])
+        opt_state = with_shardings(opt_state, out_shardings[1])
     dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop, lora.lora_dropout if lora else 0) > 0
     step_fn = make_train_step(graphdef, tx, seed=seed, dropout=dropout, skip_nonfinite=skip_nonfinite,
                               out_shardings=out_shardings, loss_chunk=loss_chunk)
@@ -214,6 +214,6 @@ def _mesh(mesh):
     return mesh_from_spec(mesh)
 
 
-def _with_shardings(tree, shardings):
+def with_shardings(tree, shardings):
     """The ShapeDtypeStructs of `tree`, each carrying its sharding from `shardings` (same structure)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
