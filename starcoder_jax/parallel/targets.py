@@ -61,6 +61,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("a100-80gb", 312e12, 80 * GB, 2.039e12, "NVLink 3", 300 * GB, "InfiniBand HDR", 25 * GB, 8,
            "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM): BF16 312 TFLOPS dense, 80 GB HBM2e at "
            "2,039 GB/s, NVLink 600 GB/s; HDR 200 Gb/s per GPU"),
+    Target("a100-40gb", 312e12, 40 * GB, 1.555e12, "NVLink 3", 300 * GB, "InfiniBand HDR", 25 * GB, 8,
+           "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM): BF16 312 TFLOPS dense, 40 GB HBM2 at "
+           "1,555 GB/s, NVLink 600 GB/s; HDR 200 Gb/s per GPU"),
     Target("tpu-v4", 275e12, 32 * 2**30, 1200 * GB, "ICI", 1.1e15 / 4096, "DCN", 0.0, 4096,
            "Cloud TPU v4 documentation: 275 TFLOPS bf16 per chip, 32 GiB HBM2 at 1200 GBps, "
            "all-reduce bandwidth 1.1 PB/s per 4096-chip pod (used per chip); a pod is one slice"),

@@ -120,7 +120,7 @@ def test_collectives_count_loop_trips_and_sliced_all_reduces_as_reduce_scatters(
 # ---------------------------------------------------------------------------
 
 def test_targets_cover_the_accelerators_people_rent():
-    for name in ("h100-sxm", "h200", "a100-80gb", "tpu-v4", "tpu-v5e", "tpu-v5p"):
+    for name in ("h100-sxm", "h200", "a100-80gb", "a100-40gb", "tpu-v4", "tpu-v5e", "tpu-v5p"):
         t = TARGETS[name]
         assert t.bf16_flops > 1e14 and t.hbm_bytes > 1e10 and t.hbm_bandwidth > 5e11 and t.source
 

@@ -99,3 +99,20 @@ def test_the_headline_configs_turn_every_saver_on(name, base):
     offline = train.load_config(path, ["model.path=null", "model.preset=starcoderbase-1b",
                                        "tokenizer=pystdlib-9m", 'data.paths=["{stdlib}"]'])
     assert offline.model.path is None and offline.model.preset == "starcoderbase-1b"
+
+
+def test_the_headline_fits_a_40_gb_gpu():
+    """starcoder (15.5B), LoRA rank 16 on c_attn, c_proj and c_fc over an int8 base,
+    T = 8192, batch 1, full remat, one device: XLA's compiled peak from 2 and 3 layers,
+    extended to 40, is under 40 GiB (26.05 GiB; the whole 40-layer compile, recorded in
+    docs/sharding.md and the config's comment, gave 26.06). Two and three layers cannot
+    show a schedule that converts every layer's int8 kernels up front (0.72 GiB a layer
+    held to its turn: 49.6 GiB whole); tests/ops/test_remat.py checks that mechanism."""
+    from starcoder_jax.compiled import compiled_plan
+
+    plan = compiled_plan("starcoder", None, step="train", batch=1, seq_len=8192, layers=2, remat="full",
+                         lora_rank=16, quantize="int8", target_name="a100-40gb")
+    assert plan.compiled_layers == [2, 3] and plan.layers == 40
+    assert plan.peak_bytes <= 40 * 2**30, plan.peak_bytes / 2**30
+    assert plan.estimate["fits"]
+    assert plan.argument_bytes >= 14.4 * 2**30  # the int8 base is all there
