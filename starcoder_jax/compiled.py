@@ -25,12 +25,15 @@ embedding and the loss), so N >= 2. A training step's peak is a phase
 whose size does not grow with depth (the LM head and the loss) until the
 layers' gradients and kept inputs outgrow it; when one more layer adds
 less to the temporaries than its gradients and kept input, both depths are
-still below that point and N doubles (the figures say which depths were
-compiled). Checked against whole compiles in docs/sharding.md.
+still below that point and N doubles; when the next pair of depths would
+cost more than half as much to compile as the whole model, the whole model
+is compiled instead (the figures say which depths were compiled). Checked against whole
+compiles in docs/sharding.md.
 
 A mesh needs that many devices. On a CPU host `compiled_plans` runs the
-compiles in a subprocess with `--xla_force_host_platform_device_count` set
-when this process has too few. The default attention and matmul forms for
+compiles in subprocesses with `--xla_force_host_platform_device_count` set
+when this process has too few, one per CPU core (an XLA:CPU compile keeps
+about one core busy). The default attention and matmul forms for
 the compile are "chunked" and "xla": what an accelerator runs, in forms
 XLA:CPU compiles (cuDNN and splash do not compile here).
 """
@@ -264,22 +267,27 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
     depth = config.n_layer
     if layers is not None and not 2 <= layers:
         raise ValueError(f"layers must be >= 2 (the first layer's figures differ from the others'), got {layers}")
-    if layers is None or layers >= depth:
+    label = f"{name} {'one device' if mesh is None else mesh}"
+    whole = layers is None or layers >= depth
+    n = layers
+    while not whole:
+        low, _ = compile_step(config.replace(n_layer=n), mesh_obj, **kw)
+        compiled, _ = compile_step(config.replace(n_layer=n + 1), mesh_obj, **kw)
+        _progress(f"{label}: compiled {n} and {n + 1} layers")
+        a, b = _figures(low, shape), _figures(compiled, shape)
+        # Below some depth the peak is a phase whose size does not depend on it (the
+        # LM head and loss); past it every layer adds at least its gradients and its
+        # saved input. A smaller step means both depths are still below: go deeper, or
+        # compile the whole model once the next pair would cost over half as much.
+        if b["temp_bytes"] - a["temp_bytes"] >= 0.9 * _layer_floor(config, mesh_obj, n, **kw):
+            break
+        n *= 2
+        whole = 2 * (2 * n + 1) > depth
+    if whole:
         compiled, analytic = compile_step(config, mesh_obj, **kw)
+        _progress(f"{label}: compiled all {depth} layers")
         figures, compiled_layers = _figures(compiled, shape), [depth]
     else:
-        n = layers
-        while True:
-            low, _ = compile_step(config.replace(n_layer=n), mesh_obj, **kw)
-            compiled, _ = compile_step(config.replace(n_layer=n + 1), mesh_obj, **kw)
-            a, b = _figures(low, shape), _figures(compiled, shape)
-            # Below some depth the peak is a phase whose size does not depend on it (the
-            # LM head and loss); past it every layer adds at least its gradients and its
-            # saved input. A smaller step means both depths are still below: go deeper.
-            if b["temp_bytes"] - a["temp_bytes"] >= 0.9 * _layer_floor(config, mesh_obj, n, **kw) \
-                    or 2 * n + 1 >= depth:
-                break
-            n *= 2
         figures = _extend(a, b, depth - n)
         compiled_layers = [n, n + 1]
         analytic = _analytic(config, mesh_obj, **kw)
@@ -342,37 +350,98 @@ def _mesh_devices(spec: str) -> int:
     return n
 
 
-def compiled_plans(model: str, meshes: list[str | None], **kwargs) -> list[dict]:
+def compiled_plans(model: str, meshes: list[str | None], *, jobs: int | None = None, progress: bool = False,
+                   **kwargs) -> list[dict]:
     """`compiled_plan(model, mesh, **kwargs).to_dict()` for each mesh, sorted by estimated
-    time when a target is given. Runs in a subprocess with enough fake CPU devices
-    when this process has too few (or has a non-CPU backend)."""
+    time when a target is given.
+
+    The compiles run in subprocesses with enough fake CPU devices when this process has
+    too few (or has a non-CPU backend), or when jobs > 1: `jobs` processes (default:
+    one per CPU core, at most one per mesh) each compile a share of the meshes, since an
+    XLA:CPU compile keeps about one core busy. progress: print a line to stderr as each
+    compile ends."""
     need = max(1 if m is None else _mesh_devices(m) for m in meshes)
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    jobs = min(len(meshes), (os.cpu_count() or 1) if jobs is None else jobs)
     here = jax.devices()
-    if len(here) >= need and here[0].platform == "cpu":
-        plans = [compiled_plan(model, m, **kwargs).to_dict() for m in meshes]
+    if jobs == 1 and len(here) >= need and here[0].platform == "cpu":
+        global _PROGRESS
+        _PROGRESS, before = progress, _PROGRESS
+        try:
+            plans = [compiled_plan(model, m, **kwargs).to_dict() for m in meshes]
+        finally:
+            _PROGRESS = before
     else:
-        plans = _in_subprocess(model, meshes, need, kwargs)
+        plans = _in_subprocesses(model, meshes, need, kwargs, jobs, progress)
     if kwargs.get("target_name"):
         plans.sort(key=lambda p: p["estimated_step_s"])
     return plans
 
 
-def _in_subprocess(model, meshes, devices: int, kwargs) -> list[dict]:
+_PROGRESS = False
+
+
+def _progress(line: str) -> None:
+    if _PROGRESS:
+        print(f"shard-plan: {line}", file=sys.stderr, flush=True)
+
+
+def _in_subprocesses(model, meshes, devices: int, kwargs, jobs: int, progress: bool) -> list[dict]:
+    """compiled_plan for each mesh, in `jobs` processes with `devices` fake CPU devices each
+    (mesh i in process i % jobs); the plans in the order of `meshes`."""
+    import threading
+
     if isinstance(model, StarCoderConfig):
         model = {"config": model.to_hf(), "runtime": {k: getattr(model, k) for k in ("dtype", "param_dtype")}}
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"))
-    request = json.dumps({"model": model, "meshes": meshes, "kwargs": kwargs})
-    run = subprocess.run([sys.executable, "-m", "starcoder_jax.compiled"], input=request, capture_output=True,
-                         text=True, env=env)
-    if run.returncode != 0:
-        last = run.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"the compile on {devices} fake devices failed: {last[0]}\n{run.stderr[-4000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    # The programs are compiled, never run: LLVM's optimizations (about a fifth of the
+    # compile time) change neither the HLO nor its memory analysis.
+    flags = f" --xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + flags)
+    shares = [list(range(j, len(meshes), jobs)) for j in range(jobs)]
+    procs, logs = [], []
+    for share in shares:
+        request = json.dumps({"model": model, "meshes": [meshes[i] for i in share], "kwargs": kwargs,
+                              "progress": progress})
+        proc = subprocess.Popen([sys.executable, "-m", "starcoder_jax.compiled"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        proc.stdin.write(request)
+        proc.stdin.close()
+        log: list[str] = []
+
+        def relay(stream=proc.stderr, log=log):  # progress lines through, the rest kept for errors
+            for line in stream:
+                if line.startswith("shard-plan: "):
+                    print(line, end="", file=sys.stderr, flush=True)
+                else:
+                    log.append(line)
+
+        thread = threading.Thread(target=relay, daemon=True)
+        thread.start()
+        procs.append((proc, thread))
+        logs.append(log)
+    plans: list[dict | None] = [None] * len(meshes)
+    failed = None
+    for (proc, thread), share, log in zip(procs, shares, logs):
+        out = proc.stdout.read()
+        proc.wait()
+        thread.join()
+        if proc.returncode != 0:
+            last = "".join(log).strip().splitlines()[-1:] or ["(no output)"]
+            failed = failed or (f"the compile on {devices} fake devices failed: {last[0]}\n"
+                                f"{''.join(log)[-4000:]}")
+            continue
+        for i, plan in zip(share, json.loads(out.strip().splitlines()[-1])):
+            plans[i] = plan
+    if failed:
+        raise RuntimeError(failed)
+    return plans
 
 
 def _main() -> None:
+    global _PROGRESS
     request = json.loads(sys.stdin.read())
+    _PROGRESS = request.get("progress", False)
     model = request["model"]
     if isinstance(model, dict):
         model = StarCoderConfig.from_hf(model["config"]).replace(**model["runtime"])

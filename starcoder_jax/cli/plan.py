@@ -35,7 +35,7 @@ def _compiled(args) -> int:
     meshes = [None if m in ("none", "1") else m for m in args.mesh]
     plans = compiled_plans(args.model, meshes, step=args.step, batch=args.batch, seq_len=args.seq,
                            layers=args.layers, remat=args.remat, lora_rank=args.lora, quantize=args.quantize,
-                           dtype=args.dtype, target_name=args.target)
+                           dtype=args.dtype, target_name=args.target, jobs=args.jobs, progress=True)
     if args.json is not None:
         _write_json(plans, args.json)
     if args.json != "-":
@@ -123,7 +123,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="write the plan(s) as JSON to FILE (alone: print JSON instead of the table)")
     c = p.add_argument_group("--compile")
     c.add_argument("--compile", action="store_true",
-                   help="compile the library's real step for each mesh (in a subprocess with fake CPU "
+                   help="compile the library's real step for each mesh (in subprocesses with fake CPU "
                         "devices when this process has too few)")
     c.add_argument("--step", default="train", choices=("train", "prefill", "decode"))
     c.add_argument("--layers", type=int, default=None, metavar="N",
@@ -135,5 +135,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--quantize", default=None, choices=("int8",), help="an int8 base (with --lora for training)")
     c.add_argument("--target", default=None, choices=tuple(TARGETS),
                    help="an accelerator: roofline step time and whether the peak fits its HBM")
+    c.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="compile in N processes at once (default: one per CPU core, at most one per mesh)")
     p.set_defaults(func=cmd_shard_plan)
     return p

@@ -164,6 +164,42 @@ def test_extending_two_layers_matches_compiling_four(step):
         assert whole.kv_cache_bytes == 4 * 2 * 4 * (64 + (step == "decode")) * config.head_dim * 4
 
 
+@pytest.mark.parametrize("crossing, compiled", [(1, [[2, 3]]), (4, [[2, 3], [4, 5]]), (7, [[2, 3], [4, 5], [24]])])
+def test_depth_search_goes_deeper_in_the_flat_phase_then_compiles_whole(monkeypatch, crossing, compiled):
+    """A training peak flat in depth up to `crossing` layers, then 1 MiB a layer: the pair
+    (N, N + 1) is extended once one more layer adds at least the floor (0.9 of a layer's
+    gradients and kept input), N doubles before that, and a pair that would cost over half
+    the whole model's compile gives way to the whole model (24 layers)."""
+    import starcoder_jax.compiled as compiled_module
+
+    mib, seen = 2**20, []
+
+    class Fake:
+        def __init__(self, layers):
+            self.temp = 100 * mib + max(0, layers - crossing) * mib
+
+    def compile_step(config, mesh, **kw):
+        seen.append(config.n_layer)
+        return Fake(config.n_layer), {"params_bytes": 0, "gradients_bytes": 0, "optimizer_bytes": 0,
+                                      "kv_cache_bytes": 0}
+
+    def figures(fake, shape):
+        return {"argument_bytes": 0, "output_bytes": 0, "alias_bytes": 0, "temp_bytes": fake.temp,
+                "flops": 0.0, "bytes_accessed": 0.0, "collectives": []}
+
+    monkeypatch.setattr(compiled_module, "compile_step", compile_step)
+    monkeypatch.setattr(compiled_module, "_figures", figures)
+    monkeypatch.setattr(compiled_module, "_layer_floor", lambda *a, **k: mib)
+    monkeypatch.setattr(compiled_module, "_analytic", lambda *a, **k: {
+        "params_bytes": 0, "gradients_bytes": 0, "optimizer_bytes": 0, "kv_cache_bytes": 0})
+    monkeypatch.setattr(compiled_module, "fingerprint", lambda c: "x")
+    monkeypatch.setattr(compiled_module, "output_specs", lambda c: [])
+    plan = compiled_plan(StarCoderConfig(**dict(TINY, n_layer=24)), None, step="train", layers=2)
+    assert [d for d in seen] == [d for pair in compiled for d in pair]
+    assert plan.compiled_layers == compiled[-1]
+    assert plan.temp_bytes == 100 * mib + (24 - crossing) * mib
+
+
 def test_lora_on_an_int8_base_trains_only_the_adapters():
     config = StarCoderConfig(**TINY)
     full = compiled_plan(config, None, batch=2, seq_len=64, dtype="float32")
