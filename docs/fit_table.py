@@ -1,6 +1,6 @@
 """README's "How big a model fits where": the compiled train step's peak memory per device.
 
-    python docs/fit_table.py [--json fit.json]
+    python docs/fit_table.py [--json fit.json] [--jobs N]
 
 For each StarCoder size, full fine-tuning and LoRA (rank 16 on c_attn, c_proj and
 c_fc) over an int8 base, at 2048 and 8192 tokens, batch one sequence per device,
@@ -11,21 +11,25 @@ fsdp=8, each from
         --batch B --layers N [--lora 16 --quantize int8]
 
 (N and N + 1 layers compiled, extended to the model's depth: N = 4 for full
-fine-tuning, 2 for LoRA, doubled while the peak is still in its flat phase; each
-plan records the depths). Runs with 8 fake CPU
-devices; prints the markdown table and writes every plan as JSON.
+fine-tuning, 2 for LoRA, deeper while the peak is still in its flat phase, the whole
+model when a deeper pair would cost over half of it; each plan records the depths).
+The 32 compiles run in --jobs processes (default: one per CPU core) with 8 fake CPU
+devices each; prints the markdown table and writes every plan as JSON as it comes.
 """
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# read by every process (the spawned workers import this module first): 8 fake devices,
+# and no LLVM optimizations for programs that are compiled and never run
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-from starcoder_jax.compiled import compiled_plan  # noqa: E402
 
 MODELS = {"starcoderbase-1b": "1B", "starcoderbase-3b": "3B", "starcoderbase-7b": "7B", "starcoder": "15.5B"}
 COLUMNS = [("full", 2048), ("full", 8192), ("lora", 2048), ("lora", 8192)]
@@ -43,24 +47,38 @@ def command(model, mesh, batch, seq, kind) -> str:
             f"--seq-len {seq} --batch {batch} --layers {layers(kind)}{extra}")
 
 
+def cell(model, kind, seq, mesh, batch) -> dict:
+    from starcoder_jax.compiled import compiled_plan
+
+    lora = dict(lora_rank=16, quantize="int8") if kind == "lora" else {}
+    start = time.perf_counter()
+    plan = compiled_plan(model, mesh, step="train", batch=batch, seq_len=seq, layers=layers(kind),
+                         remat="full", **lora).to_dict()
+    plan["command"] = command(model, mesh, batch, seq, kind)
+    plan["compile_s"] = round(time.perf_counter() - start, 1)
+    return plan
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="fit.json")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
+    cells = [(model, kind, seq, mesh, batch) for model in reversed(args.models)  # the largest first
+             for kind, seq in COLUMNS for mesh, batch in MESHES]
     plans, start = [], time.perf_counter()
-    for model in args.models:
-        for kind, seq in COLUMNS:
-            for mesh, batch in MESHES:
-                lora = dict(lora_rank=16, quantize="int8") if kind == "lora" else {}
-                plan = compiled_plan(model, mesh, step="train", batch=batch, seq_len=seq, layers=layers(kind),
-                                     remat="full", **lora).to_dict()
-                plan["command"] = command(model, mesh, batch, seq, kind)
-                plans.append(plan)
-                print(f"{model} {kind} {seq} {mesh}: peak {plan['peak_bytes'] / 2**30:.2f} GiB "
-                      f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-                with open(args.json, "w") as f:
-                    json.dump(plans, f, indent=1)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(cell, *c): c for c in cells}
+        for future in as_completed(futures):
+            model, kind, seq, mesh, _ = futures[future]
+            plan = future.result()
+            plans.append(plan)
+            print(f"{model} {kind} {seq} {mesh}: peak {plan['peak_bytes'] / 2**30:.2f} GiB, depths "
+                  f"{plan['compiled_layers']} ({len(plans)}/{len(cells)}, {time.perf_counter() - start:.0f} s)",
+                  file=sys.stderr, flush=True)
+            with open(args.json, "w") as f:
+                json.dump(plans, f, indent=1)
     print(table(plans))
 
 

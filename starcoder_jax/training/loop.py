@@ -16,6 +16,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 from starcoder_jax.training.state import Setup, TrainingError, TrainState
@@ -156,11 +157,13 @@ class Loop:
         if self.setup.eval_data is None:
             return None
         ids, mask = self.setup.eval_data
-        b, state = self.loop.batch_size, self.state
+        b, state, place = self.loop.batch_size, self.state, self.setup.placement
         total, count = 0.0, 0.0
         for i in range(0, len(ids), b):
-            s, c = self.setup.eval_step(state.params, state.rest, jnp.asarray(ids[i:i + b]),
-                                        jnp.asarray(mask[i:i + b]))
+            # every chunk b rows (the last padded with rows the mask leaves out), split over
+            # the mesh as training's rows are: every process passes the same held-out rows
+            chunk_ids, chunk_mask = _rows(ids[i:i + b], b), _rows(mask[i:i + b], b)
+            s, c = self.setup.eval_step(state.params, state.rest, place.rows(chunk_ids), place.rows(chunk_mask))
             total, count = total + float(s), count + float(c)
         return total / max(count, 1)
 
@@ -170,3 +173,10 @@ class Loop:
         checkpoints.wait()
         if checkpoints.latest_step() != self.step:
             checkpoints.save(self.step, self.state.checkpoint(), self.setup.meta(self.step), wait=True)
+
+
+def _rows(x: np.ndarray, n: int) -> np.ndarray:
+    """x [r, ...] with zero rows appended up to n rows."""
+    if len(x) == n:
+        return x
+    return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)])

@@ -248,6 +248,14 @@ class Placement:
 
         return place_batch(x, self.mesh, batch_dim=1)
 
+    def rows(self, x: np.ndarray) -> jax.Array:
+        """x [b, ...] on the device(s): its rows over data and fsdp (held-out evaluation)."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from starcoder_jax.parallel.mesh import place_batch
+
+        return place_batch(x, self.mesh, batch_dim=0)
+
     def source_batch(self, source: DataSource, step: int, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
         """The batch of `step`, ids and mask reshaped to `shape` [A, b, T + 1], on the device(s).
 

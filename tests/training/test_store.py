@@ -267,6 +267,11 @@ def test_store_fed_run_resumes_exactly_after_kill_9(tmp_path, corpus_dir, tokeni
     assert losses(killed) == reference
 
 
+def eval_losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r["eval_loss"]) for r in map(json.loads, f) if "eval_loss" in r]
+
+
 def _train(config, processes, stop_after=None):
     """The worker's fine-tune of `config` on a data=4 mesh: 1 process of 4 CPU devices or
     2 processes of 2, joined by jax.distributed (gloo on loopback)."""
@@ -288,15 +293,17 @@ def _train(config, processes, stop_after=None):
 @pytest.mark.multidevice
 def test_a_run_checkpointed_with_2_processes_resumes_with_1_and_back(tmp_path, corpus_dir, tokenizer_dir):  # noqa: F811
     """The same 4 devices as one process or two: a run saved at step 3 by one count and
-    resumed by the other takes the uninterrupted run's batches (same losses)."""
+    resumed by the other takes the uninterrupted run's batches (same losses), and the
+    held-out loss at steps 3 and 6 is the same whatever the number of processes."""
     store = str(tmp_path / "store")
-    prepare_store(SourceSpec(paths=(corpus_dir,)), load_tokenizer(tokenizer_dir), store, progress=False)
+    prepare_store(SourceSpec(paths=(corpus_dir,)), load_tokenizer(tokenizer_dir), store, eval_fraction=0.2,
+                  progress=False)
     configs = {}
     for name in ("straight", "two_then_one"):
         configs[name] = write_config(
             tmp_path / f"{name}.yaml", corpus_dir, tokenizer_dir, str(tmp_path / name),
-            **{"data.paths": [], "data.store": store, "data.eval_fraction": 0.0, "train.steps": 6,
-               "train.save_every": 3, "train.eval_every": 100, "train.mesh": "data=4",
+            **{"data.paths": [], "data.store": store, "train.steps": 6,
+               "train.save_every": 3, "train.eval_every": 3, "train.mesh": "data=4",
                "train.async_checkpoints": False})
     _train(configs["straight"], 1)
     _train(configs["two_then_one"], 2, stop_after=3)
@@ -317,6 +324,9 @@ def test_a_run_checkpointed_with_2_processes_resumes_with_1_and_back(tmp_path, c
         assert [s for s, _ in got] == list(range(1, 7))
         # gloo's reductions may add in another order than one process's: equal to float32 rounding
         np.testing.assert_allclose([x for _, x in got], [x for _, x in reference], rtol=2e-6)
+        assert [s for s, _ in eval_losses(str(tmp_path / name))] == [3, 6]
+        np.testing.assert_allclose([x for _, x in eval_losses(str(tmp_path / name))],
+                                   [x for _, x in eval_losses(str(tmp_path / "straight"))], rtol=2e-6)
 
 
 def test_loader_workers_give_the_same_batches(tmp_path, corpus_dir, tokenizer_dir):  # noqa: F811
