@@ -83,21 +83,27 @@ def main() -> None:
 
 
 def table(plans) -> str:
+    """The markdown table (one device / fsdp=8 per cell, cells lettered a-h per row) and
+    the list of the commands behind each cell, with the depths compiled."""
     by = {(p["model"], p["lora_rank"] is not None, p["seq_len"], p["mesh"]): p for p in plans}
     head = ("| model | full, 2k | full, 8k | LoRA int8, 2k | LoRA int8, 8k |\n"
             "|---|---|---|---|---|")
-    rows = []
+    rows, commands = [], []
     for model, short in MODELS.items():
         cells = []
         for kind, seq in COLUMNS:
-            one = by.get((model, kind == "lora", seq, "data=1,fsdp=1,tensor=1"))
-            eight = by.get((model, kind == "lora", seq, "data=1,fsdp=8,tensor=1"))
-            if one is None or eight is None:
+            pair = [by.get((model, kind == "lora", seq, f"data=1,fsdp={n},tensor=1")) for n in (1, 8)]
+            if None in pair:
                 cells.append("-")
                 continue
-            cells.append(f"{one['peak_bytes'] / 2**30:.1f} / {eight['peak_bytes'] / 2**30:.1f}")
+            cells.append(" / ".join(f"{p['peak_bytes'] / 2**30:.1f}" for p in pair))
+            for p in pair:
+                depths = " and ".join(map(str, p["compiled_layers"]))
+                how = "whole" if len(p["compiled_layers"]) == 1 else f"{depths} layers, extended"
+                commands.append(f"- {short}, {'LoRA int8' if kind == 'lora' else 'full'}, {seq // 1024}k, "
+                                f"{'one device' if p['devices'] == 1 else 'fsdp=8'}: `{p['command']}` ({how})")
         rows.append(f"| {short} (`{model}`) | " + " | ".join(cells) + " |")
-    return head + "\n" + "\n".join(rows)
+    return head + "\n" + "\n".join(rows) + "\n\n" + "\n".join(commands)
 
 
 if __name__ == "__main__":
