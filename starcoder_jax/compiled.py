@@ -27,8 +27,8 @@ layers' gradients and kept inputs outgrow it; when one more layer adds
 less to the temporaries than its gradients and kept input, both depths are
 still below that point and N doubles; when the next pair of depths would
 cost more than half as much to compile as the whole model, the whole model
-is compiled instead (the figures say which depths were compiled). Checked against whole
-compiles in docs/sharding.md.
+is compiled instead (the figures say which depths were compiled). Checked
+against whole compiles in docs/sharding.md.
 
 A mesh needs that many devices. On a CPU host `compiled_plans` runs the
 compiles in subprocesses with `--xla_force_host_platform_device_count` set
