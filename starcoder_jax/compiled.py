@@ -243,7 +243,7 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
                   seq_len: int | None = None, layers: int | None = None, remat: str = "full",
                   lora_rank: int | None = None, quantize: str | None = None, dtype: str = "bfloat16",
                   attention_impl: str | None = None, loss_chunk: int | None = LOSS_CHUNK,
-                  target_name: str | None = None) -> CompiledPlan:
+                  target_name: str | None = None, progress: bool = False) -> CompiledPlan:
     """The compiled plan of one step on one mesh in this process (it must have the devices).
 
     model: a preset name, a model directory or a StarCoderConfig; mesh: a spec
@@ -253,7 +253,8 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
     model's depth (None: compile it whole); dtype: the compute dtype (params
     stay float32 in training, as fine-tuning keeps them; generation holds
     them in this dtype); lora_rank / quantize: LoRA adapters on c_attn,
-    c_proj and c_fc over an int8 or float base.
+    c_proj and c_fc over an int8 or float base; progress: a line on stderr as each
+    compile ends.
     """
     name, config = model_config(model)
     config = _compile_config(config, attention_impl)
@@ -273,7 +274,8 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
     while not whole:
         low, _ = compile_step(config.replace(n_layer=n), mesh_obj, **kw)
         compiled, _ = compile_step(config.replace(n_layer=n + 1), mesh_obj, **kw)
-        _progress(f"{label}: compiled {n} and {n + 1} layers")
+        if progress:
+            _progress(f"{label}: compiled {n} and {n + 1} layers")
         a, b = _figures(low, shape), _figures(compiled, shape)
         # Below some depth the peak is a phase whose size does not depend on it (the
         # LM head and loss); past it every layer adds at least its gradients and its
@@ -285,7 +287,8 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
         whole = 2 * (2 * n + 1) > depth
     if whole:
         compiled, analytic = compile_step(config, mesh_obj, **kw)
-        _progress(f"{label}: compiled all {depth} layers")
+        if progress:
+            _progress(f"{label}: compiled all {depth} layers")
         figures, compiled_layers = _figures(compiled, shape), [depth]
     else:
         figures = _extend(a, b, depth - n)
@@ -365,29 +368,21 @@ def compiled_plans(model: str, meshes: list[str | None], *, jobs: int | None = N
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     jobs = min(len(meshes), (os.cpu_count() or 1) if jobs is None else jobs)
     here = jax.devices()
+    kwargs["progress"] = progress
     if jobs == 1 and len(here) >= need and here[0].platform == "cpu":
-        global _PROGRESS
-        _PROGRESS, before = progress, _PROGRESS
-        try:
-            plans = [compiled_plan(model, m, **kwargs).to_dict() for m in meshes]
-        finally:
-            _PROGRESS = before
+        plans = [compiled_plan(model, m, **kwargs).to_dict() for m in meshes]
     else:
-        plans = _in_subprocesses(model, meshes, need, kwargs, jobs, progress)
+        plans = _in_subprocesses(model, meshes, need, kwargs, jobs)
     if kwargs.get("target_name"):
         plans.sort(key=lambda p: p["estimated_step_s"])
     return plans
 
 
-_PROGRESS = False
-
-
 def _progress(line: str) -> None:
-    if _PROGRESS:
-        print(f"shard-plan: {line}", file=sys.stderr, flush=True)
+    print(f"shard-plan: {line}", file=sys.stderr, flush=True)
 
 
-def _in_subprocesses(model, meshes, devices: int, kwargs, jobs: int, progress: bool) -> list[dict]:
+def _in_subprocesses(model, meshes, devices: int, kwargs, jobs: int) -> list[dict]:
     """compiled_plan for each mesh, in `jobs` processes with `devices` fake CPU devices each
     (mesh i in process i % jobs); the plans in the order of `meshes`."""
     import threading
@@ -401,8 +396,7 @@ def _in_subprocesses(model, meshes, devices: int, kwargs, jobs: int, progress: b
     shares = [list(range(j, len(meshes), jobs)) for j in range(jobs)]
     procs, logs = [], []
     for share in shares:
-        request = json.dumps({"model": model, "meshes": [meshes[i] for i in share], "kwargs": kwargs,
-                              "progress": progress})
+        request = json.dumps({"model": model, "meshes": [meshes[i] for i in share], "kwargs": kwargs})
         proc = subprocess.Popen([sys.executable, "-m", "starcoder_jax.compiled"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         proc.stdin.write(request)
@@ -439,9 +433,7 @@ def _in_subprocesses(model, meshes, devices: int, kwargs, jobs: int, progress: b
 
 
 def _main() -> None:
-    global _PROGRESS
     request = json.loads(sys.stdin.read())
-    _PROGRESS = request.get("progress", False)
     model = request["model"]
     if isinstance(model, dict):
         model = StarCoderConfig.from_hf(model["config"]).replace(**model["runtime"])

@@ -163,7 +163,8 @@ class Loop:
             # every chunk b rows (the last padded with rows the mask leaves out), split over
             # the mesh as training's rows are: every process passes the same held-out rows
             chunk_ids, chunk_mask = _rows(ids[i:i + b], b), _rows(mask[i:i + b], b)
-            s, c = self.setup.eval_step(state.params, state.rest, place.rows(chunk_ids), place.rows(chunk_mask))
+            s, c = self.setup.eval_step(state.params, state.rest, place.batch(chunk_ids, 0),
+                                        place.batch(chunk_mask, 0))
             total, count = total + float(s), count + float(c)
         return total / max(count, 1)
 

@@ -240,21 +240,15 @@ class Placement:
         state = dataclasses.replace(state, opt_state=jax.tree.map(put, state.opt_state, shardings[1]))
         return state, shardings
 
-    def batch(self, x: np.ndarray) -> jax.Array:
-        """x [A, b, T + 1] on the device(s): the rows of each micro-batch over data and fsdp."""
+    def batch(self, x: np.ndarray, batch_dim: int = 1) -> jax.Array:
+        """x on the device(s), its rows (dimension batch_dim) over data and fsdp: a training
+        batch [A, b, T + 1] (the rows of each micro-batch), or held-out rows [b, T + 1]
+        with batch_dim 0."""
         if self.mesh is None:
             return jnp.asarray(x)
         from starcoder_jax.parallel.mesh import place_batch
 
-        return place_batch(x, self.mesh, batch_dim=1)
-
-    def rows(self, x: np.ndarray) -> jax.Array:
-        """x [b, ...] on the device(s): its rows over data and fsdp (held-out evaluation)."""
-        if self.mesh is None:
-            return jnp.asarray(x)
-        from starcoder_jax.parallel.mesh import place_batch
-
-        return place_batch(x, self.mesh, batch_dim=0)
+        return place_batch(x, self.mesh, batch_dim=batch_dim)
 
     def source_batch(self, source: DataSource, step: int, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
         """The batch of `step`, ids and mask reshaped to `shape` [A, b, T + 1], on the device(s).
