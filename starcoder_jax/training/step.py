@@ -105,7 +105,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx, *, seed: int, dropout: bool, ski
     gradients and updates stay split like their params instead of coming
     back whole on every device.
     loss_chunk: tokens per piece of the LM head and cross-entropy
-    (losses.chunked_nll); None or 0: whole [b, T, V] logits.
+    (losses.head_nll_sum); None or 0: whole [b, T, V] logits.
     separator: the token that ends each packed document, to keep documents
     apart in attention (data.separate_documents; losses.target_nll); None:
     each row is one sequence.

@@ -7,6 +7,7 @@ import math
 import re
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,6 +48,56 @@ def test_chunked_loss_and_gradients_match_the_whole_logits(tie, chunk):
     per_target = target_nll(model, ids, chunk=chunk)
     assert per_target.shape == (2, 37)
     np.testing.assert_allclose(per_target, target_nll(model, ids, chunk=None), rtol=1e-6, atol=1e-6)
+
+
+def head_products(fn, *args) -> int:
+    """dot_generals touching the vocabulary axis (256) in fn's program, scan bodies included."""
+    def count(jaxpr):
+        n = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars)]
+                n += any(SHAPE["vocab_size"] in shape for shape in shapes)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                n += count(sub) * (eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1)
+        return n
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def test_the_chunked_gradient_takes_three_head_products_per_piece_not_four():
+    model = init_model(StarCoderConfig(**SHAPE), seed=1)
+    graphdef, params = nnx.split(model)
+    ids, mask = ids_and_mask()  # 37 targets: 3 pieces of 16
+
+    def grad(chunk):
+        return jax.grad(lambda p: token_nll_sum(nnx.merge(graphdef, p), ids, mask, chunk=chunk))
+
+    assert head_products(grad(None), params) == 3  # logits, their gradient to x and to the table
+    assert head_products(grad(16), params) == 3 * 3
+    # a frozen head: its gradient is not computed (LoRA trains adapters below it)
+    blocks = nnx.All(nnx.Param, lambda path, _: path[0] == "blocks")
+    graphdef, trained, frozen = nnx.split(model, blocks, ...)
+    frozen_grad = jax.grad(lambda p: token_nll_sum(nnx.merge(graphdef, p, frozen), ids, mask, chunk=16))
+    assert head_products(frozen_grad, trained) == 2 * 3
+    whole = jax.grad(lambda p: token_nll_sum(nnx.merge(graphdef, p, frozen), ids, mask, chunk=None))
+    np.testing.assert_allclose(flat(jax.jit(frozen_grad)(trained)), flat(jax.jit(whole)(trained)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_the_chunked_gradient_in_bfloat16_compute():
+    model = init_model(StarCoderConfig(**SHAPE, dtype="bfloat16"), seed=5)
+    graphdef, params = nnx.split(model)
+    ids, mask = ids_and_mask(seed=6)
+
+    def value_and_grad(chunk):
+        fn = jax.value_and_grad(lambda p: token_nll_sum(nnx.merge(graphdef, p), ids, mask, chunk=chunk))
+        return jax.jit(fn)(params)
+
+    (whole, g_whole), (ours, g_ours) = value_and_grad(None), value_and_grad(8)
+    np.testing.assert_allclose(float(ours), float(whole), rtol=1e-3)
+    a, b = flat(g_ours), flat(g_whole)
+    assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b)  # bfloat16 products over other row counts
 
 
 @pytest.mark.parametrize("tie", [False])  # an int8 lm_head; a tied one is the same ops.matmul.project
