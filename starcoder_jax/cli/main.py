@@ -102,7 +102,8 @@ def cmd_finetune(args) -> int:
         overrides.append(f"train.mesh={args.mesh}")
     cfg = train.load_config(args.config, overrides)
     try:
-        result = train.run(cfg, progress=True, export_hf=args.export_hf, export_peft=args.export_peft)
+        result = train.run(cfg, progress=True, export_hf=args.export_hf, export_peft=args.export_peft,
+                           stop_after=args.stop_after)
     except train.TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML file (see configs/finetune/)")
     p.add_argument("--output-dir", help="overrides train.output_dir")
     p.add_argument("--steps", type=int, help="overrides train.steps")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop after N steps of this call and save them (the same command resumes); "
+                        "the schedule stays train.steps long")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (overrides train.mesh)")
     p.add_argument("--export-hf", metavar="DIR", help="write the final model as an HF directory "
                                                       "(a LoRA run: the base with its adapters merged)")

@@ -96,6 +96,14 @@ class LoopConfig:
     mesh: str | None = None
     trainable: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
+    # Every export_every steps, at the last step and on SIGTERM, the model is
+    # written to export_dir as an HF directory (a LoRA run: the base with its
+    # adapters merged), replacing the previous export; 0: off. A run cut short
+    # still leaves its newest weights in a form every tool loads.
+    export_every: int = 0
+    export_dir: str | None = None
+    export_dtype: str | None = None  # float32, bfloat16 or float16; null: the params' (float32)
+    export_max_shard_mb: float = 5120.0  # safetensors shards of at most this many MiB
 
     def __post_init__(self):
         if self.nan_policy not in ("stop", "skip"):
@@ -109,6 +117,14 @@ class LoopConfig:
                              f"{self.grad_accum}")
         for name in ("trainable", "frozen"):
             object.__setattr__(self, name, _patterns(getattr(self, name), f"train.{name}"))
+        if self.export_every < 0:
+            raise ValueError(f"train.export_every must be >= 0 (0: no exports), got {self.export_every}")
+        if self.export_every and not self.export_dir:
+            raise ValueError("train.export_every needs train.export_dir, the folder the exports are written to")
+        if self.export_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"train.export_dtype must be float32, bfloat16, float16 or null, got {self.export_dtype!r}")
+        if not self.export_max_shard_mb > 0:
+            raise ValueError(f"train.export_max_shard_mb must be > 0, got {self.export_max_shard_mb}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +186,10 @@ class FinetuneConfig:
             if self.lora is None:
                 raise ValueError("model.quantize: int8 needs a lora: section: int8 weights are frozen, "
                                  "only LoRA adapters train on them")
+            if self.train.export_every:
+                raise ValueError("train.export_every on an int8 base would merge the adapters into int8 "
+                                 "weights; export the adapters (--export-peft) and merge them into the float "
+                                 "base with `starcoder-jax convert merge-lora`")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))

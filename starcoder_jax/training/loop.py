@@ -11,7 +11,9 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
+import tempfile
 import time
 
 import jax
@@ -20,6 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from starcoder_jax.training.state import Setup, TrainingError, TrainState
+
+EXPORT_RECORD = "export.json"  # what export_model writes beside the weights: the step, the run
 
 
 class Metrics:
@@ -93,6 +97,8 @@ class Loop:
             while self.step < loop.steps:
                 if terminated:
                     self._save_now()
+                    if loop.export_every:
+                        self._export()
                     bar.write(f"SIGTERM: saved step {self.step} to {checkpoints.directory}; "
                               "run the same command to resume")
                     break
@@ -100,13 +106,17 @@ class Loop:
                 ran += 1
                 if not bool(out["finite"]):
                     self._non_finite(out, bar)
-                if self.step % loop.log_every == 0 or self.step == loop.steps:
+                stopping = stop_after is not None and ran >= stop_after
+                if self.step % loop.log_every == 0 or self.step == loop.steps or stopping:
                     metrics.log(self._record(out))
                     bar.set_postfix(loss=f"{self.last['loss']:.3f}", tok_s=f"{self.last['tokens_per_second']:.0f}")
                 bar.update()
                 if self.step % loop.save_every == 0 or self.step == loop.steps:
                     checkpoints.save(self.step, self.state.checkpoint(), self.setup.meta(self.step))
-                if stop_after is not None and ran >= stop_after:
+                if loop.export_every and (self.step % loop.export_every == 0 or self.step == loop.steps):
+                    self._export()
+                if stopping and self.step < loop.steps:
+                    self._save_now()  # a later call resumes here
                     break
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -168,12 +178,75 @@ class Loop:
             total, count = total + float(s), count + float(c)
         return total / max(count, 1)
 
+    def _export(self) -> None:
+        """Writes the model of this step to train.export_dir (process 0 only)."""
+        if jax.process_index() != 0:
+            return
+        loop = self.loop
+        export_model(self.state.model(), self.setup.cfg, loop.export_dir, dtype=loop.export_dtype,
+                     max_shard_bytes=int(loop.export_max_shard_mb * 2**20), step=self.step)
+
     def _save_now(self) -> None:
         """Saves the current step (unless it is saved already) and waits for the write."""
         checkpoints = self.setup.checkpoints
         checkpoints.wait()
         if checkpoints.latest_step() != self.step:
             checkpoints.save(self.step, self.state.checkpoint(), self.setup.meta(self.step), wait=True)
+
+
+def export_model(model, cfg, out_dir: str, *, dtype: str | None = None,
+                 max_shard_bytes: int = 5 * 2**30, step: int | None = None) -> str:
+    """Writes a run's model to out_dir as an HF directory with the run's tokenizer
+    files (a LoRA run: the base with its adapters merged, model.lora.merge_lora),
+    replacing what out_dir held. The new directory is written beside out_dir and
+    moved into place, so out_dir holds one whole export at any time. step: the
+    training step, recorded in out_dir/export.json (EXPORT_RECORD), which also
+    marks the folder as one an export may replace."""
+    from starcoder_jax.model.lora import merge_lora
+    from starcoder_jax.model.weights import save_hf
+
+    out_dir = check_export_dir(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.new-", dir=parent)
+    try:
+        save_hf(merge_lora(model) if cfg.lora is not None else model, tmp, dtype=dtype,
+                max_shard_bytes=max_shard_bytes, tokenizer_from=tokenizer_dir(cfg.tokenizer), progress=False)
+        with open(os.path.join(tmp, EXPORT_RECORD), "w", encoding="utf-8") as f:
+            json.dump({"step": step, "output_dir": os.path.abspath(cfg.train.output_dir)}, f)
+        old = None
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.replace(out_dir, os.path.join(old, "export"))
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def check_export_dir(out_dir: str) -> str:
+    """out_dir as an absolute path, refused when an export may not replace it: a
+    file, or a folder with files that no export wrote (no EXPORT_RECORD)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"export directory {out_dir} is a file")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, EXPORT_RECORD)):
+        raise ValueError(f"export directory {out_dir} holds files that are not a training export (no "
+                         f"{EXPORT_RECORD}); an export replaces the whole folder: choose another one")
+    return out_dir
+
+
+def tokenizer_dir(name: str) -> str:
+    """The folder holding a run's tokenizer files (copied next to exported models)."""
+    if os.path.isdir(name):
+        return name
+    if os.path.isfile(name):
+        return os.path.dirname(os.path.abspath(name))
+    from starcoder_jax.model.pretrained import resolve_model_dir
+
+    return resolve_model_dir(name)
 
 
 def _rows(x: np.ndarray, n: int) -> np.ndarray:

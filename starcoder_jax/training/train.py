@@ -25,7 +25,7 @@ from starcoder_jax.training.config import (
     load_config,
     parse_config,
 )
-from starcoder_jax.training.loop import Loop
+from starcoder_jax.training.loop import Loop, check_export_dir, export_model
 from starcoder_jax.training.state import TrainingError, build_model, load_run_model, prepare
 
 __all__ = ["FinetuneConfig", "LoopConfig", "ModelSection", "OptimConfig", "TrainingError", "build_model",
@@ -48,6 +48,9 @@ def run(cfg: FinetuneConfig, *, progress: bool | None = None, export_hf: str | N
         raise ValueError("export_hf (--export-hf) of a LoRA run on an int8 base would merge the adapters into "
                          "int8 weights; export the adapters (--export-peft) and merge them into the float base "
                          "with `starcoder-jax convert merge-lora`")
+    for folder in (export_hf, cfg.train.export_dir if cfg.train.export_every else None):
+        if folder:  # refused now rather than after the training
+            check_export_dir(folder)
     setup = prepare(cfg, progress=progress)
     with open(os.path.join(setup.out_dir, "config.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
@@ -55,28 +58,13 @@ def run(cfg: FinetuneConfig, *, progress: bool | None = None, export_hf: str | N
     model = result.state.model()
     done = result.step >= cfg.train.steps
     if export_hf and done:
-        from starcoder_jax.model.lora import merge_lora
-        from starcoder_jax.model.weights import save_hf
-
-        save_hf(merge_lora(model) if cfg.lora is not None else model, export_hf,
-                tokenizer_from=_tokenizer_dir(cfg.tokenizer))
+        export_model(model, cfg, export_hf)
     if export_peft and done:
         from starcoder_jax.model.peft import save_peft
 
         save_peft(model, export_peft)
     return {"step": result.step, "loss": result.last.get("loss"), "eval_loss": result.eval_loss,
             "output_dir": setup.out_dir, "model": model, "terminated": result.terminated}
-
-
-def _tokenizer_dir(name: str) -> str:
-    """The folder holding the tokenizer files (copied next to exported models)."""
-    if os.path.isdir(name):
-        return name
-    if os.path.isfile(name):
-        return os.path.dirname(os.path.abspath(name))
-    from starcoder_jax.model.pretrained import resolve_model_dir
-
-    return resolve_model_dir(name)
 
 
 def summarize(result: dict) -> dict[str, Any]:

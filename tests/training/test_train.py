@@ -118,14 +118,17 @@ def test_resume_after_kill_9_and_sigterm_is_exact(tmp_path, corpus_dir, tokenize
         np.testing.assert_array_equal(a, b)
 
     # SIGTERM: saves the current step, exits 0, and the run resumes from there.
-    termed = str(tmp_path / "termed")
-    config = write_config(tmp_path / "c.yaml", corpus_dir, tokenizer_dir, termed)
+    # With periodic exports, SIGTERM also exports the step it saved.
+    termed, export = str(tmp_path / "termed"), str(tmp_path / "termed-hf")
+    config = write_config(tmp_path / "c.yaml", corpus_dir, tokenizer_dir, termed,
+                          **{"train.export_every": 100, "train.export_dir": export})
     proc = run_cli(config, wait=False)
     wait_for_step(termed, 6, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
     saved = Checkpoints(os.path.join(termed, "checkpoints")).latest_step()
     assert saved >= 6
+    assert json.load(open(os.path.join(export, "export.json")))["step"] == saved
     run_cli(config)
     assert losses(termed) == reference
 
@@ -154,6 +157,50 @@ def test_exported_hf_dir_matches_our_logits(tmp_path, corpus_dir, tokenizer_dir)
     ids = np.random.default_rng(0).integers(0, 458, (2, 40))
     ours = np.asarray(result["model"](jnp.asarray(ids, jnp.int32)))
     np.testing.assert_allclose(hf_logits(export, ids), ours, rtol=0, atol=1e-4)
+
+
+def test_periodic_exports_replace_each_other_and_hold_the_steps_weights(tmp_path, corpus_dir, tokenizer_dir):
+    import ml_dtypes
+    from safetensors.numpy import load_file
+
+    from starcoder_jax.model.weights import save_hf
+
+    export = tmp_path / "hf"
+    cfg = train.load_config(write_config(tmp_path / "c.yaml", corpus_dir, tokenizer_dir, str(tmp_path / "run"),
+                                         **{"train.steps": 6, "train.export_every": 4, "train.export_dir": str(export),
+                                            "train.export_dtype": "bfloat16", "train.export_max_shard_mb": 0.05}), [])
+    train.run(cfg, progress=False, stop_after=5)  # exports step 4 only
+    assert json.load(open(export / "export.json"))["step"] == 4
+    result = train.run(cfg, progress=False)  # resumes; exports the last step, 6
+    assert json.load(open(export / "export.json"))["step"] == 6
+    shards = sorted(export.glob("model-*.safetensors"))
+    # tensor bytes per shard <= the limit; each file adds its JSON header
+    assert len(shards) > 1 and all(f.stat().st_size <= 0.05 * 2**20 + 8192 for f in shards)
+    assert (export / "tokenizer.json").is_file()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".hf.")]  # no temporary folder left
+    stored = {k: v for f in shards for k, v in load_file(str(f)).items()}
+    save_hf(result["model"], str(tmp_path / "f32"))  # the final model's tensors, float32
+    ours = load_file(str(tmp_path / "f32" / "model.safetensors"))
+    assert set(stored) == set(ours)
+    for key, value in ours.items():
+        assert stored[key].dtype == ml_dtypes.bfloat16, key
+        np.testing.assert_array_equal(stored[key], value.astype(ml_dtypes.bfloat16), err_msg=key)
+
+
+def test_an_export_never_replaces_a_folder_it_did_not_write(tmp_path, corpus_dir, tokenizer_dir):
+    out, export = tmp_path / "run", tmp_path / "mine"
+    export.mkdir()
+    (export / "notes.txt").write_text("keep me")
+    for extra, overrides in (({"train.export_every": 2, "train.export_dir": str(export)}, {}),
+                             ({}, {"export_hf": str(export)})):
+        cfg = train.load_config(write_config(tmp_path / "c.yaml", corpus_dir, tokenizer_dir, str(out),
+                                             **{"train.steps": 4, **extra}), [])
+        with pytest.raises(ValueError, match="not a training export"):
+            train.run(cfg, progress=False, **overrides)
+        assert not out.exists() and os.listdir(export) == ["notes.txt"]
+    with pytest.raises(ValueError, match="export_every needs train.export_dir"):
+        train.load_config(write_config(tmp_path / "c.yaml", corpus_dir, tokenizer_dir, str(out),
+                                       **{"train.export_every": 2}), [])
 
 
 def test_nonfinite_loss_stops_without_saving_or_skips(tmp_path, corpus_dir, tokenizer_dir):
