@@ -133,9 +133,10 @@ def main() -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
     log("environment")  # in a child process: this one never holds the accelerator
-    device = subprocess.run([sys.executable, "-c", "import jax; d = jax.devices(); print(jax.__version__, len(d), "
-                             "'x', d[0].device_kind)"], capture_output=True, text=True, check=True).stdout.strip()
-    print("jax", device, flush=True)
+    probe = "import jax; d = jax.devices(); print(jax.__version__); print(len(d), 'x', d[0].device_kind)"
+    version, device = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                     check=True).stdout.split("\n")[:2]
+    print(f"jax {version}, {device}", flush=True)
     cfg = load_config(args.config, args.overrides)
     if not args.calibration < cfg.optim.warmup_steps <= cfg.train.steps:
         raise SystemExit(f"need --calibration ({args.calibration}) < optim.warmup_steps ({cfg.optim.warmup_steps}) "
@@ -200,7 +201,7 @@ def main() -> None:
     summary = {"steps": last["step"], "tokens": last["step"] * tokens_per_step, "loss": last["loss"],
                "eval_loss": next((r["eval_loss"] for r in reversed(records) if "eval_loss" in r), None),
                "wall_s": round(time.monotonic() - START), "calibration_tokens_per_s": round(rate),
-               "exit": proc.returncode, "device": device}
+               "exit": proc.returncode, "device": device, "jax": version}
     print(json.dumps(summary), flush=True)
     log("done")
 
