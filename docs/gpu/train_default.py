@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -44,9 +45,9 @@ def log(message: str) -> None:
     print(f"=== {message} (t = {time.monotonic() - START:.0f} s, {time.strftime('%H:%M:%S')})", flush=True)
 
 
-def sj(*args: str, **kwargs) -> subprocess.Popen:
+def sj(*args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "starcoder_jax.cli", *args], env=env, **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "starcoder_jax.cli", *args], env=env)
 
 
 def check(proc: subprocess.Popen, what: str) -> None:
@@ -108,11 +109,6 @@ def unpack(archive: str, work: str) -> str:
     raise SystemExit(f"{archive} holds no stdlib/ and packages/ folders")
 
 
-def median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "gpu-out"), help="what comes back (default $OUT)")
@@ -168,7 +164,8 @@ def main() -> None:
              "train.eval_every=1000000", "train.export_every=0"), "the calibration run")
     calibration_s = time.monotonic() - t0
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    rate = median([r["tokens_per_second"] for r in records[1:]] or [records[-1]["tokens_per_second"]])
+    rates = [r["tokens_per_second"] for r in records[1:]] or [records[-1]["tokens_per_second"]]
+    rate = statistics.median_high(rates)  # the first record holds the compile
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     steady_s = args.calibration * tokens_per_step / rate
     startup_s = calibration_s - steady_s  # start, compile and the first steps' overhead, paid again

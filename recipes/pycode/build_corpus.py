@@ -158,21 +158,19 @@ def _spdx_value(expression: str) -> int:
         key = token.lower()
         return KEEP if key in KEPT_SPDX else NOTICE if key in NOTICE_SPDX else OTHER
 
-    def both():
+    def joined(operator, operand, combine):
         nonlocal pos
-        values = [atom()]
-        while pos < len(tokens) and tokens[pos] == "AND":
+        values = [operand()]
+        while pos < len(tokens) and tokens[pos] == operator:
             pos += 1
-            values.append(atom())
-        return OTHER if OTHER in values else max(values)
+            values.append(operand())
+        return combine(values)
+
+    def both():
+        return joined("AND", atom, lambda values: OTHER if OTHER in values else max(values))
 
     def either():
-        nonlocal pos
-        values = [both()]
-        while pos < len(tokens) and tokens[pos] == "OR":
-            pos += 1
-            values.append(both())
-        return max(values)
+        return joined("OR", both, max)
 
     value = either()
     if pos != len(tokens):

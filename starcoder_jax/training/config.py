@@ -122,7 +122,8 @@ class LoopConfig:
         if self.export_every and not self.export_dir:
             raise ValueError("train.export_every needs train.export_dir, the folder the exports are written to")
         if self.export_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"train.export_dtype must be float32, bfloat16, float16 or null, got {self.export_dtype!r}")
+            raise ValueError("train.export_dtype must be float32, bfloat16, float16 or null, "
+                             f"got {self.export_dtype!r}")
         if not self.export_max_shard_mb > 0:
             raise ValueError(f"train.export_max_shard_mb must be > 0, got {self.export_max_shard_mb}")
 

@@ -49,6 +49,14 @@ def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
+def _pieces(x: jax.Array, chunk: int) -> jax.Array:
+    """x [B, T, ...] -> [P, B, chunk, ...], T padded with zeros to P * chunk."""
+    b, t = x.shape[:2]
+    pieces = -(-t // chunk)
+    x = jnp.pad(x, [(0, 0), (0, pieces * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, pieces, chunk, *x.shape[2:]), 1, 0)
+
+
 def chunked_nll(model: StarCoder, x: jax.Array, targets: jax.Array, chunk: int | None = LOSS_CHUNK) -> jax.Array:
     """-log p(targets) under `model.logits(x)`, without [B, T, V] logits at once: [B, T] float32.
 
@@ -57,15 +65,10 @@ def chunked_nll(model: StarCoder, x: jax.Array, targets: jax.Array, chunk: int |
     padded up to a multiple of chunk; the padded positions are dropped.
     """
     chunk = check_loss_chunk(chunk)
-    b, t, d = x.shape
+    b, t, _ = x.shape
     if chunk is None or t <= chunk:
         return _nll(model.logits(x), targets)
-    pieces = -(-t // chunk)
-    pad = pieces * chunk - t
-    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    xs = jnp.moveaxis(x.reshape(b, pieces, chunk, d), 1, 0)  # [P, B, chunk, D]
-    ts = jnp.moveaxis(targets.reshape(b, pieces, chunk), 1, 0)  # [P, B, chunk]
+    xs, ts = _pieces(x, chunk), _pieces(targets, chunk)  # [P, B, chunk, D], [P, B, chunk]
 
     # Checkpointed: the backward pass recomputes one piece's logits instead of
     # the scan saving every piece's [B, chunk, V] softmax.
@@ -74,15 +77,7 @@ def chunked_nll(model: StarCoder, x: jax.Array, targets: jax.Array, chunk: int |
         return _nll(model.logits(x_i), t_i)
 
     _, nll = jax.lax.scan(lambda carry, xt: (carry, piece(*xt)), None, (xs, ts))  # [P, B, chunk]
-    return jnp.moveaxis(nll, 0, 1).reshape(b, pieces * chunk)[:, :t]
-
-
-def _pieces(x: jax.Array, chunk: int, fill=0) -> jax.Array:
-    """x [B, T, ...] -> [P, B, chunk, ...], T padded with `fill` to P * chunk."""
-    b, t = x.shape[:2]
-    pieces = -(-t // chunk)
-    x = jnp.pad(x, [(0, 0), (0, pieces * chunk - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return jnp.moveaxis(x.reshape(b, pieces, chunk, *x.shape[2:]), 1, 0)
+    return jnp.moveaxis(nll, 0, 1).reshape(b, -1)[:, :t]
 
 
 def _is_head(path, variable) -> bool:
