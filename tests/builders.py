@@ -29,6 +29,13 @@ CORPUS = [
 ]
 
 
+def builds_with_torch(fixture_function):
+    """Marks a fixture whose value transformers makes (so torch): every test that
+    uses it, directly or through another fixture, is marked torch (conftest)."""
+    fixture_function.builds_with_torch = True
+    return fixture_function
+
+
 def make_tokenizer(out_dir: str, vocab_size: int = 512, *, specials=STARCODER_SPECIAL_TOKENS) -> str:
     """A StarCoder-style byte-level BPE trained on CORPUS (the library's own
     `train_tokenizer`), with `specials` at ids 0.. (StarCoder's 19 by default)."""

@@ -1,8 +1,12 @@
 import atexit
+import importlib.util
+import inspect
 import os
 import shutil
 import sys
 import tempfile
+import time
+from collections import defaultdict
 
 import pytest
 
@@ -28,11 +32,33 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-from builders import make_hf_model, make_tokenizer  # noqa: E402
+from builders import builds_with_torch, make_hf_model, make_tokenizer  # noqa: E402
+
+INTEROP_PACKAGES = ("torch", "transformers", "peft")
+MISSING_INTEROP = [name for name in INTEROP_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def _uses_a_torch_fixture(item) -> bool:
+    """Whether a fixture in the item's closure is marked builds_with_torch."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(getattr(inspect.unwrap(fixturedef.func), "builds_with_torch", False)
+               for fixturedefs in info.name2fixturedefs.values() for fixturedef in fixturedefs)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu run only where JAX's default backend is a GPU."""
+    """Tests marked torch run only where torch, transformers and peft are
+    installed (the test extra); tests marked gpu only where JAX's default
+    backend is a GPU."""
+    for item in items:
+        if _uses_a_torch_fixture(item):
+            item.add_marker(pytest.mark.torch)
+    if MISSING_INTEROP:
+        skip = pytest.mark.skip(reason=f"needs {', '.join(MISSING_INTEROP)} (the test extra)")
+        for item in items:
+            if item.get_closest_marker("torch"):
+                item.add_marker(skip)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
@@ -44,6 +70,66 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# The quick tier is every test not marked slow. Its wall time on 2 cores is kept
+# under `quick_tier_budget` (pyproject.toml): a run that leaves the slow tests
+# out lists its slowest tests at the end and fails past 1.25x the budget, so
+# the tier cannot grow back unnoticed. Under pytest-xdist this runs in the
+# controller, which sees every worker's reports.
+BUDGET_SLACK = 1.25
+SLOWEST_LISTED = 10
+
+
+def pytest_addoption(parser):
+    parser.addini("quick_tier_budget", "seconds of wall time the quick tier (-m 'not slow') may take on 2 CPU "
+                  "cores; a quick run past 1.25x this fails", default="600")
+
+
+def _is_quick_run(config) -> bool:
+    """True when the -m expression keeps unmarked tests and leaves out slow ones."""
+    expression = config.getoption("markexpr") or ""
+    if not expression:
+        return False
+    from _pytest.mark.expression import Expression
+
+    compiled = Expression.compile(expression)
+    return compiled.evaluate(lambda name, **kwargs: False) and not compiled.evaluate(
+        lambda name, **kwargs: name == "slow")
+
+
+_SECONDS = defaultdict(float)  # test id -> seconds of setup, call and teardown
+_STARTED = time.monotonic()
+
+
+def pytest_runtest_logreport(report):
+    _SECONDS[report.nodeid] += report.duration
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    if not _is_quick_run(config) or hasattr(config, "workerinput"):
+        return
+    budget = float(config.getini("quick_tier_budget"))
+    elapsed = time.monotonic() - _STARTED
+    config._budget_line = (f"quick tier: {elapsed:.0f} s of wall time, budget {budget:.0f} s "
+                           f"(fails past {BUDGET_SLACK * budget:.0f} s)")
+    if elapsed > BUDGET_SLACK * budget and session.exitstatus == pytest.ExitCode.OK:
+        config._budget_line += ": over budget; move the slowest tests to the full tier or make them faster"
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if hasattr(config, "workerinput") or not _SECONDS:
+        return
+    slowest = sorted(_SECONDS.items(), key=lambda kv: -kv[1])[:SLOWEST_LISTED]
+    terminalreporter.write_sep("=", f"slowest {len(slowest)} tests (setup + call + teardown)")
+    for nodeid, seconds in slowest:
+        terminalreporter.write_line(f"{seconds:8.1f} s  {nodeid}")
+    line = getattr(config, "_budget_line", None)
+    if line:
+        terminalreporter.write_line(line, red="over budget" in line, green="over budget" not in line)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A StarCoder-style tokenizer (vocab 512, StarCoder's 19 special tokens at 0..18)."""
@@ -51,6 +137,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+@builds_with_torch
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """A random multi-query HF model with the test tokenizer beside it."""
     from starcoder_jax.model.weights import copy_tokenizer_files

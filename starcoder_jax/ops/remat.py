@@ -11,17 +11,19 @@ The forms (`impl`):
   "cond"  a custom VJP whose backward pass reruns f inside a `lax.cond` (on
           a predicate that is always true but that XLA cannot fold): the
           rerun is a computation of its own, which XLA cannot merge with the
-          forward pass's values. XLA:CPU drops the barriers of the "jax" form
-          early and merges: in straight-line code (a Python loop over
-          blocks) the forward values are kept and the rerun is lost
-          (measured: the starcoderbase-1b train step at T = 8192 kept 27.8 GiB
-          of temporaries under `jax.checkpoint`, 9.4 GiB with this form;
-          BENCHMARKS.md, "Recomputation on XLA:CPU"). The forward pass runs
+          forward pass's values. XLA:CPU before jaxlib 0.11.1 drops the
+          barriers of the "jax" form early and merges: in straight-line code
+          (a Python loop over blocks) the forward values are kept and the
+          rerun is lost (measured: the starcoderbase-1b train step at
+          T = 8192 kept 27.8 GiB of temporaries under `jax.checkpoint`,
+          9.4 GiB with this form; BENCHMARKS.md, "Recomputation on XLA:CPU");
+          from 0.11.1 on it honours them. The forward pass runs
           f inside a conditional as well: XLA:CPU schedules work that needs
           parameters only (every block's kernel conversions: int8 to
           bfloat16, float32 to bfloat16) at the start of the program, and
           then holds all of it at once (measured: the 15.5B LoRA step on an
-          int8 base kept 0.71 GiB a layer of bfloat16 kernels). Random bits
+          int8 base kept 0.71 GiB a layer of bfloat16 kernels; jaxlib 0.12.1
+          still does this under `jax.checkpoint`). Random bits
           drawn inside f (dropout) may still be hoisted out of the rerun and
           kept.
   "auto"  "cond" on XLA:CPU, "jax" elsewhere.

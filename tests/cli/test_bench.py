@@ -19,6 +19,7 @@ TINY = ["bench", "--train", "--preset", "tiny_starcoder_py", "--layers", "1",
 FLOPS_PER_TOKEN = 6 * (6_006_656 + 49152 * 768) + 12 * 1 * 768 * 32
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 def test_decode_bench_reports_limits_for_each_variant(tmp_path, capsys):
     out = tmp_path / "decode.json"
@@ -47,6 +48,7 @@ def test_decode_bench_reports_limits_for_each_variant(tmp_path, capsys):
     assert "median of 15 samples" in printed and "int8 vs best" in printed
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 def test_train_bench_against_transformers(tmp_path, capsys):
     out = tmp_path / "train.json"

@@ -105,6 +105,7 @@ def test_attention_impl_reaches_the_model(tiny_model_dir, monkeypatch, capsys):
     assert forced["ids"] == auto["ids"]  # the forms compute the same model
 
 
+@pytest.mark.slow
 def test_generate_runs_several_prompts_as_one_batch(tiny_model_dir, monkeypatch, capsys):
     prefills = []
     real = gen_mod.prefill

@@ -7,6 +7,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from builders import hf_logits
 
 import starcoder_jax as sj
@@ -23,6 +24,7 @@ def test_default_model_is_shipped_small_and_loads_by_name():
     assert tok.require("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>") == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.torch
 def test_shipped_weights_match_transformers():
     path = os.path.join(SHIPPED_DIR, DEFAULT_MODEL)
     tok = sj.load_tokenizer(DEFAULT_MODEL)

@@ -28,6 +28,7 @@ def read(out, name):
         return json.load(f) if name.endswith(".json") else [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_humaneval_samples_from_the_model(tmp_path, tiny_model_dir):
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))

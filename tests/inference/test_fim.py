@@ -169,6 +169,7 @@ def test_infill_is_greedy_generate_cut_at_the_first_stop_token(model, tok):
         assert infill_batch(model, tok, PAIRS, mode=mode, max_new_tokens=n) == expected
 
 
+@pytest.mark.slow
 def test_batched_infill_equals_one_by_one(model, tok):
     # With the fixture's model, PAIRS[4] and ("x = ", "") end on <fim_prefix>; the others run to length.
     pairs = [PAIRS[0], PAIRS[4], ("", ""), ("x = ", "")]
@@ -177,6 +178,7 @@ def test_batched_infill_equals_one_by_one(model, tok):
     assert infill_batch(model, tok, [], max_new_tokens=12) == []
 
 
+@pytest.mark.slow
 def test_infill_fits_a_long_file_into_the_context(model, tok):
     long_prefix = "".join(CORPUS) * 12  # well over the tiny model's 512 positions
     assert len(tok.encode(long_prefix)) > model.config.n_positions

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from builders import make_hf_model
+from builders import builds_with_torch, make_hf_model
 
 import starcoder_jax as sj
 from starcoder_jax.inference import generate as gen_mod
@@ -21,6 +20,7 @@ from starcoder_jax.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
+@builds_with_torch
 def varied_model_dir(tmp_path_factory):
     """A random MQA model whose greedy outputs do not collapse to one repeated token."""
     return make_hf_model(str(tmp_path_factory.mktemp("varied")), vocab_size=512, n_positions=256,
@@ -28,6 +28,7 @@ def varied_model_dir(tmp_path_factory):
 
 
 def hf_greedy(path, prompt, n):
+    import torch
     from transformers import GPTBigCodeForCausalLM
 
     model = GPTBigCodeForCausalLM.from_pretrained(path).eval()
@@ -37,7 +38,7 @@ def hf_greedy(path, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("multi_query", [True, False])
+@pytest.mark.parametrize("multi_query", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_greedy_matches_transformers_alone_and_batched(tmp_path, varied_model_dir, multi_query):
     path = varied_model_dir if multi_query else make_hf_model(
         str(tmp_path), vocab_size=512, n_positions=256, multi_query=False, weight_std=0.35, seed=3)
@@ -70,6 +71,7 @@ def test_cached_decode_equals_full_forward(varied_model_dir):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_rows_with_different_positions_in_one_decode_step(varied_model_dir):
     """Rows at different cache positions decode independently (per-row positions)."""
     model = sj.load_pretrained(varied_model_dir)
@@ -83,6 +85,7 @@ def test_rows_with_different_positions_in_one_decode_step(varied_model_dir):
     assert both[0].ids == list(ref_a.argmax(-1))
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_seed_dependent(varied_model_dir):
     model = sj.load_pretrained(varied_model_dir)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
@@ -97,6 +100,7 @@ def test_sampling_is_reproducible_and_seed_dependent(varied_model_dir):
     assert split == first
 
 
+@pytest.mark.slow
 def test_no_recompilation_within_buckets(varied_model_dir):
     model = sj.load_pretrained(varied_model_dir)
     generate(model, [[1, 2, 3]], max_new_tokens=8)
@@ -118,7 +122,7 @@ def _compiled(caplog, fn) -> list[str]:
     return [r.getMessage()[:120] for r in caplog.records if r.getMessage().startswith("Compiling ")]
 
 
-@pytest.mark.parametrize("mesh", [None, "data=1"])
+@pytest.mark.parametrize("mesh", [None, pytest.param("data=1", marks=pytest.mark.slow)])
 def test_a_second_identical_generate_compiles_nothing(varied_model_dir, tokenizer_dir, caplog, monkeypatch, mesh):
     """Nothing compiles and nothing is prepared again (no re-split, no re-placement on the mesh).
 
@@ -140,6 +144,7 @@ def test_a_second_identical_generate_compiles_nothing(varied_model_dir, tokenize
     assert made == []
 
 
+@pytest.mark.slow
 def test_generate_reuses_one_generator_per_model_and_settings(varied_model_dir, tokenizer_dir):
     model, tok = sj.load_pretrained(varied_model_dir), load_tokenizer(tokenizer_dir)
     # A mesh Generator places the model's own arrays on its mesh: the one before it no longer matches.

@@ -23,7 +23,12 @@ def test_starcoderbase_1b_parameter_count():
     assert isinstance(kernel, jax.ShapeDtypeStruct) and kernel.shape == (2048, 1, 128)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+QUICK_PRESETS = ("starcoderbase-1b", "tiny_starcoder_py", "starcoder2-3b", "gpt_bigcode-santacoder")
+
+
+# the quick tier builds the smallest preset of each family; the full one every preset
+@pytest.mark.parametrize("name", [n if n in QUICK_PRESETS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(PRESETS)])
 def test_every_preset_builds_abstractly(name):
     config = sj.preset(name)
     assert n_params(sj.abstract_model(config)) == config.param_count()
@@ -41,6 +46,7 @@ def test_preset_sizes():
     assert sj.preset("bigcode/starcoderbase-1b") == PRESETS["starcoderbase-1b"]
 
 
+@pytest.mark.torch
 def test_hf_config_round_trip_through_transformers(tmp_path):
     from transformers import GPTBigCodeConfig
 

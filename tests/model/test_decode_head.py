@@ -35,6 +35,7 @@ def loaded(tiny_model_dir):
     return model
 
 
+@pytest.mark.slow
 def test_the_copy_is_made_for_decoding_on_the_cpu_form_only(loaded, tiny_model_dir):
     table = np.asarray(loaded.wte.embedding[...])
     copy = loaded.decode_head

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from builders import hf_logits, make_hf_model
+from builders import builds_with_torch, hf_logits, make_hf_model
 from flax import nnx
+from numerics import assert_close_in_any_order
 
 import starcoder_jax as sj
 from starcoder_jax.model.lora import LoRAConfig, add_lora, has_lora, merge_lora
@@ -31,6 +32,7 @@ ALL_TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
 @pytest.fixture(scope="module")
+@builds_with_torch
 def bases(tmp_path_factory):
     """Tiny random HF bases: multi-query and multi-head."""
     root = tmp_path_factory.mktemp("lora_bases")
@@ -229,6 +231,7 @@ def test_adapter_axes_are_their_kernels_with_the_rank_whole(multi_query):
 
 
 
+@pytest.mark.slow
 def test_generation_runs_the_adapters(bases):
     """The prefill and the cached decode loop run the adapters too: each greedy token is
     the argmax of the full forward (checked against PEFT above) over the tokens before
@@ -245,6 +248,7 @@ def test_generation_runs_the_adapters(bases):
     assert not all(base_agrees)
 
 
+@pytest.mark.slow
 def test_adapter_gradients_are_the_same_under_the_projections_remat():
     """Only the adapters differentiated, the base frozen beside them (another trace level
     than the gradient's): remat "projections" (nnx.remat) gives the gradients of no remat."""
@@ -258,5 +262,7 @@ def test_adapter_gradients_are_the_same_under_the_projections_remat():
         loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(ids) ** 2)  # noqa: E731
         return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
 
-    for got, want in zip(grads("projections"), grads("none")):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # float32 sums of a gradient element: the 2 x 13 positions, the vocabulary, and
+    # in each block the width, the MLP (4x) and the 13 keys
+    terms = 2 * 13 + SHAPE["vocab_size"] + SHAPE["n_layer"] * (5 * SHAPE["n_embd"] + 13)
+    assert_close_in_any_order(grads("projections"), grads("none"), terms)

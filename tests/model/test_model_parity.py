@@ -15,11 +15,12 @@ F32_TOL = 1e-4  # max |ours - transformers| on float32 logits
     "multi_query,activation,n_head,n_embd,vocab",
     [
         (True, "gelu_pytorch_tanh", 8, 64, 1000),  # head_dim 8, odd vocab
-        (False, "gelu_pytorch_tanh", 8, 64, 1000),
-        (True, "gelu", 4, 48, 777),  # head_dim 12
+        pytest.param(False, "gelu_pytorch_tanh", 8, 64, 1000, marks=pytest.mark.slow),
+        pytest.param(True, "gelu", 4, 48, 777, marks=pytest.mark.slow),  # head_dim 12
         (False, "gelu", 6, 48, 777),  # head_dim 8
     ],
 )
+@pytest.mark.torch
 def test_logits_match_transformers(tmp_path, multi_query, activation, n_head, n_embd, vocab):
     path = make_hf_model(str(tmp_path), vocab_size=vocab, n_positions=320, n_embd=n_embd, n_head=n_head,
                          n_layer=2, n_inner=3 * n_embd, multi_query=multi_query,
@@ -33,6 +34,7 @@ def test_logits_match_transformers(tmp_path, multi_query, activation, n_head, n_
     np.testing.assert_allclose(ours, ref, rtol=0, atol=F32_TOL)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("impl", FORMS)
 def test_each_attention_form_matches_transformers(tiny_model_dir, impl):
     """Every attention form, forced, gives transformers' logits; 150 tokens
@@ -44,6 +46,7 @@ def test_each_attention_form_matches_transformers(tiny_model_dir, impl):
     np.testing.assert_allclose(ours, hf_logits(tiny_model_dir, ids), rtol=0, atol=F32_TOL)
 
 
+@pytest.mark.torch
 def test_untied_lm_head(tmp_path):
     path = make_hf_model(str(tmp_path), tie_word_embeddings=False, n_positions=64)
     ids = np.random.default_rng(1).integers(0, 512, (1, 40))
@@ -74,6 +77,7 @@ def test_positions_matter(tiny_model_dir):
     assert np.abs(a - b).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_dropout_off_by_default_and_on_with_rngs(tiny_model_dir):
     from flax import nnx
 

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from builders import hf_logits, hf_model, make_hf_starcoder2
+from builders import builds_with_torch, hf_logits, hf_model, make_hf_starcoder2
 from flax import nnx
 
 import starcoder_jax as sj
@@ -22,6 +21,7 @@ F32_TOL = 1e-4  # max |ours - transformers| on float32 logits
 
 
 @pytest.fixture(scope="module")
+@builds_with_torch
 def gqa_dir(tmp_path_factory):
     """4 query heads over 2 K/V heads, a window of 8, weights wide enough that greedy
     outputs vary."""
@@ -53,6 +53,7 @@ def test_logits_match_transformers(tmp_path, gqa_dir, case):
         assert model.config.window is None and model.blocks[0].attn.query.bias is None
 
 
+@pytest.mark.slow
 def test_the_window_matters(gqa_dir):
     """The same weights without the window give other logits past the window (so
     the parity above tests it)."""
@@ -82,6 +83,7 @@ def test_round_trip_hf_ours_hf_is_bit_exact(tmp_path, gqa_dir):
     np.testing.assert_allclose(hf_logits(out, ids), hf_logits(gqa_dir, ids), rtol=0, atol=0)
 
 
+@pytest.mark.torch
 def test_config_translation():
     from transformers import Starcoder2Config
 
@@ -114,6 +116,8 @@ def test_preset_sizes():
 
 
 def hf_greedy(path, prompt, n):
+    import torch
+
     model = hf_model(path)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -138,6 +142,7 @@ def test_greedy_matches_transformers_across_the_window(gqa_dir):
         gqa_dir, prompts[1], 30)
 
 
+@pytest.mark.slow
 def test_cached_decode_equals_full_forward_past_the_window(gqa_dir):
     """Prefill 10 tokens (past the window of 8), a 5-token chunk continuing the cache,
     then one-token steps up to 40: every logit equals the full forward's, through a

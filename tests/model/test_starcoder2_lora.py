@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from builders import hf_model, make_hf_starcoder2, mean_next_token_loss
+from builders import builds_with_torch, hf_model, make_hf_starcoder2, mean_next_token_loss
 from flax import nnx
 
 import starcoder_jax as sj
@@ -24,6 +24,7 @@ IDS = np.random.default_rng(0).integers(0, 128, (2, 20))  # past the window of 8
 
 
 @pytest.fixture(scope="module")
+@builds_with_torch
 def base(tmp_path_factory):
     return make_hf_starcoder2(str(tmp_path_factory.mktemp("sc2_lora")), vocab_size=128, hidden_size=32,
                               intermediate_size=64, max_position_embeddings=64)
@@ -75,6 +76,7 @@ def test_gpt_bigcode_targets_name_the_starcoder2_projections(base):
         add_lora(sj.load_pretrained(base), LoRAConfig(target_modules=["embed_tokens"]))
 
 
+@pytest.mark.slow
 def test_lora_fine_tuning_lowers_the_loss(base):
     """A few SGD steps on adapters of all six projections lower the loss of a batch
     past the window; the base weights get no update."""

@@ -22,6 +22,7 @@ def read_all_tensors(path):
     return out
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("multi_query", [True, False])
 def test_hf_round_trip_is_exact(tmp_path, multi_query):
     src = make_hf_model(str(tmp_path / "src"), multi_query=multi_query, n_head=4, n_embd=32)
@@ -35,6 +36,7 @@ def test_hf_round_trip_is_exact(tmp_path, multi_query):
     np.testing.assert_array_equal(hf_logits(dst, ids), hf_logits(src, ids))
 
 
+@pytest.mark.torch
 def test_sharded_export_and_load(tmp_path, tiny_model_dir):
     model = sj.load_pretrained(tiny_model_dir)
     dst = str(tmp_path / "sharded")
@@ -47,6 +49,7 @@ def test_sharded_export_and_load(tmp_path, tiny_model_dir):
     np.testing.assert_array_equal(np.asarray(again(jnp.asarray(ids))), np.asarray(model(jnp.asarray(ids))))
 
 
+@pytest.mark.torch
 def test_bfloat16_export_loads_in_transformers(tmp_path, tiny_model_dir):
     dst = str(tmp_path / "bf16")
     sj.save_hf(sj.load_pretrained(tiny_model_dir), dst, dtype="bfloat16")
@@ -157,6 +160,7 @@ def test_corrupted_header(tmp_path, tiny_model_dir):
         sj.load_pretrained(path)
 
 
+@pytest.mark.torch
 def test_pickle_checkpoints_are_refused(tmp_path, tiny_model_dir):
     path = copy_model(tiny_model_dir, tmp_path / "m")
     os.remove(os.path.join(path, "model.safetensors"))

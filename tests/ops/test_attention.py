@@ -151,7 +151,7 @@ def _segments(q_pos, k_pos, own_keys):
     return q_seg, k_seg
 
 
-@pytest.mark.parametrize("case,multi_query", [("own_keys", False), ("cache", True)])
+@pytest.mark.parametrize("case,multi_query", [pytest.param("own_keys", False, marks=pytest.mark.slow), ("cache", True)])
 def test_segment_ids_hide_other_documents_in_every_form(case, multi_query):
     """With segment ids the reference equals the definition (a key of another
     segment is hidden) and every form equals the reference, padding included."""
@@ -270,7 +270,8 @@ def test_query_block_size():
     assert query_block(8192) == 512 and query_block(40, 8) == 8
 
 
-@pytest.mark.parametrize("form", [f for f in FORMS if f not in ("cudnn", "splash")])
+@pytest.mark.parametrize("form", [f if f == "xla" else pytest.param(f, marks=pytest.mark.slow)
+                                  for f in FORMS if f not in ("cudnn", "splash")])
 def test_dropout_drops_probabilities(form):
     """With a key, each form drops probabilities at the rate, scaled by 1 / (1 - rate):
     one draw differs from no dropout, the mean of many equals it. (cudnn and
@@ -505,7 +506,7 @@ def _numpy_window(q, k, v, q_pos, k_pos, window):
     return out
 
 
-@pytest.mark.parametrize("case", ["own_keys", "cache"])
+@pytest.mark.parametrize("case", [pytest.param("own_keys", marks=pytest.mark.slow), "cache"])
 @pytest.mark.parametrize("t,window", [(130, 37)])
 def test_grouped_heads_and_window_in_every_form(case, t, window):
     """6 query heads over 2 kv heads with a window: the reference is the definition,

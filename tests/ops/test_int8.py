@@ -155,6 +155,7 @@ def test_quantized_model_structure_equals_its_abstract_model(tie):
     assert ("wte", "embedding") in int8 and ("wpe", "embedding") not in int8
 
 
+@pytest.mark.slow
 def test_wide_mlp_output_projection_takes_input_blocks_on_the_cpu_form_only(tmp_path):
     """n_inner 4096 > one CPU tile: laid out for the "cpu" form, the MLP
     output projection's int8 kernel is [2, D, 2048]; its abstract model, a
@@ -252,6 +253,7 @@ def test_int8_greedy_generation_mostly_equals_float_and_is_self_consistent(float
     assert sum(same_prefix) >= 0.5 * sum(len(r) for r in ref), same_prefix
 
 
+@pytest.mark.slow
 def test_int8_batch_gives_what_each_prompt_gives_alone(float_and_int8):
     _, qmodel = float_and_int8
     prompts = [RNG.integers(1, 512, n).tolist() for n in (4, 11, 23, 9, 30)]
@@ -260,6 +262,7 @@ def test_int8_batch_gives_what_each_prompt_gives_alone(float_and_int8):
     assert batched == alone
 
 
+@pytest.mark.slow
 def test_quantized_orbax_directory_round_trips_and_loads_without_flag(float_and_int8, tmp_path, tiny_model_dir):
     _, qmodel = float_and_int8
     out = save_orbax(qmodel, str(tmp_path / "int8"), tokenizer_from=tiny_model_dir)

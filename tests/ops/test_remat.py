@@ -1,8 +1,10 @@
 """ops.remat.recompute: every form gives autodiff's gradients, and the "cond" form
-keeps only the arguments on XLA:CPU, where jax.checkpoint's rerun is merged away."""
+keeps only the arguments on XLA:CPU, where jax.checkpoint's rerun was merged away
+(before jaxlib 0.11.1) and where kernel conversions are hoisted to the start."""
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import pytest
 
@@ -51,12 +53,19 @@ def plain_block(w, x, positions, key):
     return x + jnp.tanh(h * 1.5 + 1) @ w[1]
 
 
+# XLA:CPU merged jax.checkpoint's rerun with the forward pass in straight-line
+# code up to jaxlib 0.11.0 and honours it from 0.11.1 (measured on 0.10.2, 0.11.0,
+# 0.11.1, 0.11.2 and 0.12.1 with the test below: 128 MiB a block, then 0).
+CHECKPOINT_HONOURED_ON_CPU = tuple(int(p) for p in jaxlib.__version__.split(".")[:3]) >= (0, 11, 1)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the merge this form avoids is XLA:CPU's")
-def test_on_xla_cpu_only_the_cond_form_keeps_just_the_arguments():
+def test_on_xla_cpu_the_cond_form_keeps_just_the_arguments():
     """Compiled temporaries of the grad of 1 and 4 blocks (T 4096, D 1024, F 4096,
     float32): without recomputation each further block keeps two [T, F]
-    activations (64 MiB each); jax.checkpoint keeps the same on XLA:CPU; the
-    cond form keeps about the block's input [T, D] (16 MiB; measured 5)."""
+    activations (64 MiB each); the cond form keeps about the block's input
+    [T, D] (16 MiB; measured 5). jax.checkpoint keeps as much as no
+    recomputation before jaxlib 0.11.1, and nothing from it on."""
     t, d, f = 4096, 1024, 4096
 
     def temp(fn, layers):
@@ -69,8 +78,12 @@ def test_on_xla_cpu_only_the_cond_form_keeps_just_the_arguments():
     growth = {name: (temp(fn, 4) - temp(fn, 1)) / 3 / 2**20
               for name, fn in (("none", plain_block), ("jax", remat.recompute(plain_block, impl="jax")),
                                ("cond", remat.recompute(plain_block, impl="cond")))}
-    assert growth["none"] >= 100 and growth["jax"] >= 100, growth
+    assert growth["none"] >= 100, growth
     assert growth["cond"] <= 32, growth
+    if CHECKPOINT_HONOURED_ON_CPU:
+        assert growth["jax"] <= 32, growth
+    else:
+        assert growth["jax"] >= 100, growth
 
 
 def int8_block(w, x):
@@ -88,13 +101,16 @@ def test_on_xla_cpu_the_cond_form_converts_each_blocks_kernels_when_it_runs():
     so each further block kept converted kernels to its turn (measured 31 MiB a
     block, a [D, F] bfloat16 kernel being 32); the cond form runs each block's
     forward inside a conditional too, and keeps about the block's input (2 MiB;
-    measured 2.0)."""
+    measured 2.0). jax.checkpoint does not prevent the early conversions on
+    any jaxlib measured (192 MiB a block on 0.10.2, 31 on 0.11.2 and 0.12.1),
+    which is why "auto" stays "cond" on XLA:CPU even where XLA:CPU honours
+    jax.checkpoint's rerun."""
     t, d, f = 256, 2048, 8192
 
-    def temp(layers):
+    def temp(layers, impl="cond"):
         w = ((jax.ShapeDtypeStruct((d, f), jnp.int8), jax.ShapeDtypeStruct((f,), jnp.float32)),
              (jax.ShapeDtypeStruct((f, d), jnp.int8), jax.ShapeDtypeStruct((d,), jnp.float32)))
-        fn = remat.recompute(int8_block, impl="cond")
+        fn = remat.recompute(int8_block, impl=impl)
 
         def loss(ws, x):
             for w in ws:
@@ -106,3 +122,4 @@ def test_on_xla_cpu_the_cond_form_converts_each_blocks_kernels_when_it_runs():
 
     growth = (temp(4) - temp(1)) / 3 / 2**20
     assert growth <= 8, growth
+    assert (temp(4, "jax") - temp(1, "jax")) / 3 / 2**20 >= 16

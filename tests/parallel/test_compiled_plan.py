@@ -145,7 +145,7 @@ def test_roofline_estimate_and_links():
 # One device: every step compiles; the layer extension matches a whole compile
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("step", ["train", "prefill", "decode"])
+@pytest.mark.parametrize("step", [pytest.param("train", marks=pytest.mark.slow), "prefill", "decode"])
 def test_extending_two_layers_matches_compiling_four(step):
     config = StarCoderConfig(**dict(TINY, n_layer=4))
     kw = dict(step=step, batch=4, seq_len=64, dtype="float32")
@@ -200,6 +200,7 @@ def test_depth_search_goes_deeper_in_the_flat_phase_then_compiles_whole(monkeypa
     assert plan.temp_bytes == 100 * mib + (24 - crossing) * mib
 
 
+@pytest.mark.slow
 def test_lora_on_an_int8_base_trains_only_the_adapters():
     config = StarCoderConfig(**TINY)
     full = compiled_plan(config, None, batch=2, seq_len=64, dtype="float32")

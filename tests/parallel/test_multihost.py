@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from builders import REPO_ROOT, finish_process, free_port, params_loss
+from builders import REPO_ROOT, builds_with_torch, finish_process, free_port, params_loss
 from flax import nnx
 
 import starcoder_jax as sj
@@ -46,6 +46,7 @@ def _start(process_id, port, *extra, num_processes=2, timeout=60):
 
 
 @pytest.fixture(scope="module")
+@builds_with_torch
 def model_dir(tmp_path_factory):
     from builders import make_hf_model
 

@@ -220,6 +220,7 @@ def test_constrain_is_a_no_op_without_a_mesh():
 # Loss
 # ---------------------------------------------------------------------------
 
+@pytest.mark.torch
 def test_next_token_loss_matches_transformers(tiny_model_dir):
     import torch
     from transformers import GPTBigCodeForCausalLM

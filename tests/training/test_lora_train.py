@@ -127,6 +127,7 @@ def dequantized_hf_dir(model, out_dir) -> str:
     return sj.save_hf(plain, out_dir)
 
 
+@pytest.mark.slow
 def test_lora_on_an_int8_base_loads_in_peft_on_the_dequantized_base(tmp_path, corpus_dir,  # noqa: F811
                                                                     tokenizer_dir, tiny_model_dir):
     out, export = str(tmp_path / "run"), str(tmp_path / "peft")

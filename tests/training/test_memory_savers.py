@@ -101,6 +101,7 @@ def test_the_headline_configs_turn_every_saver_on(name, base):
     assert offline.model.path is None and offline.model.preset == "starcoderbase-1b"
 
 
+@pytest.mark.slow
 def test_the_headline_fits_a_40_gb_gpu():
     """starcoder (15.5B), LoRA rank 16 on c_attn, c_proj and c_fc over an int8 base,
     T = 8192, batch 1, full remat, one device: XLA's compiled peak from 2 and 3 layers,

@@ -84,7 +84,7 @@ def test_trainable_patterns_pick_params_by_path():
     assert train.parse_config({}, ["train.frozen=^wte/"]).train.frozen == ("^wte/",)
 
 
-@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("tie", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_weight_decay_applies_exactly_to_params_flagged_in_metadata(tie):
     """With zero gradients AdamW's update is the decay alone: -lr * wd * param."""
     model = init_model(StarCoderConfig(**TINY, tie_word_embeddings=tie), seed=0)

@@ -148,6 +148,7 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(tmp_path, corpus_dir
     assert result["step"] == 12
 
 
+@pytest.mark.torch
 def test_exported_hf_dir_matches_our_logits(tmp_path, corpus_dir, tokenizer_dir):
     cfg = train.load_config(write_config(tmp_path / "c.yaml", corpus_dir, tokenizer_dir, str(tmp_path / "run"),
                                          **{"train.steps": 4}), [])
@@ -159,6 +160,7 @@ def test_exported_hf_dir_matches_our_logits(tmp_path, corpus_dir, tokenizer_dir)
     np.testing.assert_allclose(hf_logits(export, ids), ours, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_periodic_exports_replace_each_other_and_hold_the_steps_weights(tmp_path, corpus_dir, tokenizer_dir):
     import ml_dtypes
     from safetensors.numpy import load_file
@@ -245,6 +247,7 @@ def test_output_dir_of_another_model_is_refused(tmp_path, corpus_dir, tokenizer_
         train.run(other, progress=False)
 
 
+@pytest.mark.slow
 def test_frozen_embeddings_stay_put_through_a_resumed_run(tmp_path, corpus_dir, tokenizer_dir):
     from flax import nnx
 
@@ -306,7 +309,7 @@ def test_overrides_and_unknown_sections():
 # bfloat16 compute on XLA:CPU: the hand-written projection gradient
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("tie", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_bfloat16_compute_gradients(tie):
     """A bfloat16-compute model (float32 params) gets the float32 model's
     gradients up to bfloat16 rounding through the "cpu" projections (the
