@@ -81,7 +81,7 @@ SLOWEST_LISTED = 10
 
 def pytest_addoption(parser):
     parser.addini("quick_tier_budget", "seconds of wall time the quick tier (-m 'not slow') may take on 2 CPU "
-                  "cores; a quick run past 1.25x this fails", default="600")
+                  "cores; a quick run past 1.25x this fails", default="570")
 
 
 def _is_quick_run(config) -> bool:

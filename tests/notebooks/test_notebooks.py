@@ -81,8 +81,12 @@ def kernel_name(tmp_path_factory):
         os.environ["JUPYTER_PATH"] = previous
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NOTEBOOKS)
+# The quick tier runs the shortest notebook (about 20 s); the full tier every one.
+QUICK_NOTEBOOKS = ("02_fill_in_the_middle.ipynb",)
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK_NOTEBOOKS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in NOTEBOOKS])
 def test_notebook_runs(name, kernel_name, tmp_path, monkeypatch):
     # The notebooks' model hook is for development only: tests run the shipped default.
     monkeypatch.delenv("STARCODER_JAX_NOTEBOOK_MODEL", raising=False)

@@ -1,0 +1,40 @@
+"""The suite's own rules (tests/conftest.py): a quick run past its wall-time budget
+fails, the slowest tests are listed, and the torch marker reaches every test
+that uses a fixture built with transformers."""
+
+import subprocess
+import sys
+
+from builders import REPO_ROOT
+
+# One test of the quick tier that takes well under a second.
+ONE_FAST_TEST = "tests/test_layering.py::test_the_checks_see_a_cycle_and_a_layer_violation"
+
+
+def run_pytest(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_quick_run_past_its_budget_fails_and_one_within_passes():
+    over = run_pytest("-m", "not slow", "-o", "quick_tier_budget=0.001", ONE_FAST_TEST)
+    assert over.returncode == 1, over.stdout[-2000:]
+    assert "1 passed" in over.stdout and "over budget" in over.stdout, over.stdout[-2000:]
+    within = run_pytest("-m", "not slow and not torch", ONE_FAST_TEST)
+    assert within.returncode == 0, within.stdout[-2000:]
+    assert "quick tier:" in within.stdout and "over budget" not in within.stdout
+    assert "slowest 1 tests" in within.stdout and ONE_FAST_TEST in within.stdout
+    # a run that keeps the slow tests (the full tier) has no budget
+    full = run_pytest("-o", "quick_tier_budget=0.001", ONE_FAST_TEST)
+    assert full.returncode == 0 and "quick tier:" not in full.stdout, full.stdout[-2000:]
+
+
+def test_fixtures_built_with_transformers_mark_their_tests_torch():
+    """Every test asking for tiny_model_dir (directly or through another fixture)
+    is marked torch; a test with no such fixture is not."""
+    listed = run_pytest("--collect-only", "-m", "torch", "tests/inference/test_fim.py")
+    assert listed.returncode == 0, listed.stdout[-2000:]
+    torch_tests = {line for line in listed.stdout.splitlines() if "::" in line}
+    assert any("test_cli_infill_json" in t for t in torch_tests), listed.stdout[-2000:]  # uses tiny_model_dir
+    assert not any("test_psm_prompt_is_prefix_suffix_middle" in t for t in torch_tests)
+
