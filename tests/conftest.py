@@ -16,10 +16,33 @@ sys.path.insert(0, os.path.dirname(__file__))
 # tests start (CLI, notebooks, multi-device): many tests compile the very same
 # programs (the same tiny models through fresh jit closures), and XLA:CPU
 # compilation is most of the suite's time. A fresh directory per run keeps runs
-# independent of each other; STARCODER_JAX_TEST_CACHE names a lasting one.
+# independent of each other; STARCODER_JAX_TEST_CACHE names a lasting one, in
+# which each jaxlib and each CPU gets a folder of its own: JAX's cache key names
+# the platform ("cpu") but not the instruction set the machine code was
+# compiled for, so a folder shared by an AVX-512 and an AVX2 machine could hand
+# the second code it cannot run.
+
+
+def _machine_key() -> str:
+    import hashlib
+    import importlib.metadata
+    import platform
+
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags += next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags += platform.processor()
+    digest = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]
+    return f"jaxlib-{importlib.metadata.version('jaxlib')}-cpu-{digest}"
+
+
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = os.environ.get("STARCODER_JAX_TEST_CACHE")
-    if not _cache:
+    if _cache:
+        _cache = os.path.join(_cache, _machine_key())
+    else:
         _cache = tempfile.mkdtemp(prefix="starcoder-jax-xla-cache-")
         atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
