@@ -2,9 +2,11 @@
 fails, the slowest tests are listed, and the torch marker reaches every test
 that uses a fixture built with transformers."""
 
+import os
 import subprocess
 import sys
 
+import pytest
 from builders import REPO_ROOT
 
 # One test of the quick tier that takes well under a second.
@@ -38,3 +40,23 @@ def test_fixtures_built_with_transformers_mark_their_tests_torch():
     assert any("test_cli_infill_json" in t for t in torch_tests), listed.stdout[-2000:]  # uses tiny_model_dir
     assert not any("test_psm_prompt_is_prefix_suffix_middle" in t for t in torch_tests)
 
+
+
+# Vector widths XLA:CPU can be held to (--xla_cpu_max_isa): each sums in its own order.
+NARROWER_ISAS = ("SSE4_2", "AVX")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", NARROWER_ISAS)
+def test_order_bounded_checks_hold_at_other_vector_widths(isa):
+    """The checks bounded by summation order (tests/numerics.py) pass when XLA:CPU
+    emits code for a narrower instruction set than this machine's, as they must
+    on an AVX2 or an AVX-512 CPU: the machine's own width runs in the tests
+    themselves, this one in a subprocess."""
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_max_isa={isa}").strip())
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/training/test_losses.py",
+         "-k", "match_the_whole or three_head or remat_policies_give or int8_model or separated"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]
