@@ -136,6 +136,9 @@ class LoRASection:
     lora_dropout, target_modules (a list; one name is a list of one) and
     use_rslora, with PEFT's defaults (targets: its gpt_bigcode default,
     c_attn). The scale is alpha / rank (alpha / sqrt(rank) with use_rslora).
+    rank_pattern / alpha_pattern: PEFT's per-module exceptions, {pattern:
+    rank} and {pattern: alpha}, a pattern being a regular expression matched
+    against the end of a module's name (PEFT's rule: "c_fc" or "h\\.0\\.mlp\\.c_fc").
     train.trainable / train.frozen then choose among the adapters' paths
     ("blocks/0/attn/query/lora/a"). Run with `lora: {}` for every default.
     """
@@ -145,10 +148,16 @@ class LoRASection:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("c_attn",)
     use_rslora: bool = False
+    rank_pattern: dict = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"lora.rank must be a positive integer, got {self.rank!r}")
+        _check_module_patterns(self.rank_pattern, "lora.rank_pattern", "a positive integer rank",
+                               lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+        _check_module_patterns(self.alpha_pattern, "lora.alpha_pattern", "a positive alpha",
+                               lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
@@ -156,6 +165,21 @@ class LoRASection:
             raise ValueError(f"lora.target_modules must be a list of module names such as [c_attn, c_proj, "
                              f"c_fc], got {self.target_modules!r}")
         object.__setattr__(self, "target_modules", tuple(targets))
+
+
+def _check_module_patterns(mapping, where: str, wanted: str, valid) -> None:
+    """A {regular expression: value} mapping whose values pass `valid`."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where} must be a mapping of module-name patterns to values, got {mapping!r}")
+    for pattern, value in mapping.items():
+        if not isinstance(pattern, str):
+            raise ValueError(f"{where}: the key {pattern!r} must be a regular expression")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{where}: {pattern!r} is not a regular expression ({err})") from None
+        if not valid(value):
+            raise ValueError(f"{where}: {pattern!r} must map to {wanted}, got {value!r}")
 
 
 def _patterns(value, where: str) -> tuple[str, ...]:

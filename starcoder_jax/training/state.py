@@ -85,7 +85,8 @@ def lora_config(cfg: FinetuneConfig):
 
     lo = cfg.lora
     return LoRAConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
-                      use_rslora=lo.use_rslora, base_model_name_or_path=cfg.model.path)
+                      use_rslora=lo.use_rslora, rank_pattern=lo.rank_pattern, alpha_pattern=lo.alpha_pattern,
+                      base_model_name_or_path=cfg.model.path)
 
 
 def base_digest(model: StarCoder) -> str:

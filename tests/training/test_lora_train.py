@@ -160,6 +160,34 @@ def test_lora_config_errors():
         train.run(train.parse_config({}), export_peft="x")
 
 
+def test_rank_and_alpha_patterns_of_the_yaml_reach_the_adapters_and_peft(tmp_path):
+    """lora.rank_pattern / lora.alpha_pattern: PEFT's per-module exceptions, through
+    config.yaml, into the adapters' ranks and scales, and out to PEFT's config."""
+    from starcoder_jax.model.peft import save_peft
+    from starcoder_jax.training.state import with_lora
+
+    cfg = train.parse_config({"lora": {"rank": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"],
+                                       "rank_pattern": {"c_fc": 2}, "alpha_pattern": {r"h\.1\.attn\.c_attn": 3}}})
+    assert train.parse_config(cfg.to_dict()).lora == cfg.lora  # as config.yaml holds it
+    model = with_lora(sj.init_model(sj.StarCoderConfig(vocab_size=64, n_positions=16, n_embd=16, n_layer=2,
+                                                       n_head=2)), cfg)
+    for block in model.blocks:
+        assert block.mlp.fc.lora.a.shape == (16, 2) and block.attn.query.lora.a.shape == (16, 4)
+        assert block.mlp.fc.lora.scale == 8 / 2
+    assert model.blocks[0].attn.query.lora.scale == 8 / 4 and model.blocks[1].attn.query.lora.scale == 3 / 4
+    save_peft(model, str(tmp_path / "adapter"))
+    theirs = peft.LoraConfig.from_pretrained(str(tmp_path / "adapter"))
+    assert (theirs.r, theirs.lora_alpha, theirs.rank_pattern, theirs.alpha_pattern) == (
+        4, 8, {"c_fc": 2}, {r"h\.1\.attn\.c_attn": 3})
+    for bad, message in (({"rank_pattern": {"c_fc": 0}}, "must map to a positive integer rank"),
+                         ({"alpha_pattern": {"(": 2}}, "is not a regular expression"),
+                         ({"rank_pattern": ["c_fc", 2]}, "must be a mapping")):
+        with pytest.raises(ValueError, match=f"lora.{next(iter(bad))}"):
+            train.parse_config({"lora": bad})
+        with pytest.raises(ValueError, match=message):
+            train.parse_config({"lora": bad})
+
+
 def test_lora_optimizer_state_of_starcoderbase_1b_is_under_one_percent_of_full_finetuning():
     """Shapes only (an abstract model): AdamW's state for the trained set."""
     from starcoder_jax.model.lora import LoRAConfig, add_lora
