@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -45,6 +50,28 @@ def make_tokenizer(out_dir: str, vocab_size: int = 512, *, specials=STARCODER_SP
     return out_dir
 
 
+_BUILT: dict[tuple[str, str], str] = {}  # (builder, its arguments) -> this process's pristine first build
+
+
+def _built_once(build):
+    """A builder that builds each distinct model once a process and copies that
+    pristine build into every later out_dir: the builds are seeded, so a copy is
+    what a rebuild would give, without drawing every weight with torch again."""
+    @functools.wraps(build)
+    def builder(out_dir: str, **kwargs) -> str:
+        key = (build.__name__, json.dumps(kwargs, sort_keys=True))
+        if key not in _BUILT:
+            pristine = tempfile.mkdtemp(prefix="starcoder-jax-test-model-")
+            atexit.register(shutil.rmtree, pristine, ignore_errors=True)
+            build(pristine, **kwargs)
+            _BUILT[key] = pristine
+        shutil.copytree(_BUILT[key], out_dir, dirs_exist_ok=True)
+        return out_dir
+
+    return builder
+
+
+@_built_once
 def make_hf_model(out_dir: str, *, seed: int = 0, weight_std: float = 0.2, **config) -> str:
     """Saves a random-weight transformers GPTBigCodeForCausalLM with save_pretrained.
 
@@ -82,6 +109,7 @@ def _save_randomized(model, out_dir: str, seed: int, weight_std: float, is_norm)
     return out_dir
 
 
+@_built_once
 def make_hf_starcoder2(out_dir: str, *, seed: int = 0, weight_std: float = 0.2, **config) -> str:
     """Saves a random-weight transformers Starcoder2ForCausalLM with save_pretrained
     (default: 4 query heads over 2 K/V heads, a window of 8, rope_theta 10000),
