@@ -13,9 +13,9 @@ from builders import REPO_ROOT
 ONE_FAST_TEST = "tests/test_layering.py::test_the_checks_see_a_cycle_and_a_layer_violation"
 
 
-def run_pytest(*args: str) -> subprocess.CompletedProcess:
+def run_pytest(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_quick_run_past_its_budget_fails_and_one_within_passes():
@@ -41,7 +41,6 @@ def test_fixtures_built_with_transformers_mark_their_tests_torch():
     assert not any("test_psm_prompt_is_prefix_suffix_middle" in t for t in torch_tests)
 
 
-
 # Vector widths XLA:CPU can be held to (--xla_cpu_max_isa): each sums in its own order.
 NARROWER_ISAS = ("SSE4_2", "AVX")
 
@@ -54,9 +53,8 @@ def test_order_bounded_checks_hold_at_other_vector_widths(isa):
     on an AVX2 or an AVX-512 CPU: the machine's own width runs in the tests
     themselves, this one in a subprocess."""
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_max_isa={isa}").strip())
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/training/test_losses.py",
-         "-k", "match_the_whole or three_head or remat_policies_give or int8_model or separated"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    run = run_pytest("tests/training/test_losses.py",
+                     "-k", "match_the_whole or three_head or remat_policies_give or int8_model or separated",
+                     env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]

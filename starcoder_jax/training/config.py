@@ -171,13 +171,8 @@ def _check_module_patterns(mapping, where: str, wanted: str, valid) -> None:
     """A {regular expression: value} mapping whose values pass `valid`."""
     if not isinstance(mapping, dict):
         raise ValueError(f"{where} must be a mapping of module-name patterns to values, got {mapping!r}")
+    _patterns(list(mapping), where)
     for pattern, value in mapping.items():
-        if not isinstance(pattern, str):
-            raise ValueError(f"{where}: the key {pattern!r} must be a regular expression")
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"{where}: {pattern!r} is not a regular expression ({err})") from None
         if not valid(value):
             raise ValueError(f"{where}: {pattern!r} must map to {wanted}, got {value!r}")
 
