@@ -58,6 +58,7 @@ from starcoder_jax.model.lora import LoRAConfig
 from starcoder_jax.model.modules import Int8
 from starcoder_jax.model.plan import model_config
 from starcoder_jax.parallel.hlo import collectives as hlo_collectives
+from starcoder_jax.parallel.hlo import kernels as hlo_kernels
 from starcoder_jax.parallel.mesh import abstract_on_mesh, mesh_from_spec, parse_mesh_spec
 from starcoder_jax.parallel.rules import mesh_sizes
 from starcoder_jax.parallel.targets import estimate, target
@@ -98,6 +99,10 @@ class CompiledPlan:
     collectives: list[dict]
     hlo_fingerprint: str  # sha256 of the compiled program (the deepest one compiled)
     output_shardings: list[str]  # of the deepest program compiled, one PartitionSpec per output leaf
+    compiler: dict  # platform, device_kind, compiler (and version), topology
+    kernels: dict  # parallel.hlo.Kernels of the deepest program compiled
+    attention_forms: list[str]  # the attention forms the program runs (ops.attention's scopes)
+    flops_source: str  # "cost analysis" (XLA:CPU, libtpu) or "HLO dots" (XLA:GPU has no cost analysis)
     estimate: dict | None = None
 
     @property
@@ -120,7 +125,11 @@ def lora_config(rank: int | None) -> LoRAConfig | None:
     return None if rank is None else LoRAConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS)
 
 
-def _compile_config(config: StarCoderConfig, attention_impl: str | None) -> StarCoderConfig:
+def _compile_config(config: StarCoderConfig, attention_impl: str | None, on_chip: bool) -> StarCoderConfig:
+    """On a chip the forms `auto` picks for it (ops.backend follows the mesh's devices); on
+    fake CPU devices what an accelerator runs, in forms XLA:CPU compiles."""
+    if on_chip:
+        return config.replace(attention_impl=attention_impl or "auto", matmul_impl="auto")
     return config.replace(attention_impl=attention_impl or "chunked", matmul_impl="xla")
 
 
@@ -210,10 +219,28 @@ def _figures(compiled, mesh_shape: dict[str, int]) -> dict:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return {"argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
-            "alias_bytes": memory.alias_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
-            "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-            "collectives": [c.to_dict() for c in hlo_collectives(compiled.as_text(), mesh_shape)]}
+    text = compiled.as_text()
+    kernels = hlo_kernels(text)
+    out = {"argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
+           "alias_bytes": memory.alias_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+           "collectives": [c.to_dict() for c in hlo_collectives(text, mesh_shape)],
+           "kernels": kernels.to_dict(), "attention_forms": attention_forms(text)}
+    if cost:
+        out.update(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+                   flops_source="cost analysis")
+    else:  # XLA:GPU: the matmuls' FLOPs from the HLO; HBM traffic at least arguments read, outputs written
+        out.update(flops=kernels.dot_flops,
+                   bytes_accessed=float(memory.argument_size_in_bytes + memory.output_size_in_bytes),
+                   flops_source="HLO dots")
+    return out
+
+
+def attention_forms(hlo_text: str) -> list[str]:
+    """The attention forms a compiled program runs: ops.attention's `attention_<form>` scopes."""
+    from starcoder_jax.ops.attention import FORMS
+
+    found = set(re.findall(r"attention_([a-z_]+?)(?=[/\"\s])", hlo_text))
+    return sorted(found & set(FORMS))
 
 
 def _extend(a: dict, b: dict, steps: int) -> dict:
@@ -236,14 +263,26 @@ def _extend(a: dict, b: dict, steps: int) -> dict:
             merged.append({"kind": kind, "count": int(count), "bytes": int(nbytes), "mesh_axes": list(axes),
                            "group_size": cb["group_size"]})
     out["collectives"] = merged
+    out["kernels"] = _extend_counts(a["kernels"], b["kernels"], steps)
     return out
+
+
+def _extend_counts(a, b, steps: int):
+    """Kernel counts (numbers and dicts of numbers) of depth N and N + 1 extended by `steps` layers."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        a, b = a or {}, b or {}
+        return {k: _extend_counts(a.get(k, 0), b.get(k, 0), steps) for k in sorted({*a, *b})}
+    value = a + steps * (b - a)
+    return int(round(value)) if isinstance(a, int) and isinstance(b, int) else value
 
 
 def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str = "train", batch: int = 1,
                   seq_len: int | None = None, layers: int | None = None, remat: str = "full",
                   lora_rank: int | None = None, quantize: str | None = None, dtype: str = "bfloat16",
                   attention_impl: str | None = None, loss_chunk: int | None = LOSS_CHUNK,
-                  target_name: str | None = None, progress: bool = False) -> CompiledPlan:
+                  target_name: str | None = None, compiler: str = "chip", topology: str | None = None,
+                  gpus_per_node: int | None = None, dump_hlo: str | None = None,
+                  progress: bool = False) -> CompiledPlan:
     """The compiled plan of one step on one mesh in this process (it must have the devices).
 
     model: a preset name, a model directory or a StarCoderConfig; mesh: a spec
@@ -253,15 +292,36 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
     model's depth (None: compile it whole); dtype: the compute dtype (params
     stay float32 in training, as fine-tuning keeps them; generation holds
     them in this dtype); lora_rank / quantize: LoRA adapters on c_attn,
-    c_proj and c_fc over an int8 or float base; progress: a line on stderr as each
-    compile ends.
+    c_proj and c_fc over an int8 or float base; target_name: a chip
+    (parallel.targets, or a TPU slice name: parallel.chips): a roofline
+    estimate and whether the peak fits its HBM; compiler: "chip" compiles
+    for the target's own compile-only devices with its own compiler
+    (topology: a TPU slice's; gpus_per_node: GPUs a node), "cpu" on this
+    process's CPU devices (the fake-device plan); dump_hlo: a folder to write
+    the optimized HLO of the (deepest) program compiled into; progress: a
+    line on stderr as each compile ends.
     """
+    if compiler not in ("chip", "cpu"):
+        raise ValueError(f"compiler must be 'chip' or 'cpu', got {compiler!r}")
+    on_chip = compiler == "chip" and target_name is not None
     name, config = model_config(model)
-    config = _compile_config(config, attention_impl)
+    config = _compile_config(config, attention_impl, on_chip)
     config = config.replace(dtype=dtype, param_dtype="float32" if step == "train" else dtype)
     seq_len = config.n_positions if seq_len is None else seq_len
     devices = 1 if mesh is None else _mesh_devices(mesh)
-    mesh_obj = None if mesh is None else mesh_from_spec(mesh, jax.devices()[:devices])
+    if on_chip:
+        from starcoder_jax.parallel.chips import chips
+
+        found = chips(target_name, devices, topology=topology, per_node=gpus_per_node)
+        target_name = found.target.name
+        mesh_obj = mesh_from_spec(mesh or "data=1", found.devices)
+        about = found.compiler()
+    else:
+        mesh_obj = None if mesh is None else mesh_from_spec(mesh, jax.devices()[:devices])
+        here = jax.devices()[0]
+        about = {"platform": here.platform, "device_kind": here.device_kind, "jax": jax.__version__,
+                 "compiler": f"XLA:{here.platform.upper()} (jaxlib {jax.lib.__version__})",
+                 "topology": f"{devices} {'fake ' if here.platform == 'cpu' else ''}devices"}
     shape = {"data": 1, "fsdp": 1, "tensor": 1} if mesh_obj is None else mesh_sizes(mesh_obj)
     kw = dict(step=step, batch=batch, seq_len=seq_len, remat=remat, lora_rank=lora_rank, quantize=quantize,
               loss_chunk=loss_chunk)
@@ -291,14 +351,23 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
             _progress(f"{label}: compiled all {depth} layers")
         figures, compiled_layers = _figures(compiled, shape), [depth]
     else:
-        figures = _extend(a, b, depth - n)
+        figures = {**b, **_extend(a, b, depth - n)}
         compiled_layers = [n, n + 1]
         analytic = _analytic(config, mesh_obj, **kw)
     plan = CompiledPlan(
         model=name, mesh=shape, devices=devices, step=step, batch=batch, seq_len=seq_len, layers=depth,
         compiled_layers=compiled_layers, remat=remat if step == "train" else "none", lora_rank=lora_rank,
         quantize=quantize, **{k: figures[k] for k in _SCALED}, **analytic, collectives=figures["collectives"],
-        hlo_fingerprint=fingerprint(compiled), output_shardings=output_specs(compiled))
+        hlo_fingerprint=fingerprint(compiled), output_shardings=output_specs(compiled), compiler=about,
+        kernels=figures["kernels"], attention_forms=figures["attention_forms"],
+        flops_source=figures["flops_source"])
+    if dump_hlo is not None:
+        os.makedirs(dump_hlo, exist_ok=True)
+        where = about["device_kind"].replace(" ", "_") if on_chip else "cpu"
+        path = os.path.join(dump_hlo, f"{name.replace('/', '_')}-{step}-{plan.mesh_spec.replace(',', '_')}-"
+                                      f"{where}-{compiled_layers[-1]}layers.hlo.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(compiled.as_text())
     if target_name is not None:
         plan.estimate = estimate(flops=plan.flops, bytes_accessed=plan.bytes_accessed,
                                  collectives=plan.collectives, mesh=shape, t=target(target_name),
@@ -367,8 +436,14 @@ def compiled_plans(model: str, meshes: list[str | None], *, jobs: int | None = N
     if jobs is not None and jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     jobs = min(len(meshes), (os.cpu_count() or 1) if jobs is None else jobs)
-    here = jax.devices()
     kwargs["progress"] = progress
+    if kwargs.get("target_name") and kwargs.get("compiler", "chip") == "chip":
+        from starcoder_jax.parallel.chips import chips
+
+        chips(kwargs["target_name"], need, topology=kwargs.get("topology"),
+              per_node=kwargs.get("gpus_per_node"))  # a missing extra or a bad target: said here, once
+        need = 0  # the chip's own compile-only devices: no fake CPU devices in any process
+    here = jax.devices()
     if jobs == 1 and len(here) >= need and here[0].platform == "cpu":
         plans = [compiled_plan(model, m, **kwargs).to_dict() for m in meshes]
     else:
@@ -390,9 +465,11 @@ def _in_subprocesses(model, meshes, devices: int, kwargs, jobs: int) -> list[dic
     if isinstance(model, StarCoderConfig):
         model = {"config": model.to_hf(), "runtime": {k: getattr(model, k) for k in ("dtype", "param_dtype")}}
     # The programs are compiled, never run: LLVM's optimizations (about a fifth of the
-    # compile time) change neither the HLO nor its memory analysis.
+    # compile time) change neither the HLO nor its memory analysis. devices 0: a chip's
+    # compile-only devices (parallel.chips), with no fake CPU devices.
     flags = f" --xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + flags)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + (flags if devices else ""))
     shares = [list(range(j, len(meshes), jobs)) for j in range(jobs)]
     procs, logs = [], []
     for share in shares:
@@ -422,7 +499,8 @@ def _in_subprocesses(model, meshes, devices: int, kwargs, jobs: int) -> list[dic
         thread.join()
         if proc.returncode != 0:
             last = "".join(log).strip().splitlines()[-1:] or ["(no output)"]
-            failed = failed or (f"the compile on {devices} fake devices failed: {last[0]}\n"
+            where = f"{devices} fake devices" if devices else kwargs["target_name"]
+            failed = failed or (f"the compile on {where} failed: {last[0]}\n"
                                 f"{''.join(log)[-4000:]}")
             continue
         for i, plan in zip(share, json.loads(out.strip().splitlines()[-1])):

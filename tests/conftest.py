@@ -12,6 +12,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# The suite runs on the CPU platform, also where the chip extras (tpu, cuda) are
+# installed: JAX would otherwise start looking for those chips in every process
+# (about 2 s each). Tests that compile for a chip get its compile-only devices
+# (parallel.chips), which need no platform of their own.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # One persistent compilation cache for the run, shared with the subprocesses the
 # tests start (CLI, notebooks, multi-device): many tests compile the very same
 # programs (the same tiny models through fresh jit closures), and XLA:CPU

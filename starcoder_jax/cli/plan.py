@@ -33,9 +33,19 @@ def _compiled(args) -> int:
     from starcoder_jax.compiled import compiled_plans
 
     meshes = [None if m in ("none", "1") else m for m in args.mesh]
-    plans = compiled_plans(args.model, meshes, step=args.step, batch=args.batch, seq_len=args.seq,
-                           layers=args.layers, remat=args.remat, lora_rank=args.lora, quantize=args.quantize,
-                           dtype=args.dtype, target_name=args.target, jobs=args.jobs, progress=True)
+    from starcoder_jax.parallel.chips import MissingExtra
+
+    if args.compiler == "chip" and args.target is None and (args.topology or args.gpus_per_node):
+        raise SystemExit("shard-plan: --topology and --gpus-per-node describe a --target chip")
+    try:
+        plans = compiled_plans(args.model, meshes, step=args.step, batch=args.batch, seq_len=args.seq,
+                               layers=args.layers, remat=args.remat, lora_rank=args.lora,
+                               quantize=args.quantize, dtype=args.dtype, target_name=args.target,
+                               compiler=args.compiler, topology=args.topology, gpus_per_node=args.gpus_per_node,
+                               attention_impl=args.attention, dump_hlo=args.dump_hlo, jobs=args.jobs,
+                               progress=True)
+    except (MissingExtra, ValueError) as error:
+        raise SystemExit(f"shard-plan: {error}") from None
     if args.json is not None:
         _write_json(plans, args.json)
     if args.json != "-":
@@ -62,11 +72,18 @@ def format_compiled(plans: list[dict]) -> str:
     if p0["compiled_layers"] != [p0["layers"]]:
         lines.append(f"compiled with {p0['compiled_layers'][0]} and {p0['compiled_layers'][1]} layers, "
                      f"every figure extended linearly to the model's {p0['layers']}")
-    lines.append("per device; an ESTIMATE from XLA:CPU's compile (GPU and TPU compilers fuse and "
-                 "plan memory differently)\n")
+    about = p0["compiler"]
+    lines.append(f"compiled by {about['compiler']} for {about['device_kind']} ({about['topology']}), jax "
+                 f"{about['jax']}" + (f", cuDNN {about['cudnn']}" if about.get("cudnn") else ""))
+    if about["platform"] == "cpu":
+        lines.append("per device; an ESTIMATE from XLA:CPU's compile (GPU and TPU compilers fuse and "
+                     "plan memory differently: give --target a chip to compile with its own compiler)")
+    else:
+        lines.append(f"per chip; FLOPs from the {p0['flops_source']}")
+    lines.append(f"attention: {', '.join(p0['attention_forms']) or '-'}\n")
     target = p0.get("estimate")
     head = (f"{'mesh':<26}{'args GiB':>10}{'temp GiB':>10}{'peak GiB':>10}{'params':>9}{'grads':>8}"
-            f"{'AdamW':>8}{'TFLOP':>9}{'comm GB':>9}")
+            f"{'AdamW':>8}{'TFLOP':>9}{'comm GB':>9}{'kernels':>9}")
     if target:
         head += f"{'step s':>9}{'no-ovl s':>10}  fits {target['target']}"
     lines += [head, "-" * len(head)]
@@ -74,7 +91,8 @@ def format_compiled(plans: list[dict]) -> str:
         comm = sum(c["bytes"] for c in p["collectives"]) / 1e9
         row = (f"{p['mesh']:<26}{p['argument_bytes'] / GIB:>10.2f}{p['temp_bytes'] / GIB:>10.2f}"
                f"{p['peak_bytes'] / GIB:>10.2f}{p['params_bytes'] / GIB:>9.2f}{p['gradients_bytes'] / GIB:>8.2f}"
-               f"{p['optimizer_bytes'] / GIB:>8.2f}{p['flops'] / 1e12:>9.2f}{comm:>9.2f}")
+               f"{p['optimizer_bytes'] / GIB:>8.2f}{p['flops'] / 1e12:>9.2f}{comm:>9.2f}"
+               f"{p['kernels']['launches']:>9}")
         if p.get("estimate"):
             e = p["estimate"]
             row += f"{e['estimated_step_s']:>9.3f}{e['no_overlap_step_s']:>10.3f}  {'yes' if e['fits'] else 'NO'}"
@@ -84,6 +102,10 @@ def format_compiled(plans: list[dict]) -> str:
         for c in p["collectives"]:
             axes = ",".join(c["mesh_axes"]) or "-"
             lines.append(f"  {c['kind']:<20}{'over ' + axes:<26}{c['count']:>7} x{c['bytes'] / 1e6:>12.1f} MB")
+        k = p["kernels"]
+        calls = ", ".join(f"{name} x{n}" for name, n in {**k["custom_calls"], **{
+            kind: n for kind, n in k["fusion_kinds"].items() if kind.startswith("__")}}.items())
+        lines.append(f"  kernels: {k['launches']} ({k['fusions']} fusions)" + (f"; {calls}" if calls else ""))
         if p.get("estimate"):
             e = p["estimate"]
             lines.append(f"  compute {e['compute_s']:.4f} s, HBM {e['hbm_s']:.4f} s, links {e['comm_s']:.4f} s "
@@ -97,7 +119,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         "shard-plan", help="bytes per device of a model on a mesh (shapes, or the compiled step)",
         description="Bytes per device of params, gradients, optimizer state, activations and "
                     "KV cache for a model on a (data, fsdp, tensor) mesh, from shapes. With --compile: "
-                    "the real train / prefill / decode step compiled on fake CPU devices (never run): "
+                    "the real train / prefill / decode step compiled, never run: for --target's chip by "
+                    "its own compiler (libtpu, XLA:GPU) on this host, else on fake CPU devices: "
                     "XLA's memory and cost analyses and the collectives of the partitioned program, per "
                     "device, and with --target a roofline estimate of the step time. Exit status 1 when "
                     "--device-memory (or --target's HBM) is given and the plan does not fit.")
@@ -133,8 +156,20 @@ def register(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--lora", type=int, default=None, metavar="RANK",
                    help="train LoRA adapters of this rank on c_attn, c_proj and c_fc (a frozen base)")
     c.add_argument("--quantize", default=None, choices=("int8",), help="an int8 base (with --lora for training)")
-    c.add_argument("--target", default=None, choices=tuple(TARGETS),
-                   help="an accelerator: roofline step time and whether the peak fits its HBM")
+    c.add_argument("--target", default=None, metavar="CHIP",
+                   help=f"compile for this chip with its own compiler on this host ({', '.join(TARGETS)}, or "
+                        "a TPU slice such as v5e-8, v5p-128): per-chip memory, kernels, the roofline step "
+                        "time and whether the peak fits its HBM (extras: tpu, cuda)")
+    c.add_argument("--topology", default=None, metavar="AxB[xC]",
+                   help="a TPU target's slice shape (default: the usual one for the mesh's chips)")
+    c.add_argument("--gpus-per-node", type=int, default=None, metavar="N",
+                   help="a GPU target's GPUs per node (default 8, or fewer for a smaller mesh)")
+    c.add_argument("--compiler", default="chip", choices=("chip", "cpu"),
+                   help="chip (default): the target's compiler; cpu: XLA:CPU on fake CPU devices, with the "
+                        "target's roofline (the plans made before chips compiled here)")
+    c.add_argument("--attention", default=None, metavar="IMPL",
+                   help="force an attention form (default: auto on a chip, chunked on fake CPU devices)")
+    c.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each compiled program's optimized HLO")
     c.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="compile in N processes at once (default: one per CPU core, at most one per mesh)")
     p.set_defaults(func=cmd_shard_plan)

@@ -78,8 +78,17 @@ class MeshRunner:
         with jax.set_mesh(self.mesh):
             return self._jit(fn, donate, args, kwargs)(*args, **kwargs)
 
+    def _abstract(self, x):
+        if isinstance(x, jax.ShapeDtypeStruct) or not isinstance(x, (jax.Array, np.ndarray, np.generic)):
+            return x
+        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self.replicated)
+
     def lower(self, fn: Callable, donate: tuple[str, ...], *args, **kwargs) -> jax.stages.Lowered:
-        """The program `call` runs, lowered; args may be ShapeDtypeStructs carrying their shardings."""
-        args, kwargs = jax.tree.map(self._place, (args, kwargs))
+        """The program `call` runs, lowered on abstract shapes: a concrete argument stands as
+        its shape with the sharding `call` would give it, so nothing is copied to a device
+        (the mesh's devices may be compile-only: parallel.chips)."""
+        args, kwargs = jax.tree.map(self._abstract, (args, kwargs))
         with jax.set_mesh(self.mesh):
             return self._jit(fn, donate, args, kwargs).lower(*args, **kwargs)

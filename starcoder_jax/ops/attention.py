@@ -52,7 +52,8 @@ import jax
 import jax.numpy as jnp
 
 from starcoder_jax.config import ATTENTION_IMPLS
-from starcoder_jax.ops.backend import cpu_without_mesh, on_gpu, on_tpu
+from starcoder_jax.ops.backend import cpu_without_mesh, cudnn_available, on_gpu, on_tpu, platform
+from starcoder_jax.parallel.rules import RULES
 
 FORMS = tuple(name for name in ATTENTION_IMPLS if name != "auto")
 QUADRATIC = ("xla", "cpu_key_major", "cpu_blocked")  # forms whose training memory grows as T * S
@@ -74,10 +75,11 @@ def resolve(impl: str, own_keys: bool, t: int) -> str:
     to themselves: `attention` falls back from them to "chunked" where the
     kernel cannot run (with a warning).
 
-    "auto", per backend and phase: on XLA:CPU without a mesh cpu_blocked for
-    own keys 1 < t < LONG, cpu_key_major for decode and shorter cache reads;
-    on a GPU cudnn for own keys (t > 1); on a TPU without a mesh splash for
-    own keys (t > 1); the reference for decode elsewhere; from t >= LONG
+    "auto", per platform compiled for (ops.backend) and phase: on XLA:CPU
+    without a mesh cpu_blocked for own keys 1 < t < LONG, cpu_key_major for
+    decode and shorter cache reads; on a GPU cudnn for own keys (t > 1) where
+    the cuDNN library is installed; on a TPU splash for own keys (t > 1),
+    mesh or not; the reference for decode elsewhere; from t >= LONG
     queries "chunked" wherever the choice above would be QUADRATIC (training,
     a long prefill, a long prefill continuing a cache).
     """
@@ -91,9 +93,9 @@ def resolve(impl: str, own_keys: bool, t: int) -> str:
 
 
 def _auto(own_keys: bool, t: int) -> str:
-    if own_keys and t > 1 and on_gpu():
+    if own_keys and t > 1 and on_gpu() and cudnn_available():
         return "cudnn"
-    if own_keys and t > 1 and on_tpu() and jax.sharding.get_abstract_mesh().empty:
+    if own_keys and t > 1 and on_tpu():
         return "splash"
     if cpu_without_mesh():
         form = "cpu_blocked" if own_keys and t > 1 else "cpu_key_major"
@@ -150,15 +152,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
     drop = dropout_rate if dropout_key is not None else 0.0
     segments = None if q_segments is None else (q_segments, k_segments)
     if form in ("cudnn", "splash"):
-        why = _kernel_refusal(form, q, own_keys, drop, segments, interpret)
+        why = _kernel_refusal(form, q, k, own_keys, drop, segments, interpret)
         if why is not None:
+            if impl == form and why.hard:
+                raise ValueError(f"attention impl {form!r} cannot serve this call on {platform()}: {why}")
             form = _fall_back(form, why, warn=impl != "auto")
     with jax.named_scope(f"attention_{form}"):
-        if form == "cudnn":
-            return _cudnn(q, k, v, q_positions, scale, window, chunk, warn=impl != "auto")
         q = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
-        if form == "splash":
-            out = _splash(q, k, v, q_positions, segments, scale, window, interpret)
+        if form == "cudnn":
+            out = _sharded_kernel(functools.partial(_cudnn, scale=scale, window=window, chunk=chunk,
+                                                    hard=impl == "cudnn"), q, k, v, q_positions, segments)
+        elif form == "splash":
+            out = _sharded_kernel(functools.partial(_splash, scale=scale, window=window, interpret=interpret),
+                                  q, k, v, q_positions, segments)
         elif form == "chunked":
             out = _chunked(q, k, v, q_positions, k_positions, segments, scale, drop, dropout_key,
                            own_keys, chunk, window)
@@ -479,25 +485,85 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # --- the kernels: cuDNN (GPU) and splash (TPU), each falling back to chunked ---
 
-def _kernel_refusal(form, q, own_keys, rate, segments, interpret) -> str | None:
+class Refusal(str):
+    """Why a kernel cannot serve a call. hard: the program is compiled for the kernel's own
+    platform and the call is of a kind it serves, so a forced form is an error, not a fallback."""
+
+    hard: bool = False
+
+    @classmethod
+    def of(cls, why: str, hard: bool) -> Refusal:
+        out = cls(why)
+        out.hard = hard
+        return out
+
+
+def _kernel_refusal(form, q, k, own_keys, rate, segments, interpret) -> Refusal | None:
     """Why `form` ("cudnn" or "splash") cannot serve this call, or None; known before tracing it."""
     if rate:
-        return "it has no attention dropout"
+        return Refusal.of("it has no attention dropout", False)
     if not own_keys:
-        return "it serves own keys only (training, a prefill from position 0), not a cache read"
+        return Refusal.of("it serves own keys only (training, a prefill from position 0), not a cache read", False)
     if form == "cudnn":
         if not on_gpu():
-            return f"it runs on a GPU only (JAX runs on {jax.default_backend()})"
+            return Refusal.of(f"it runs on a GPU only (the program is compiled for {platform()})", False)
+        if not cudnn_available():
+            return Refusal.of("the cuDNN library is not installed (pip install 'starcoder-jax[cuda]')", True)
         if q.dtype not in (jnp.bfloat16, jnp.float16):
-            return f"it takes bfloat16 or float16, got {q.dtype}"
+            return Refusal.of(f"it takes bfloat16 or float16, got {q.dtype}", True)
         if segments is not None:
-            return "causal + lengths cannot express segment ids"
-        return None
-    if not (on_tpu() or interpret):
-        return f"it runs on a TPU only (JAX runs on {jax.default_backend()})"
-    if not jax.sharding.get_abstract_mesh().empty:
-        return "it runs without a mesh only (no shard_map over batch and heads here)"
-    return None
+            return Refusal.of("causal + lengths cannot express segment ids", True)
+    elif not (on_tpu() or interpret):
+        return Refusal.of(f"it runs on a TPU only (the program is compiled for {platform()})", False)
+    split = _kernel_split(q.shape[0], k.shape[2], q.shape[2] // k.shape[2])
+    return Refusal.of(split, True) if isinstance(split, str) else None
+
+
+def _kernel_split(b: int, kv: int, g: int):
+    """How a kernel runs under the mesh set now: (batch mesh axes, the head axis it splits
+    over the heads' mesh axes: "K", "G" or None, those axes), or why it cannot run. The
+    batch goes over the rules' batch axes (data, fsdp) and the heads over theirs (tensor):
+    the kv heads K where the axes divide them, else each kv head's G query heads (keys and
+    values whole on every device, as for multi-query models); no mesh: ((), None, ())."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), None, ()
+    sizes = dict(mesh.shape)
+    batch = tuple(a for a in RULES["batch"] or () if sizes.get(a, 1) > 1)
+    heads = tuple(a for a in RULES["heads"] or () if sizes.get(a, 1) > 1)
+    rows = 1
+    for a in batch:
+        rows *= sizes[a]
+    if b % rows:
+        return f"its batch of {b} rows does not divide over the mesh's {' x '.join(batch)} = {rows} devices"
+    split = 1
+    for a in heads:
+        split *= sizes[a]
+    if split == 1:
+        return batch, None, ()
+    if kv % split == 0:
+        return batch, "K", heads
+    if g % split == 0:
+        return batch, "G", heads
+    return (f"neither its {kv} kv heads nor their {g} query heads each divide over the mesh's "
+            f"{' x '.join(heads)} = {split} devices")
+
+
+def _sharded_kernel(kernel, q, k, v, positions, segments):
+    """kernel(q [B, T, K, G, H], k, v [B, T, K, H], positions [B, T], segments) -> [B, T, K, G, H],
+    run by `jax.shard_map` over the mesh set now (`_kernel_split`): each device calls the
+    kernel on its rows and heads, as it would on one device; no mesh: called as it is."""
+    batch, head_axis, heads = _kernel_split(q.shape[0], k.shape[2], q.shape[3])
+    if jax.sharding.get_abstract_mesh().empty:
+        return kernel(q, k, v, positions, segments)
+    rows = batch or None
+    on_heads = heads or None
+    q_spec = jax.P(rows, None, on_heads if head_axis == "K" else None, on_heads if head_axis == "G" else None)
+    kv_spec = jax.P(rows, None, on_heads if head_axis == "K" else None)
+    row_spec = jax.P(rows)
+    seg_spec = None if segments is None else (row_spec, row_spec)
+    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, row_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, positions, segments)
 
 
 def _fall_back(form: str, why: str, warn: bool) -> str:
@@ -509,32 +575,34 @@ def _fall_back(form: str, why: str, warn: bool) -> str:
     return "chunked"
 
 
-def _cudnn(q, k, v, positions, scale, window, chunk, warn):
-    """Own-key attention q [B, T, N, H] over k/v [B, T, K, H] by cuDNN's fused
-    kernel: causal by index, each row's padding (negative positions) as its
-    length. Lengths express right padding only; a batch with padding before
-    a token (left padding) runs chunked, chosen on device (`lax.cond`: both
-    are compiled). Where cuDNN refuses the call while it is traced (shape,
-    head dim, cuDNN version) the chunked form runs instead, with a warning
-    when cudnn was asked for by name. A window is cuDNN's local window of
-    window - 1 keys before each query (`fused`)."""
-    b, t, n, h = q.shape
-    kv = k.shape[2]
+def _cudnn(q, k, v, positions, segments, *, scale, window, chunk, hard):
+    """Own-key attention q [B, T, K, G, H] over k/v [B, T, K, H] by cuDNN's fused
+    kernel -> [B, T, K, G, H]: causal by index, each row's padding (negative
+    positions) as its length. Lengths express right padding only; a batch with
+    padding before a token (left padding) runs chunked, chosen on device
+    (`lax.cond`: both are compiled). Where cuDNN refuses the call while it is
+    traced (shape, head dim, cuDNN version) the chunked form runs instead, with
+    a warning when cudnn was asked for by name, or an error where it was
+    forced (`hard`) on a GPU. A window is cuDNN's local window of window - 1
+    keys before each query (`fused`)."""
+    del segments  # refused before (`_kernel_refusal`)
+    b, t, kv, g, h = q.shape
     valid = positions >= 0  # [B, T]
 
     def kernel(q, k, v):
-        return fused(q, k, v, valid, scale, window, "cudnn")
+        return fused(q.reshape(b, t, kv * g, h), k, v, valid, scale, window, "cudnn").reshape(q.shape)
 
     def chunked(q, k, v):
         with jax.named_scope("attention_chunked"):
-            out = _chunked(q.reshape(b, t, kv, n // kv, h), k, v, positions, positions, None, scale, 0.0,
-                           None, True, chunk, window)
-        return out.reshape(b, t, n, h)
+            return _chunked(q, k, v, positions, positions, None, scale, 0.0, None, True, chunk, window)
 
     try:
         jax.eval_shape(kernel, q, k, v)
     except Exception as error:  # noqa: BLE001 -- any refusal of cuDNN's checks means: not this kernel
-        _fall_back("cudnn", f"cuDNN refused it ({str(error).splitlines()[0][:200]})", warn)
+        why = f"cuDNN refused it ({str(error).splitlines()[0][:200]})"
+        if hard:
+            raise ValueError(f"attention impl 'cudnn' cannot serve this call on gpu: {why}") from error
+        _fall_back("cudnn", why, True)
         return chunked(q, k, v)
     right_padded = jnp.all(valid[:, 1:] <= valid[:, :-1])  # no token after padding in any row
     return jax.lax.cond(right_padded, kernel, chunked, q, k, v)
@@ -572,7 +640,7 @@ def _splash_kernel(length: int, tile: int, heads: int, multi_head: bool, interpr
     return make(mask, block_sizes=tiles, interpret=interpret), sk.SegmentIds
 
 
-def _splash(q, k, v, positions, segments, scale, window, interpret):
+def _splash(q, k, v, positions, segments, *, scale, window, interpret):
     """Own-key attention q [B, T, K, G, H] over k/v [B, T, K, H] by the splash
     kernel -> [B, T, K, G, H]: causal by index, T padded to whole 128-token
     tiles; padding (negative positions) takes a segment id below every real

@@ -1,8 +1,27 @@
-"""Where the program being traced runs: the probes behind the `auto` forms of ops/."""
+"""Where the program being traced runs: the probes behind the `auto` forms of ops/.
+
+The platform is the one the program is compiled for, not the host's: the
+devices of the mesh set now (`jax.set_mesh`, which every sharded path of the
+library sets around tracing), else JAX's default backend. A program
+compiled on this CPU host for TPU or GPU devices (parallel.chips) thus picks
+the TPU's or the GPU's forms.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+
 import jax
+
+
+def platform() -> str:
+    """"cpu", "gpu" or "tpu": the platform of the mesh set now, else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    if device is not None:
+        return device.platform
+    return jax.default_backend()
 
 
 def cpu_without_mesh(sharded: bool | None = None) -> bool:
@@ -13,19 +32,43 @@ def cpu_without_mesh(sharded: bool | None = None) -> bool:
     """
     if sharded is None:
         sharded = not jax.sharding.get_abstract_mesh().empty
-    return jax.default_backend() == "cpu" and not sharded
+    return platform() == "cpu" and not sharded
 
 
 def on_gpu() -> bool:
-    """Whether the program runs on XLA:GPU (the one-row int8 product has a GPU form)."""
-    return jax.default_backend() == "gpu"
+    """Whether the program is compiled for XLA:GPU (cuDNN attention, the GPU int8 product)."""
+    return platform() == "gpu"
 
 
 def on_tpu() -> bool:
-    """Whether the program runs on a TPU (the splash attention kernel)."""
-    return jax.default_backend() == "tpu"
+    """Whether the program is compiled for a TPU (the splash attention kernel)."""
+    return platform() == "tpu"
 
 
 def on_cpu() -> bool:
-    """Whether the program runs on XLA:CPU, mesh or not (recomputation's "cond" form)."""
-    return jax.default_backend() == "cpu"
+    """Whether the program is compiled for XLA:CPU, mesh or not (recomputation's "cond" form)."""
+    return platform() == "cpu"
+
+
+@functools.cache
+def cudnn_version() -> tuple[int, int, int] | None:
+    """The cuDNN library XLA:GPU would link (the nvidia-cudnn wheel JAX's CUDA plugin loads),
+    or None where none is installed: a GPU program then cannot call cuDNN's kernels."""
+    for wheel in ("nvidia-cudnn-cu13", "nvidia-cudnn-cu12"):
+        try:
+            parts = importlib.metadata.version(wheel).split(".")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return tuple(int(p) for p in (parts + ["0", "0"])[:3])
+    return None
+
+
+def cudnn_available() -> bool:
+    """Whether a GPU program can call cuDNN: the wheel is installed, or a GPU is attached
+    (whose JAX install brought its own cuDNN)."""
+    if cudnn_version() is not None:
+        return True
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False

@@ -17,8 +17,10 @@ collectives (parallel.hlo) into times:
 Mesh axes map to links by position: the mesh is (data, fsdp, tensor) with
 `tensor` varying fastest over the device list, so a collective stays on the
 fast links when its outermost axis and every axis inside it fit in one node.
-These are estimates from a CPU compile: XLA:CPU fuses, schedules and plans
-memory differently from the GPU and TPU compilers (docs/sharding.md).
+A target is also a chip to compile for (parallel.chips): each row names
+its platform, and a TPU its topology prefix in libtpu's names ("v5e:2x2"),
+a GPU the device description XLA:GPU compiles against (`GpuChip`: the
+figures of CUDA's device query, as XLA's public GPU specs record them).
 
 This module imports nothing from the rest of the package.
 """
@@ -33,6 +35,39 @@ GB = 1e9
 
 
 @dataclasses.dataclass(frozen=True)
+class GpuChip:
+    """What XLA:GPU's compiler needs to know of an NVIDIA chip (its GpuDeviceInfoProto)."""
+
+    description: str  # CUDA's device name, as the driver reports it
+    compute_capability: tuple[int, int]
+    sm_count: int
+    fp32_units_per_sm: int
+    clock_ghz: float
+    memory_bytes: int  # as the driver reports it (below the datasheet's GB)
+    l2_bytes: int
+    shared_memory_per_sm: int
+    shared_memory_per_block_optin: int
+
+    def target_config(self, memory_bandwidth: float, cudnn: tuple[int, int, int]) -> str:
+        """The chip as a text-format GpuTargetConfigProto, with the cuDNN version it links."""
+        fields = [
+            ("threads_per_block_limit", 1024), ("threads_per_warp", 32), ("shared_memory_per_block", 49152),
+            ("shared_memory_per_core", self.shared_memory_per_sm), ("threads_per_core_limit", 2048),
+            ("core_count", self.sm_count), ("fpus_per_core", self.fp32_units_per_sm),
+            ("block_dim_limit_x", 2**31 - 1), ("block_dim_limit_y", 65535), ("block_dim_limit_z", 65535),
+            ("memory_bandwidth", int(memory_bandwidth)), ("l2_cache_size", self.l2_bytes),
+            ("clock_rate_ghz", self.clock_ghz), ("device_memory_size", self.memory_bytes),
+            ("shared_memory_per_block_optin", self.shared_memory_per_block_optin),
+            ("registers_per_core_limit", 65536), ("registers_per_block_limit", 65536)]
+        major, minor = self.compute_capability
+        info = "\n".join(f"  {k}: {v}" for k, v in fields)
+        return (f"gpu_device_info {{\n{info}\n  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\n"
+                f'platform_name: "CUDA"\n'
+                f"dnn_version_info {{ major: {cudnn[0]} minor: {cudnn[1]} patch: {cudnn[2]} }}\n"
+                f'device_description_str: "{self.description}"\n')
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
     name: str
     bf16_flops: float  # dense peak per chip, FLOP/s
@@ -44,35 +79,62 @@ class Target:
     slow_link_bandwidth: float  # bytes/s per chip and direction between nodes / slices
     node_size: int  # chips on the fast links
     source: str
+    platform: str = "gpu"  # "gpu" or "tpu": the compiler that builds its programs
+    tpu: str | None = None  # libtpu's topology prefix ("v5e")
+    gpu: GpuChip | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 # Datasheet figures. NVLink and ICI are quoted bidirectional; a ring uses one direction of
-# each link pair, so half is used here. InfiniBand per GPU: one NIC per GPU.
+# each link pair, so half is used here. InfiniBand per GPU: one NIC per GPU. A GPU's
+# GpuChip: its SM count, clock, L2 and shared memory from NVIDIA's architecture
+# whitepapers (Hopper, Ampere, Blackwell), its memory as the driver reports it.
+_HOPPER = dict(compute_capability=(9, 0), sm_count=132, fp32_units_per_sm=128, clock_ghz=1.98,
+               l2_bytes=50 * 2**20, shared_memory_per_sm=228 * 1024, shared_memory_per_block_optin=227 * 1024)
+_AMPERE = dict(compute_capability=(8, 0), sm_count=108, fp32_units_per_sm=64, clock_ghz=1.41,
+               l2_bytes=40 * 2**20, shared_memory_per_sm=164 * 1024, shared_memory_per_block_optin=163 * 1024)
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("h100-sxm", 989e12, 80 * GB, 3.35e12, "NVLink 4", 450 * GB, "InfiniBand NDR", 50 * GB, 8,
            "NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 1,979 TFLOPS with sparsity (989 dense), "
-           "80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s; ConnectX-7 400 Gb/s per GPU"),
+           "80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s; ConnectX-7 400 Gb/s per GPU",
+           gpu=GpuChip("NVIDIA H100 80GB HBM3", memory_bytes=81_042 * 2**20, **_HOPPER)),
     Target("h200", 989e12, 141 * GB, 4.8e12, "NVLink 4", 450 * GB, "InfiniBand NDR", 50 * GB, 8,
            "NVIDIA H200 Tensor Core GPU datasheet (SXM): BF16 1,979 TFLOPS with sparsity (989 dense), "
-           "141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s; ConnectX-7 400 Gb/s per GPU"),
+           "141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s; ConnectX-7 400 Gb/s per GPU",
+           gpu=GpuChip("NVIDIA H200", memory_bytes=143_771 * 2**20, **_HOPPER)),
     Target("a100-80gb", 312e12, 80 * GB, 2.039e12, "NVLink 3", 300 * GB, "InfiniBand HDR", 25 * GB, 8,
            "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM): BF16 312 TFLOPS dense, 80 GB HBM2e at "
-           "2,039 GB/s, NVLink 600 GB/s; HDR 200 Gb/s per GPU"),
+           "2,039 GB/s, NVLink 600 GB/s; HDR 200 Gb/s per GPU",
+           gpu=GpuChip("NVIDIA A100-SXM4-80GB", memory_bytes=81_156 * 2**20, **_AMPERE)),
     Target("a100-40gb", 312e12, 40 * GB, 1.555e12, "NVLink 3", 300 * GB, "InfiniBand HDR", 25 * GB, 8,
            "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM): BF16 312 TFLOPS dense, 40 GB HBM2 at "
-           "1,555 GB/s, NVLink 600 GB/s; HDR 200 Gb/s per GPU"),
+           "1,555 GB/s, NVLink 600 GB/s; HDR 200 Gb/s per GPU",
+           gpu=GpuChip("NVIDIA A100-SXM4-40GB", memory_bytes=40_370 * 2**20, **_AMPERE)),
+    Target("b200", 2250e12, 180 * GB, 7.7e12, "NVLink 5", 900 * GB, "InfiniBand NDR", 50 * GB, 8,
+           "NVIDIA HGX B200 datasheet: 8 GPUs with 18 PFLOPS dense FP16/BF16 (2.25 each), 1,440 GB HBM3e "
+           "(180 each) at 62 TB/s (7.7 each), NVLink 5 1.8 TB/s per GPU; ConnectX-7 400 Gb/s per GPU",
+           gpu=GpuChip("NVIDIA B200", compute_capability=(10, 0), sm_count=148, fp32_units_per_sm=128,
+                       clock_ghz=1.965, memory_bytes=182_642 * 2**20,
+                       l2_bytes=126 * 2**20, shared_memory_per_sm=228 * 1024,
+                       shared_memory_per_block_optin=227 * 1024)),
     Target("tpu-v4", 275e12, 32 * 2**30, 1200 * GB, "ICI", 1.1e15 / 4096, "DCN", 0.0, 4096,
            "Cloud TPU v4 documentation: 275 TFLOPS bf16 per chip, 32 GiB HBM2 at 1200 GBps, "
-           "all-reduce bandwidth 1.1 PB/s per 4096-chip pod (used per chip); a pod is one slice"),
+           "all-reduce bandwidth 1.1 PB/s per 4096-chip pod (used per chip); a pod is one slice",
+           platform="tpu", tpu="v4"),
     Target("tpu-v5e", 197e12, 16 * GB, 800 * 2**30, "ICI", 200 * GB, "DCN", 25e9 / 8, 256,
            "Cloud TPU v5e documentation: 197 TFLOPS bf16, 16 GB HBM at 800 GiBps, bidirectional ICI "
-           "400 GBps per chip, 2 x 100 Gbps NICs per 8-chip host, 256-chip pod"),
+           "400 GBps per chip, 2 x 100 Gbps NICs per 8-chip host, 256-chip pod",
+           platform="tpu", tpu="v5e"),
     Target("tpu-v5p", 459e12, 95 * 2**30, 2765 * GB, "ICI", 600 * GB, "DCN", 50e9 / 8, 8960,
            "Cloud TPU v5p documentation: 459 TFLOPS bf16, 95 GiB HBM2e at 2765 GBps, bidirectional "
-           "ICI 1200 GBps per chip, DCN 50 Gbps per chip, 8960-chip slices"),
+           "ICI 1200 GBps per chip, DCN 50 Gbps per chip, 8960-chip slices",
+           platform="tpu", tpu="v5p"),
+    Target("tpu-v6e", 918e12, 32 * GB, 1640 * GB, "ICI", 400 * GB, "DCN", 0.0, 256,
+           "Cloud TPU v6e (Trillium) documentation: 918 TFLOPS bf16, 32 GB HBM at 1640 GBps, "
+           "bidirectional ICI 800 GBps per chip, 256-chip pod (no DCN figure per chip published)",
+           platform="tpu", tpu="v6e"),
 )}
 
 

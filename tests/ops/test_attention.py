@@ -291,10 +291,12 @@ def test_dropout_drops_probabilities(form):
     np.testing.assert_array_equal(np.asarray(no_key), plain)
 
 
-def _backend(monkeypatch, name):
-    """The attention module's probes answer as if JAX ran on `name` ("cpu", "gpu" or "tpu")."""
+def _backend(monkeypatch, name, cudnn=True):
+    """The attention module's probes answer as if the program were compiled for `name`
+    ("cpu", "gpu" or "tpu"), with or without the cuDNN library."""
     monkeypatch.setattr(attention_module, "on_gpu", lambda: name == "gpu")
     monkeypatch.setattr(attention_module, "on_tpu", lambda: name == "tpu")
+    monkeypatch.setattr(attention_module, "cudnn_available", lambda: cudnn)
     monkeypatch.setattr(attention_module, "cpu_without_mesh",
                         lambda: name == "cpu" and jax.sharding.get_abstract_mesh().empty)
 
@@ -310,11 +312,13 @@ def test_auto_per_backend_and_phase(monkeypatch):
     _backend(monkeypatch, "gpu")
     assert [resolve("auto", True, t) for t in (1, 512, 8192)] == ["xla", "cudnn", "cudnn"]
     assert [resolve("auto", False, t) for t in (1, 64, LONG)] == ["xla", "xla", "chunked"]
+    _backend(monkeypatch, "gpu", cudnn=False)  # no cuDNN library: the best form that compiles
+    assert [resolve("auto", True, t) for t in (1, 512, 8192)] == ["xla", "xla", "chunked"]
     _backend(monkeypatch, "tpu")
     assert [resolve("auto", True, t) for t in (1, 512, 8192)] == ["xla", "splash", "splash"]
     assert [resolve("auto", False, t) for t in (1, LONG)] == ["xla", "chunked"]
-    with jax.set_mesh(jax.make_mesh((1,), ("data",))):  # splash has no sharded form here
-        assert [resolve("auto", True, t) for t in (512, 8192)] == ["xla", "chunked"]
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):  # splash runs under a mesh by shard_map
+        assert [resolve("auto", True, t) for t in (512, 8192)] == ["splash", "splash"]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
@@ -341,8 +345,8 @@ def test_cudnn_falls_back_to_chunked_off_a_gpu_with_one_warning():
         first = _attend("cudnn", q, k, v, q_pos, k_pos, own_keys)
         second = _attend("cudnn", q, k, v, q_pos, k_pos, own_keys)
     assert [str(w.message) for w in caught] == [
-        f"attention impl 'cudnn' cannot serve this call: it runs on a GPU only (JAX runs on "
-        f"{jax.default_backend()}); running 'chunked'"]
+        f"attention impl 'cudnn' cannot serve this call: it runs on a GPU only (the program is "
+        f"compiled for {jax.default_backend()}); running 'chunked'"]
     for got in (first, second):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(_attend("chunked", q, k, v, q_pos, k_pos, True)))
 

@@ -224,7 +224,8 @@ def test_shard_plan_compile_command_writes_json(tmp_path, capsys):
     (model_dir / "config.json").write_text(json.dumps(config.to_hf()))
     out = tmp_path / "plan.json"
     status = main(["shard-plan", "--compile", "--preset", str(model_dir), "--mesh", "data=1", "--step", "prefill",
-                   "--seq-len", "32", "--batch", "2", "--target", "h100-sxm", "--json", str(out)])
+                   "--seq-len", "32", "--batch", "2", "--target", "h100-sxm", "--compiler", "cpu",
+                   "--json", str(out)])
     text = capsys.readouterr().out
     assert status == 0
     assert "ESTIMATE" in text and "data=1,fsdp=1,tensor=1" in text
@@ -374,7 +375,7 @@ def test_plan8_the_report_compiles_the_program_a_run_executes(tmp_path):
 @plan8
 def test_plan8_a_sweep_sorts_meshes_by_estimated_time():
     plans = compiled_plans(SHAPES["tiny"], ["data=2,fsdp=2,tensor=2", "fsdp=8"], batch=8, seq_len=64,
-                           dtype="float32", target_name="tpu-v5p", remat="none")
+                           dtype="float32", target_name="tpu-v5p", compiler="cpu", remat="none")
     times = [p["estimated_step_s"] for p in plans]
     assert times == sorted(times) and len(plans) == 2
     assert {p["mesh"] for p in plans} == {"data=1,fsdp=8,tensor=1", "data=2,fsdp=2,tensor=2"}
