@@ -102,7 +102,7 @@ class CompiledPlan:
     compiler: dict  # platform, device_kind, compiler (and version), topology
     kernels: dict  # parallel.hlo.Kernels of the deepest program compiled
     attention_forms: list[str]  # the attention forms the program runs (ops.attention's scopes)
-    flops_source: str  # "cost analysis" (XLA:CPU, libtpu) or "HLO dots" (XLA:GPU has no cost analysis)
+    flops_source: str  # "cost analysis" (XLA:CPU, libtpu), or "model" (XLA:GPU has none): model_flops per chip
     estimate: dict | None = None
 
     @property
@@ -210,6 +210,14 @@ def fingerprint(compiled) -> str:
     return hashlib.sha256(program.encode()).hexdigest()
 
 
+def program_fingerprint(lowered) -> str:
+    """sha256 of a lowered, not yet compiled, program (its StableHLO) without source
+    locations: equal where two platforms' compilers are handed the same program."""
+    text = re.sub(r"\s*loc\((?:[^()]|\([^()]*\))*\)", "", lowered.as_text())
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("#loc"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def output_specs(compiled) -> list[str]:
     """The PartitionSpec of every output leaf of a compiled program, as text."""
     return [str(getattr(s, "spec", s)) for s in jax.tree.leaves(compiled.output_shardings)]
@@ -228,11 +236,25 @@ def _figures(compiled, mesh_shape: dict[str, int]) -> dict:
     if cost:
         out.update(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
                    flops_source="cost analysis")
-    else:  # XLA:GPU: the matmuls' FLOPs from the HLO; HBM traffic at least arguments read, outputs written
-        out.update(flops=kernels.dot_flops,
-                   bytes_accessed=float(memory.argument_size_in_bytes + memory.output_size_in_bytes),
-                   flops_source="HLO dots")
+    else:  # XLA:GPU: model FLOPs (compiled_plan); HBM traffic at least arguments read, outputs written
+        out.update(flops=0.0, bytes_accessed=float(memory.argument_size_in_bytes + memory.output_size_in_bytes),
+                   flops_source="model")
     return out
+
+
+def model_flops(config: StarCoderConfig, step: str, batch: int, seq_len: int) -> float:
+    """Model FLOPs of one step (bench.train_flops_per_token's count: matmuls with the LM
+    head, attention over the whole row, no recomputation): training 6 N + 12 L D T a
+    token, prefill 2 N + 4 L D T a prompt token, decode 2 N + 4 L D S for each row's one
+    new token over a cache of S = seq_len positions."""
+    from starcoder_jax.bench import train_flops_per_token
+
+    attention = 12 * config.n_layer * config.n_embd * seq_len
+    matmuls = train_flops_per_token(config, seq_len) - attention  # 6 N
+    if step == "train":
+        return float(batch * seq_len * (matmuls + attention))
+    tokens = batch * (seq_len if step == "prefill" else 1)
+    return float(tokens * (matmuls + attention) / 3)
 
 
 def attention_forms(hlo_text: str) -> list[str]:
@@ -361,6 +383,8 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
         hlo_fingerprint=fingerprint(compiled), output_shardings=output_specs(compiled), compiler=about,
         kernels=figures["kernels"], attention_forms=figures["attention_forms"],
         flops_source=figures["flops_source"])
+    if plan.flops_source == "model":
+        plan.flops = model_flops(config, step, batch, seq_len) / devices
     if dump_hlo is not None:
         os.makedirs(dump_hlo, exist_ok=True)
         where = about["device_kind"].replace(" ", "_") if on_chip else "cpu"

@@ -79,7 +79,9 @@ def format_compiled(plans: list[dict]) -> str:
         lines.append("per device; an ESTIMATE from XLA:CPU's compile (GPU and TPU compilers fuse and "
                      "plan memory differently: give --target a chip to compile with its own compiler)")
     else:
-        lines.append(f"per chip; FLOPs from the {p0['flops_source']}")
+        lines.append("per chip; FLOPs from " + ("the compiler's cost analysis" if p0["flops_source"] == "cost analysis"
+                                                else "the model (XLA:GPU gives no cost analysis), HBM bytes: "
+                                                     "arguments read and outputs written once"))
     lines.append(f"attention: {', '.join(p0['attention_forms']) or '-'}\n")
     target = p0.get("estimate")
     head = (f"{'mesh':<26}{'args GiB':>10}{'temp GiB':>10}{'peak GiB':>10}{'params':>9}{'grads':>8}"

@@ -24,6 +24,7 @@ params' bytes):
   add one each: (4L + 2) b T D 4 bytes.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -40,6 +41,8 @@ from starcoder_jax.parallel import hlo
 from starcoder_jax.parallel.targets import TARGETS, estimate, link_of
 
 EIGHT = os.environ.get("STARCODER_JAX_PLAN_EIGHT") == "1"
+CHIP_EXTRAS = bool(importlib.util.find_spec("libtpu") and importlib.util.find_spec("jax_plugins")
+                   and importlib.util.find_spec("jax_plugins.xla_cuda13"))
 TINY = dict(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=8, n_inner=256)
 GIB = 2**30
 
@@ -251,7 +254,10 @@ def test_compiled_plans_on_eight_fake_devices():
                           os.path.abspath(__file__)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          timeout=1200)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
+    # every plan8 test runs, the chip comparison too where the chip extras are installed
+    last = run.stdout.splitlines()[-1]
+    assert " passed" in last and ("skipped" not in last or (not CHIP_EXTRAS and "1 skipped" in last)), \
+        run.stdout[-2000:]
 
 
 SHAPES = {
@@ -370,6 +376,30 @@ def test_plan8_the_report_compiles_the_program_a_run_executes(tmp_path):
     assert got == specs
     assert any("fsdp" in s for s in specs)
     setup.checkpoints.close()
+
+
+@plan8
+@pytest.mark.skipif(not CHIP_EXTRAS, reason="needs the tpu and cuda extras (libtpu, jax-cuda13-plugin)")
+def test_plan8_chips_are_handed_the_fake_device_program():
+    """The train step lowered for 8 H100s (XLA:GPU) is the very program lowered for 8 fake
+    CPU devices, and compiles to the same output shardings; for a v5e-8 slice the
+    shardings are the same too (JAX lowers a mixed-precision dot for TPUs without the
+    operand converts it writes for CPUs and GPUs, so that program differs in those ops)."""
+    from starcoder_jax.compiled import output_specs, program_fingerprint
+    from starcoder_jax.parallel.chips import chips
+    from starcoder_jax.parallel.mesh import mesh_from_spec
+    from starcoder_jax.training.memory import lower_train_step
+
+    config = StarCoderConfig(**TINY).replace(attention_impl="chunked", matmul_impl="xla", dtype="bfloat16")
+    programs = {}
+    for name, devices in (("cpu", jax.devices()[:8]), ("gpu", chips("h100-sxm", 8).devices),
+                          ("tpu", chips("v5e-8").devices)):
+        lowered = lower_train_step(config, batch=8, seq_len=64, remat="none",
+                                   mesh=mesh_from_spec("fsdp=4,tensor=2", devices)).lowered
+        programs[name] = program_fingerprint(lowered), output_specs(lowered.compile())
+    assert programs["gpu"] == programs["cpu"]
+    assert programs["tpu"][1] == programs["cpu"][1] and programs["tpu"][0] != programs["cpu"][0]
+    assert any("fsdp" in spec for spec in programs["cpu"][1])
 
 
 @plan8
