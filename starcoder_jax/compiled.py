@@ -1,5 +1,7 @@
 """Compiled shard plans (`starcoder-jax shard-plan --compile`): one step of the library,
-compiled for a mesh on fake CPU devices and never run.
+compiled for a mesh and never run: for a chip (`target_name`) by that chip's own
+compiler on its compile-only devices (parallel.chips: libtpu for TPU slices,
+XLA:GPU for NVIDIA GPUs), else by XLA:CPU on fake CPU devices.
 
 `compiled_plan(model, mesh, step=...)` lowers the very function a run
 executes (training: `step.make_train_step` as `finetune` builds it, through
@@ -12,9 +14,11 @@ shardings a run gives its arrays, and reads per device:
   temporaries; beside them the bytes a device holds of the params, of the
   trained params' gradients and of their AdamW moments, from the shards'
   shapes;
-- XLA's cost analysis: FLOPs and bytes accessed;
+- XLA's cost analysis: FLOPs and bytes accessed (XLA:GPU has none: the
+  model's FLOPs per chip, and the arguments read and outputs written once);
 - every collective of the partitioned program (parallel.hlo), with its
-  mesh axes;
+  mesh axes; the kernels it launches (fusions, custom calls: Mosaic,
+  cuDNN, Triton) and the attention forms it runs;
 - with a target (parallel.targets), a roofline estimate of the step time
   and whether the peak fits in HBM.
 
@@ -32,10 +36,11 @@ against whole compiles in docs/sharding.md.
 
 A mesh needs that many devices. On a CPU host `compiled_plans` runs the
 compiles in subprocesses with `--xla_force_host_platform_device_count` set
-when this process has too few, one per CPU core (an XLA:CPU compile keeps
-about one core busy). The default attention and matmul forms for
-the compile are "chunked" and "xla": what an accelerator runs, in forms
-XLA:CPU compiles (cuDNN and splash do not compile here).
+when this process has too few, one per CPU core (a compile keeps about one
+core busy). On a chip the attention and matmul forms are what `auto` picks
+for it (splash on a TPU, cuDNN on a GPU: ops.backend follows the mesh's
+devices); on fake CPU devices they are "chunked" and "xla": what an
+accelerator runs, in forms XLA:CPU compiles.
 """
 
 from __future__ import annotations
@@ -126,11 +131,11 @@ def lora_config(rank: int | None) -> LoRAConfig | None:
 
 
 def _compile_config(config: StarCoderConfig, attention_impl: str | None, on_chip: bool) -> StarCoderConfig:
-    """On a chip the forms `auto` picks for it (ops.backend follows the mesh's devices); on
-    fake CPU devices what an accelerator runs, in forms XLA:CPU compiles."""
-    if on_chip:
-        return config.replace(attention_impl=attention_impl or "auto", matmul_impl="auto")
-    return config.replace(attention_impl=attention_impl or "chunked", matmul_impl="xla")
+    """On a chip the attention form `auto` picks for it (ops.backend follows the mesh's
+    devices); on fake CPU devices what an accelerator runs, in a form XLA:CPU compiles.
+    The matmul form is "xla", what `auto` picks under any mesh, named here because the
+    abstract model is built, and its int8 weights laid out, before the mesh is set."""
+    return config.replace(attention_impl=attention_impl or ("auto" if on_chip else "chunked"), matmul_impl="xla")
 
 
 def compile_step(config: StarCoderConfig, mesh, *, step: str = "train", batch: int = 1, seq_len: int | None = None,
@@ -326,6 +331,11 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
     if compiler not in ("chip", "cpu"):
         raise ValueError(f"compiler must be 'chip' or 'cpu', got {compiler!r}")
     on_chip = compiler == "chip" and target_name is not None
+    if target_name is not None:
+        from starcoder_jax.parallel.chips import parse
+
+        chip, topology = parse(target_name, topology)  # a slice name ("v5p-64") names its chip and shape
+        target_name = chip.name
     name, config = model_config(model)
     config = _compile_config(config, attention_impl, on_chip)
     config = config.replace(dtype=dtype, param_dtype="float32" if step == "train" else dtype)
@@ -335,7 +345,6 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
         from starcoder_jax.parallel.chips import chips
 
         found = chips(target_name, devices, topology=topology, per_node=gpus_per_node)
-        target_name = found.target.name
         mesh_obj = mesh_from_spec(mesh or "data=1", found.devices)
         about = found.compiler()
     else:
