@@ -20,23 +20,29 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# name -> (model, target, mesh, step, batch, seq_len, options)
+# name -> (model, target, mesh, options). GPU training rows compile the whole model (XLA:GPU
+# compiles the 15.5B in 4-6 min here; its 2- and 3-layer programs extended to 40 layers
+# gave 100.6 GiB where the whole model takes 45.3: docs/sharding.md); TPU rows extend
+# from 2 and 3 layers (libtpu takes about a minute a layer at 8192 tokens).
 TRAIN_8K = dict(step="train", seq_len=8192, layers=2, remat="full")
+WHOLE_8K = dict(TRAIN_8K, layers=None)
 LORA = dict(lora_rank=16, quantize="int8")
 ROWS = {
     # starcoderbase-1b full fine-tuning at 8192 tokens, one sequence a chip
     "1b-full-v5e-8": ("starcoderbase-1b", "v5e-8", "fsdp=8", dict(TRAIN_8K, batch=8)),
     "1b-full-v5p-8": ("starcoderbase-1b", "v5p-8", "fsdp=4", dict(TRAIN_8K, batch=4)),
-    "1b-full-h100x8": ("starcoderbase-1b", "h100-sxm", "fsdp=8", dict(TRAIN_8K, batch=8)),
+    "1b-full-h100x8": ("starcoderbase-1b", "h100-sxm", "fsdp=8", dict(WHOLE_8K, batch=8)),
     # starcoder 15.5B LoRA on an int8 base at 8192 tokens on one chip
-    "15b-lora-h100": ("starcoder", "h100-sxm", None, dict(TRAIN_8K, batch=1, **LORA)),
-    "15b-lora-a100-40": ("starcoder", "a100-40gb", None, dict(TRAIN_8K, batch=1, **LORA)),
+    "15b-lora-h100": ("starcoder", "h100-sxm", None, dict(WHOLE_8K, batch=1, **LORA)),
+    "15b-lora-a100-40": ("starcoder", "a100-40gb", None, dict(WHOLE_8K, batch=1, **LORA)),
     "15b-lora-v5e": ("starcoder", "tpu-v5e", None, dict(TRAIN_8K, batch=1, **LORA)),
+    "15b-lora-v5e-4k": ("starcoder", "tpu-v5e", None, dict(TRAIN_8K, batch=1, seq_len=4096, **LORA)),
+    "15b-lora-v5e-4": ("starcoder", "v5e-4", "fsdp=4", dict(TRAIN_8K, batch=4, **LORA)),
     # starcoder 15.5B full fine-tuning at 8192 tokens: the smallest slices
     "15b-full-v5p-8": ("starcoder", "v5p-8", "fsdp=4", dict(TRAIN_8K, batch=4)),
     "15b-full-v5p-16": ("starcoder", "v5p-16", "fsdp=8", dict(TRAIN_8K, batch=8)),
-    "15b-full-h100x4": ("starcoder", "h100-sxm", "fsdp=4", dict(TRAIN_8K, batch=4)),
-    "15b-full-h100x8": ("starcoder", "h100-sxm", "fsdp=8", dict(TRAIN_8K, batch=8)),
+    "15b-full-h100x4": ("starcoder", "h100-sxm", "fsdp=4", dict(WHOLE_8K, batch=4)),
+    "15b-full-h100x8": ("starcoder", "h100-sxm", "fsdp=8", dict(WHOLE_8K, batch=8)),
     # decode: one new token a row over a 2048-token cache, bfloat16 weights
     **{f"{size}-decode-b{b}-{chip}": (model, target, None, dict(step="decode", batch=b, seq_len=2047, layers=2))
        for size, model in (("1b", "starcoderbase-1b"), ("15b", "starcoder"))
@@ -47,8 +53,9 @@ ROWS = {
 def command(model, target, mesh, o) -> str:
     extra = f" --lora {o['lora_rank']} --quantize {o['quantize']}" if "lora_rank" in o else ""
     remat = f" --remat {o['remat']}" if "remat" in o else ""
+    layers = f" --layers {o['layers']}" if o.get("layers") else ""
     return (f"starcoder-jax shard-plan --compile --model {model} --mesh {mesh or 'none'} --target {target} "
-            f"--step {o['step']} --seq-len {o['seq_len']} --batch {o['batch']} --layers {o['layers']}{remat}{extra}")
+            f"--step {o['step']} --seq-len {o['seq_len']} --batch {o['batch']}{layers}{remat}{extra}")
 
 
 def row(name) -> dict:
@@ -86,24 +93,40 @@ def main() -> None:
 
 
 def table(plans) -> str:
-    """One markdown row per plan: the chip and its compiler, per-chip memory, whether it
-    fits, FLOPs, kernels, attention form and the roofline step time."""
+    """Markdown: one row per training plan (per-chip memory, whether it fits, FLOPs,
+    kernels, attention form, roofline step time), one per decode plan (bytes read a
+    token, the HBM floor they set, kernels a decode call launches), and the commands."""
+    from starcoder_jax.parallel.targets import TARGETS
+
     gib = 2**30
-    head = ("| row | chip (compiler) | mesh | args GiB | temp GiB | peak GiB | fits | TFLOP/chip | kernels "
-            "| attention | roofline s |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    lines, commands = [], []
+    train = ["| row | chip (compiler) | mesh | args GiB | temp GiB | peak GiB | fits | TFLOP/chip model "
+             "(compiler's) | kernels | attention | roofline s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    decode = ["| row | chip | batch | weights + cache GiB | peak GiB | fits | HBM floor ms/token | "
+              "roofline ms | kernels per call |", "|---|---|---|---|---|---|---|---|---|"]
+    commands = []
     for p in sorted(plans, key=lambda p: list(ROWS).index(p["name"])):
+        model, target, mesh, o = ROWS[p["name"]]
         if "error" in p:
-            lines.append(f"| {p['name']} | {ROWS[p['name']][1]} | {ROWS[p['name']][2] or 'one chip'} | "
-                         f"{p['error']} |||||||")
+            (decode if o["step"] == "decode" else train).append(
+                f"| {p['name']} | {target} | {mesh or 'one chip'} | {p['error']} |")
             continue
         c, e = p["compiler"], p["estimate"]
-        lines.append(f"| {p['name']} | {c['device_kind']} ({c['compiler']}) | {p['mesh'] if p['devices'] > 1 else 'one chip'} | "
-                     f"{p['argument_bytes'] / gib:.2f} | {p['temp_bytes'] / gib:.2f} | {p['peak_bytes'] / gib:.2f} | "
-                     f"{'yes' if e['fits'] else 'NO'} | {p['flops'] / 1e12:.2f} | {p['kernels']['launches']} | "
-                     f"{', '.join(p['attention_forms'])} | {e['estimated_step_s']:.4f} |")
-        commands.append(f"- {p['name']}: `{p['command']}` ({p['compile_s']} s)")
-    return head + "\n" + "\n".join(lines) + "\n\n" + "\n".join(commands)
+        fits = "yes" if e["fits"] else "NO"
+        if o["step"] == "decode":
+            floor = p["argument_bytes"] / TARGETS[e["target"]].hbm_bandwidth * 1e3
+            decode.append(f"| {p['name']} | {c['device_kind']} | {p['batch']} | {p['argument_bytes'] / gib:.2f} | "
+                          f"{p['peak_bytes'] / gib:.2f} | {fits} | {floor:.2f} | {e['estimated_step_s'] * 1e3:.2f} | "
+                          f"{p['kernels']['launches']} |")
+        else:
+            theirs = f" ({p['compiler_flops'] / 1e12:.1f})" if p.get("compiler_flops") else ""
+            train.append(f"| {p['name']} | {c['device_kind']} ({c['compiler']}) | "
+                         f"{p['mesh'] if p['devices'] > 1 else 'one chip'} | {p['argument_bytes'] / gib:.2f} | "
+                         f"{p['temp_bytes'] / gib:.2f} | {p['peak_bytes'] / gib:.2f} | {fits} | "
+                         f"{p['flops'] / 1e12:.1f}{theirs} | {p['kernels']['launches']} | "
+                         f"{', '.join(p['attention_forms'])} | {e['estimated_step_s']:.3f} |")
+        depths = " and ".join(map(str, p["compiled_layers"]))
+        commands.append(f"- {p['name']}: `{p['command']}` ({depths} layers, {p['compile_s']} s)")
+    return "\n".join(train) + "\n\n" + "\n".join(decode) + "\n\n" + "\n".join(commands)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ class CompiledPlan:
     compiler: dict  # platform, device_kind, compiler (and version), topology
     kernels: dict  # parallel.hlo.Kernels of the deepest program compiled
     attention_forms: list[str]  # the attention forms the program runs (ops.attention's scopes)
-    flops_source: str  # "cost analysis" (XLA:CPU, libtpu), or "model" (XLA:GPU has none): model_flops per chip
+    flops_source: str  # "cost analysis" (XLA:CPU's), or "model" on a chip: model_flops per chip
+    compiler_flops: float | None = None  # a chip compiler's own cost analysis (libtpu; XLA:GPU has none)
     estimate: dict | None = None
 
     @property
@@ -239,25 +240,24 @@ def _figures(compiled, mesh_shape: dict[str, int]) -> dict:
            "collectives": [c.to_dict() for c in hlo_collectives(text, mesh_shape)],
            "kernels": kernels.to_dict(), "attention_forms": attention_forms(text)}
     if cost:
-        out.update(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-                   flops_source="cost analysis")
-    else:  # XLA:GPU: model FLOPs (compiled_plan); HBM traffic at least arguments read, outputs written
-        out.update(flops=0.0, bytes_accessed=float(memory.argument_size_in_bytes + memory.output_size_in_bytes),
-                   flops_source="model")
+        out.update(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)))
+    else:  # XLA:GPU: no cost analysis; HBM traffic at least the arguments read and outputs written once
+        out.update(flops=0.0, bytes_accessed=float(memory.argument_size_in_bytes + memory.output_size_in_bytes))
     return out
 
 
-def model_flops(config: StarCoderConfig, step: str, batch: int, seq_len: int) -> float:
+def model_flops(config: StarCoderConfig, step: str, batch: int, seq_len: int, *, frozen_base: bool = False) -> float:
     """Model FLOPs of one step (bench.train_flops_per_token's count: matmuls with the LM
     head, attention over the whole row, no recomputation): training 6 N + 12 L D T a
-    token, prefill 2 N + 4 L D T a prompt token, decode 2 N + 4 L D S for each row's one
-    new token over a cache of S = seq_len positions."""
+    token (4 N with a frozen base, LoRA: no weight gradients; the adapters' few FLOPs
+    are left out), prefill 2 N + 4 L D T a prompt token, decode 2 N + 4 L D S for each
+    row's one new token over a cache of S = seq_len positions."""
     from starcoder_jax.bench import train_flops_per_token
 
     attention = 12 * config.n_layer * config.n_embd * seq_len
     matmuls = train_flops_per_token(config, seq_len) - attention  # 6 N
     if step == "train":
-        return float(batch * seq_len * (matmuls + attention))
+        return float(batch * seq_len * (matmuls * (2 / 3 if frozen_base else 1) + attention))
     tokens = batch * (seq_len if step == "prefill" else 1)
     return float(tokens * (matmuls + attention) / 3)
 
@@ -391,9 +391,13 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
         quantize=quantize, **{k: figures[k] for k in _SCALED}, **analytic, collectives=figures["collectives"],
         hlo_fingerprint=fingerprint(compiled), output_shardings=output_specs(compiled), compiler=about,
         kernels=figures["kernels"], attention_forms=figures["attention_forms"],
-        flops_source=figures["flops_source"])
-    if plan.flops_source == "model":
-        plan.flops = model_flops(config, step, batch, seq_len) / devices
+        flops_source="model" if on_chip else "cost analysis")
+    if on_chip:
+        # The roofline takes model FLOPs on a chip: XLA:GPU has no cost analysis, and
+        # libtpu's counted 41 and 61 TFLOP a chip for the same work per chip on a v5e-8
+        # and a v5p-8 (docs/sharding.md), kept as compiler_flops.
+        plan.compiler_flops = plan.flops or None
+        plan.flops = model_flops(config, step, batch, seq_len, frozen_base=lora_rank is not None) / devices
     if dump_hlo is not None:
         os.makedirs(dump_hlo, exist_ok=True)
         where = about["device_kind"].replace(" ", "_") if on_chip else "cpu"

@@ -10,6 +10,7 @@ from starcoder_jax.model.plan import shard_plan
 from starcoder_jax.parallel.plan import format_shard_plan
 from starcoder_jax.parallel.rules import MESH_EXAMPLE
 from starcoder_jax.parallel.targets import TARGETS
+from starcoder_jax.training.losses import LOSS_CHUNK
 
 GIB = 2**30
 
@@ -42,7 +43,8 @@ def _compiled(args) -> int:
                                layers=args.layers, remat=args.remat, lora_rank=args.lora,
                                quantize=args.quantize, dtype=args.dtype, target_name=args.target,
                                compiler=args.compiler, topology=args.topology, gpus_per_node=args.gpus_per_node,
-                               attention_impl=args.attention, dump_hlo=args.dump_hlo, jobs=args.jobs,
+                               attention_impl=args.attention, loss_chunk=args.loss_chunk or None,
+                               dump_hlo=args.dump_hlo, jobs=args.jobs,
                                progress=True)
     except (MissingExtra, ValueError) as error:
         raise SystemExit(f"shard-plan: {error}") from None
@@ -79,9 +81,9 @@ def format_compiled(plans: list[dict]) -> str:
         lines.append("per device; an ESTIMATE from XLA:CPU's compile (GPU and TPU compilers fuse and "
                      "plan memory differently: give --target a chip to compile with its own compiler)")
     else:
-        lines.append("per chip; FLOPs from " + ("the compiler's cost analysis" if p0["flops_source"] == "cost analysis"
-                                                else "the model (XLA:GPU gives no cost analysis), HBM bytes: "
-                                                     "arguments read and outputs written once"))
+        lines.append("per chip; FLOPs: the model's (matmuls and attention, no recomputation); HBM bytes: "
+                     + ("the compiler's cost analysis" if p0["compiler_flops"] else
+                        "arguments read and outputs written once (XLA:GPU has no cost analysis)"))
     lines.append(f"attention: {', '.join(p0['attention_forms']) or '-'}\n")
     target = p0.get("estimate")
     head = (f"{'mesh':<26}{'args GiB':>10}{'temp GiB':>10}{'peak GiB':>10}{'params':>9}{'grads':>8}"
@@ -158,6 +160,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--lora", type=int, default=None, metavar="RANK",
                    help="train LoRA adapters of this rank on c_attn, c_proj and c_fc (a frozen base)")
     c.add_argument("--quantize", default=None, choices=("int8",), help="an int8 base (with --lora for training)")
+    c.add_argument("--loss-chunk", type=int, default=LOSS_CHUNK, metavar="TOKENS",
+                   help=f"training's train.loss_chunk: the LM head and loss over this many tokens at a time "
+                        f"(default {LOSS_CHUNK}; 0: the whole row at once)")
     c.add_argument("--target", default=None, metavar="CHIP",
                    help=f"compile for this chip with its own compiler on this host ({', '.join(TARGETS)}, or "
                         "a TPU slice such as v5e-8, v5p-128): per-chip memory, kernels, the roofline step "

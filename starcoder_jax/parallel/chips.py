@@ -6,8 +6,8 @@ be measured, never run.
   libtpu topology ("v5p:4x4x4"); needs the `tpu` extra (libtpu).
 - NVIDIA GPUs: the same call with platform "cuda", a "slices x hosts x GPUs" topology
   and the chip described as a GpuTargetConfigProto (parallel.targets.GpuChip); needs
-  the `cuda` extra (JAX's CUDA plugin, and the cuDNN library for cuDNN's kernels;
-  `ptxas` from a CUDA toolkit on the PATH for the Triton and Mosaic GPU kernels).
+  the `cuda` extra (JAX's CUDA plugin, which compiles PTX itself: no CUDA toolkit
+  needed; and the cuDNN library for cuDNN's kernels).
 
 A target is named as in parallel.targets ("tpu-v5e", "h100-sxm") or, for a TPU, as a
 Cloud TPU slice ("v5e-8": 8 chips; "v5p-128": 128 TensorCores, 64 chips, since v4

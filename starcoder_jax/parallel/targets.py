@@ -176,7 +176,8 @@ def estimate(*, flops: float, bytes_accessed: float, collectives, mesh: Mapping[
         comm += seconds
         by_link[name] = by_link.get(name, 0.0) + seconds
     compute, hbm = flops / t.bf16_flops, bytes_accessed / t.hbm_bandwidth
-    out = {"target": t.name, "devices": devices, "compute_s": compute, "hbm_s": hbm, "comm_s": comm,
+    out = {"target": t.name, "devices": devices, "hbm_bandwidth": t.hbm_bandwidth, "compute_s": compute,
+           "hbm_s": hbm, "comm_s": comm,
            "comm_s_by_link": by_link, "estimated_step_s": max(compute, hbm, comm),
            "no_overlap_step_s": max(compute, hbm) + comm}
     if devices > t.node_size and t.slow_link_bandwidth <= 0:
