@@ -188,7 +188,8 @@ def test_depth_search_goes_deeper_in_the_flat_phase_then_compiles_whole(monkeypa
 
     def figures(fake, shape):
         return {"argument_bytes": 0, "output_bytes": 0, "alias_bytes": 0, "temp_bytes": fake.temp,
-                "flops": 0.0, "bytes_accessed": 0.0, "collectives": []}
+                "flops": 0.0, "bytes_accessed": 0.0, "collectives": [], "attention_forms": [],
+                "kernels": {"launches": 0, "fusions": 0, "fusion_kinds": {}, "custom_calls": {}, "dot_flops": 0.0}}
 
     monkeypatch.setattr(compiled_module, "compile_step", compile_step)
     monkeypatch.setattr(compiled_module, "_figures", figures)
