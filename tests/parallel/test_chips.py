@@ -186,6 +186,9 @@ def test_a_forced_kernel_that_cannot_serve_its_own_chip_is_an_error():
     def call(q, k, v, pos, own_keys=True):
         return attention(q, k, v, pos, pos, impl="splash", own_keys=own_keys, scale=0.1)
 
+    from starcoder_jax.ops import attention as attention_module
+
+    attention_module._WARNED.clear()  # the fallback warns once a process and reason
     with jax.set_mesh(mesh_from_spec("tensor=4", chips("v5e-4").devices)):
         with pytest.raises(ValueError, match="'splash' cannot serve this call on tpu: neither its 1 kv heads"):
             jax.eval_shape(call, q, kv, kv, pos)
@@ -201,6 +204,7 @@ def test_forced_cudnn_on_a_float32_model_is_an_error():
                       attention_impl="cudnn")
 
 
+@pytest.mark.slow
 @cuda
 def test_without_cudnn_auto_picks_what_compiles_for_the_gpu(monkeypatch):
     """No cuDNN library: auto runs the chunked form on the GPU and the plan says so."""
