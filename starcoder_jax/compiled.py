@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -351,7 +352,7 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
         mesh_obj = None if mesh is None else mesh_from_spec(mesh, jax.devices()[:devices])
         here = jax.devices()[0]
         about = {"platform": here.platform, "device_kind": here.device_kind, "jax": jax.__version__,
-                 "compiler": f"XLA:{here.platform.upper()} (jaxlib {jax.lib.__version__})",
+                 "compiler": f"XLA:{here.platform.upper()} (jaxlib {importlib.metadata.version('jaxlib')})",
                  "topology": f"{devices} {'fake ' if here.platform == 'cpu' else ''}devices"}
     shape = {"data": 1, "fsdp": 1, "tensor": 1} if mesh_obj is None else mesh_sizes(mesh_obj)
     kw = dict(step=step, batch=batch, seq_len=seq_len, remat=remat, lora_rank=lora_rank, quantize=quantize,

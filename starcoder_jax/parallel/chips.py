@@ -126,6 +126,10 @@ def chips(name: str, devices: int | None = None, *, topology: str | None = None,
         if topology is None:
             topology = tpu_topology(t.tpu, devices or 1)
         found = _tpu_devices(t.tpu, topology)
+        if len(found) > len({tuple(getattr(d, "coords", (d.id,))) for d in found}):
+            raise ValueError(f"libtpu's compile-only {t.tpu} topology gives one device per TensorCore "
+                             f"({len(found)} for {t.tpu}:{topology}), and JAX builds meshes over one device "
+                             "per chip (megacore) only: this host cannot compile for it")
         if devices is not None and devices != len(found):
             raise ValueError(f"{t.tpu}:{topology} has {len(found)} chips, the mesh {devices}; give a topology "
                              "or slice of as many chips as the mesh has devices")

@@ -90,6 +90,8 @@ def test_tpu_slices_give_their_chips():
     assert len(chips("tpu-v5e", 1).devices) == 1  # one chip: a host of its own
     with pytest.raises(ValueError, match="has 4 chips, the mesh 8"):
         chips("v5e-4", 8)
+    with pytest.raises(ValueError, match="one device per TensorCore"):  # v4: see the README's table
+        chips("v4-8", 4)
     assert found.compiler()["compiler"].startswith("libtpu ")
 
 
