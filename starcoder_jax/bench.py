@@ -65,7 +65,7 @@ def _torch_device():
 
 
 def weight_bytes_per_step(model) -> int:
-    """Bytes of weights a decode step reads: every weight of the model (int8
+    """Bytes of weights a decode step reads: every weight of the model (quantized
     weights with their scales, float biases and norms) but the position table
     (its logical axes start with "positions"), of which a step reads one row;
     the token table counts once, read whole as the LM head (itself, or its

@@ -61,7 +61,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from starcoder_jax.config import StarCoderConfig
 from starcoder_jax.model.lora import LoRAConfig
-from starcoder_jax.model.modules import Int8
+from starcoder_jax.model.modules import Quantized
 from starcoder_jax.model.plan import model_config
 from starcoder_jax.parallel.hlo import collectives as hlo_collectives
 from starcoder_jax.parallel.hlo import kernels as hlo_kernels
@@ -73,7 +73,7 @@ from starcoder_jax.training.memory import abstract_training_model, device_bytes,
 
 STEPS = ("train", "prefill", "decode")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
-WEIGHTS = nnx.Any(nnx.Param, Int8)  # float and int8 weights, adapters included (not derived copies)
+WEIGHTS = nnx.Any(nnx.Param, Quantized)  # float and quantized weights, adapters included (not derived copies)
 _SCALED = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "flops", "bytes_accessed")
 
 
@@ -136,7 +136,7 @@ def _compile_config(config: StarCoderConfig, attention_impl: str | None, on_chip
     """On a chip the attention form `auto` picks for it (ops.backend follows the mesh's
     devices); on fake CPU devices what an accelerator runs, in a form XLA:CPU compiles.
     The matmul form is "xla", what `auto` picks under any mesh, named here because the
-    abstract model is built, and its int8 weights laid out, before the mesh is set."""
+    abstract model is built, and its quantized weights laid out, before the mesh is set."""
     return config.replace(attention_impl=attention_impl or ("auto" if on_chip else "chunked"), matmul_impl="xla")
 
 
@@ -148,7 +148,7 @@ def compile_step(config: StarCoderConfig, mesh, *, step: str = "train", batch: i
     if step not in STEPS:
         raise ValueError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
     if quantize is not None and step == "train" and lora_rank is None:
-        raise ValueError("an int8 base trains only LoRA adapters: give a LoRA rank with quantize")
+        raise ValueError(f"a {quantize} base trains only LoRA adapters: give a LoRA rank with quantize")
     mesh = mesh_from_spec(mesh) if isinstance(mesh, str) else mesh
     seq_len = config.n_positions if seq_len is None else seq_len
     if step == "train":
@@ -320,7 +320,7 @@ def compiled_plan(model: str | StarCoderConfig, mesh: str | None, *, step: str =
     model's depth (None: compile it whole); dtype: the compute dtype (params
     stay float32 in training, as fine-tuning keeps them; generation holds
     them in this dtype); lora_rank / quantize: LoRA adapters on c_attn,
-    c_proj and c_fc over an int8 or float base; target_name: a chip
+    c_proj and c_fc over a quantized (config.QUANTIZATION_MODES) or float base; target_name: a chip
     (parallel.targets, or a TPU slice name: parallel.chips): a roofline
     estimate and whether the peak fits its HBM; compiler: "chip" compiles
     for the target's own compile-only devices with its own compiler

@@ -28,7 +28,8 @@ ACTIVATIONS = {
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATION_KEY = "starcoder_jax_quantization"  # config.json key of quantized orbax dirs
-QUANTIZATION_MODES = ("int8",)  # weight formats of starcoder_jax.ops.int8; also the int8 KV cache's
+QUANTIZATION_MODES = ("int8", "int4", "nf4")  # weight formats: starcoder_jax.ops.int8, ops.int4
+KV_CACHE_MODES = ("int8",)  # the KV cache's (model.kv_cache)
 # Backend forms (starcoder_jax.ops), chosen per model; "auto" picks per backend and phase.
 ATTENTION_IMPLS = ("auto", "xla", "cpu_blocked", "cpu_key_major", "chunked", "cudnn", "splash")
 MATMUL_IMPLS = ("auto", "xla", "cpu")
@@ -46,12 +47,13 @@ STARCODER2_NAMES = {
 }
 
 
-def check_quantization(mode: str | None, argument: str = "quantization", none_means: str = "") -> str | None:
-    """`mode` if it is None or one of QUANTIZATION_MODES, else a ValueError that
-    names the caller's `argument` (and what None means there, e.g. " (the
-    compute dtype)" for a KV cache)."""
-    if mode is not None and mode not in QUANTIZATION_MODES:
-        allowed = " or ".join(repr(m) for m in QUANTIZATION_MODES)
+def check_quantization(mode: str | None, argument: str = "quantization", none_means: str = "",
+                       modes: tuple[str, ...] = QUANTIZATION_MODES) -> str | None:
+    """`mode` if it is None or one of `modes` (the weight formats by default),
+    else a ValueError that names the caller's `argument` (and what None
+    means there, e.g. " (the compute dtype)" for a KV cache)."""
+    if mode is not None and mode not in modes:
+        allowed = ", ".join(repr(m) for m in modes)
         raise ValueError(f"{argument} must be None{none_means} or {allowed}, got {mode!r}")
     return mode
 

@@ -16,7 +16,7 @@ import platform
 import statistics
 
 from starcoder_jax.cli import common
-from starcoder_jax.config import QUANTIZATION_MODES
+from starcoder_jax.config import KV_CACHE_MODES, QUANTIZATION_MODES
 from starcoder_jax.model.modules import REMAT_POLICIES
 from starcoder_jax.training.losses import LOSS_CHUNK
 
@@ -30,11 +30,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                    dtype_help="parameter and compute dtype; with --train the compute dtype only",
                    quantize={"choices": None, "default": "none",
                              "help": "our variants, comma separated, run one after the other: none (the "
-                                     "--dtype weights) and/or int8 (weight-only int8), e.g. none,int8"})
+                                     "--dtype weights) and/or weight-only int8, int4, nf4, e.g. none,int8,int4"})
     p.add_argument("--preset", default="starcoderbase-1b", help="shape to benchmark with random weights")
     p.add_argument("--layers", type=int, help="override the number of layers (quick runs)")
     p.add_argument("--batch-sizes", default="1,8", help="decode batch sizes, comma separated")
-    p.add_argument("--kv-cache", choices=QUANTIZATION_MODES, default=None,
+    p.add_argument("--kv-cache", choices=KV_CACHE_MODES, default=None,
                    help="int8: an int8 KV cache with a scale per token (default: the compute dtype)")
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length (tokens)")
     p.add_argument("--decode-context", type=int, default=128, help="prompt length before decoding")
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _variants(spec: str) -> list[str]:
-    """--quantize's comma-separated variants, unquantized first (int8 quantizes the same weights in place)."""
+    """--quantize's comma-separated variants, unquantized first (each quantizes a copy of the same weights)."""
     variants = [v.strip() for v in spec.split(",") if v.strip()]
     unknown = [v for v in variants if v not in ("none", *QUANTIZATION_MODES)]
     if unknown or not variants or len(set(variants)) != len(variants):
@@ -122,6 +122,8 @@ def _write_json(path: str | None, report: dict) -> None:
 
 def run_decode(args: argparse.Namespace) -> int:
     """Prefill and decode of each --quantize variant, the bandwidth limit, and transformers beside them."""
+    from flax import nnx
+
     from starcoder_jax import bench
 
     batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x]
@@ -136,9 +138,9 @@ def run_decode(args: argparse.Namespace) -> int:
     samples = bench.memory_bandwidth()
     ours = {}
     for variant in variants:
-        if variant == "int8":
-            model.quantize_("int8")
-        ours[variant] = bench.bench_ours(model, args, batch_sizes)
+        quantized = model if variant == "none" else nnx.clone(model).quantize_(variant)
+        ours[variant] = bench.bench_ours(quantized, args, batch_sizes)
+        del quantized
         samples += bench.memory_bandwidth()
     bandwidth = statistics.median(samples)
     report.update(ours=ours, bandwidth_bytes_per_s=bandwidth, bandwidth_samples_bytes_per_s=samples)
@@ -158,7 +160,7 @@ def _print_decode_table(args, batch_sizes, variants, ours, theirs, bandwidth) ->
     ratio to transformers' best dtype to `ours` as it goes."""
     rows = [("prefill", f"prefill {args.prompt_len} tok")] + [
         (f"decode_b{b}", f"decode batch {b}") for b in batch_sizes]
-    label = {"none": args.dtype, "int8": "int8"}
+    label = {"none": args.dtype, **{m: m for m in QUANTIZATION_MODES}}
     header = f"{'':20s}"
     for v in variants:
         header += f" {label[v] + ' tok/s':>12s}"

@@ -26,8 +26,8 @@ def add_model_args(parser, *, model_help: str | None = None, dtypes: tuple[str, 
                         help=dtype_help or "parameter and compute dtype (float32 is the fast one on CPU)")
     parser.add_argument("--quantize", **{
         "choices": QUANTIZATION_MODES, "default": None,
-        "help": "int8: weight-only int8 matmul weights (per-output-channel scales); "
-                "a quantized orbax directory needs no flag", **(quantize or {})})
+        "help": "weight-only matmul weights: int8 (per-output-channel scales), int4 (groups of 64 "
+                "inputs) or nf4 (QLoRA's NormalFloat); a quantized orbax directory needs no flag", **(quantize or {})})
     parser.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS,
                         help="which attention kernel runs (default auto: chosen per backend and phase)")
     parser.add_argument("--matmul-impl", default="auto", choices=MATMUL_IMPLS,

@@ -9,7 +9,7 @@ import sys
 from starcoder_jax.cli import bench, common, infill, plan
 from starcoder_jax.cli import data as data_command
 from starcoder_jax.cli import eval as eval_command
-from starcoder_jax.config import QUANTIZATION_MODES
+from starcoder_jax.config import KV_CACHE_MODES, QUANTIZATION_MODES
 
 # ---- convert ----
 
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", nargs="?", help="merge-lora: the output directory")
     p.add_argument("--dtype", default="float32", choices=common.DTYPES)
     p.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
-                   help="hf-to-jax: store int8 matmul weights (per-output-channel scales), "
+                   help="hf-to-jax: store the matmul weights in this weight-only format, "
                         "so loading the directory needs no quantization step")
     p.add_argument("--max-shard-gb", type=float, default=5.0,
                    help="largest safetensors shard written by jax-to-hf (GiB)")
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: one device)")
-    p.add_argument("--kv-cache", choices=QUANTIZATION_MODES, default=None,
+    p.add_argument("--kv-cache", choices=KV_CACHE_MODES, default=None,
                    help="int8: keys and values as int8 with a scale per token (long contexts)")
     p.set_defaults(func=cmd_generate)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from starcoder_jax.config import QUANTIZATION_MODES
 from starcoder_jax.model.plan import shard_plan
 from starcoder_jax.parallel.plan import format_shard_plan
 from starcoder_jax.parallel.rules import MESH_EXAMPLE
@@ -159,7 +160,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="training's model.remat (default full)")
     c.add_argument("--lora", type=int, default=None, metavar="RANK",
                    help="train LoRA adapters of this rank on c_attn, c_proj and c_fc (a frozen base)")
-    c.add_argument("--quantize", default=None, choices=("int8",), help="an int8 base (with --lora for training)")
+    c.add_argument("--quantize", default=None, choices=QUANTIZATION_MODES,
+                   help="a quantized base: int8, int4 or nf4 (QLoRA's; with --lora for training)")
     c.add_argument("--loss-chunk", type=int, default=LOSS_CHUNK, metavar="TOKENS",
                    help=f"training's train.loss_chunk: the LM head and loss over this many tokens at a time "
                         f"(default {LOSS_CHUNK}; 0: the whole row at once)")

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from starcoder_jax.config import StarCoderConfig, check_quantization
+from starcoder_jax.config import KV_CACHE_MODES, StarCoderConfig, check_quantization
 from starcoder_jax.inference.forward import same_arrays
 from starcoder_jax.inference.runner import MeshRunner
 from starcoder_jax.inference.sampling import SamplingParams, sample
@@ -410,7 +410,8 @@ class Generator:
                  kv_cache: str | None = None):
         self.config = config = model.config
         self.tokenizer = tokenizer
-        self.kv_cache = check_quantization(kv_cache, "kv_cache", " (the compute dtype)")  # an error before any run
+        # an error before any run
+        self.kv_cache = check_quantization(kv_cache, "kv_cache", " (the compute dtype)", KV_CACHE_MODES)
         # laid out for the projection form it runs (a stale derived copy is remade)
         self.graphdef, self.params = nnx.split(model.adapt_to_backend_(sharded=mesh is not None, decode=True))
         # mesh (a jax Mesh or a spec like "data=2,tensor=4"): params resharded per the

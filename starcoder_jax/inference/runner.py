@@ -45,13 +45,18 @@ class MeshRunner:
     def place_params(self, params: nnx.State) -> nnx.State:
         return shard_state(params, self.mesh)
 
+    def _sharding(self, x):
+        """The sharding `call` gives an argument: its own where it is already on this mesh, else
+        replicated; None for what passes through (static arguments, Python values, shapes)."""
+        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh:
+            return x.sharding
+        return self.replicated if isinstance(x, (jax.Array, np.ndarray, np.generic)) else None
+
     def _place(self, x):
-        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) \
-                and x.sharding.mesh == self.mesh:
+        sharding = self._sharding(x)
+        if sharding is None or sharding is getattr(x, "sharding", None):
             return x
-        if isinstance(x, (jax.Array, np.ndarray, np.generic)):
-            return put(np.asarray(x), self.replicated)
-        return x  # static arguments (the graphdef) and Python values pass through
+        return put(np.asarray(x), sharding)
 
     def out_shardings(self, out):
         """The shardings of a jitted call's outputs `out` (a pytree like them): the cache split, the rest whole."""
@@ -79,11 +84,8 @@ class MeshRunner:
             return self._jit(fn, donate, args, kwargs)(*args, **kwargs)
 
     def _abstract(self, x):
-        if isinstance(x, jax.ShapeDtypeStruct) or not isinstance(x, (jax.Array, np.ndarray, np.generic)):
-            return x
-        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh:
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self.replicated)
+        sharding = self._sharding(x)
+        return x if sharding is None else jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
     def lower(self, fn: Callable, donate: tuple[str, ...], *args, **kwargs) -> jax.stages.Lowered:
         """The program `call` runs, lowered on abstract shapes: a concrete argument stands as

@@ -35,7 +35,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from starcoder_jax.config import StarCoderConfig, check_quantization
+from starcoder_jax.config import KV_CACHE_MODES, StarCoderConfig, check_quantization
 from starcoder_jax.parallel.mesh import as_mesh
 from starcoder_jax.parallel.rules import kv_head_axis, logical_spec
 
@@ -144,7 +144,7 @@ class KVCache:
         and int8 scales [B, S, K] are split like the slabs' first three axes.
         quantize: None (slabs in `dtype`, default the compute dtype) or "int8".
         """
-        check_quantization(quantize, "cache quantize", " (the compute dtype)")
+        check_quantization(quantize, "cache quantize", " (the compute dtype)", KV_CACHE_MODES)
         if length > config.n_positions:
             raise ValueError(
                 f"cache length {length} exceeds the model's {config.n_positions} positions"

@@ -217,8 +217,8 @@ def adapted(model: StarCoder) -> list[tuple[int, str, list[Dense]]]:
 def add_lora(model: StarCoder, lora: LoRAConfig, *, seed: int = 0, dtype: str | None = None) -> StarCoder:
     """Adds a new adapter (A kaiming-uniform from `seed`, B zero) to every projection
     `lora` targets, in place; returns the model. Its outputs stay as they were until
-    B moves. dtype: the adapters' dtype (default: the model's param dtype); int8
-    kernels (a quantized model) stay int8 and frozen beside them."""
+    B moves. dtype: the adapters' dtype (default: the model's param dtype); quantized
+    kernels (int8, int4, nf4) stay as they are, frozen, beside them."""
     if has_lora(model):
         raise ValueError("the model has LoRA adapters already; merge them (merge_lora) or load the base again")
     targets = lora.targets(model.config)
@@ -247,7 +247,7 @@ def lora_delta(a: jax.Array, adapter: LoRA) -> jax.Array:
 def merge_lora(model: StarCoder) -> StarCoder:
     """A model without adapters whose kernels are W + A @ B * scale (PEFT's
     merge_and_unload); `model` itself keeps its adapters. The base must be float:
-    an int8 kernel cannot take the update without a second rounding."""
+    a quantized kernel cannot take the update without a second rounding."""
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapters to merge")
     if model.config.quantization is not None:

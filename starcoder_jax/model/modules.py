@@ -29,8 +29,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from starcoder_jax.config import QUANTIZATION_MODES, StarCoderConfig, check_quantization
 from starcoder_jax.model.kv_cache import KVCache, LayerCache
+from starcoder_jax.ops import quant
 from starcoder_jax.ops.attention import attention
-from starcoder_jax.ops.int8 import int8_lookup, quantize
 from starcoder_jax.ops.matmul import project, resolve
 from starcoder_jax.ops.remat import recompute
 from starcoder_jax.parallel.rules import ACTIVATION, constrain, kv_head_axis
@@ -66,10 +66,11 @@ def param(value: jax.Array, axes: tuple[str | None, ...], *, decay: bool = False
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False, weight_decay=decay)
 
 
-class Int8(nnx.Variable):
-    """A matmul weight held as an ops.int8.QuantizedWeight (not an nnx.Param:
-    never trained). Its `out_sharding` names the axes of the float weight it
-    stands for, [*in, *out]; parallel.mesh derives those of q and scale."""
+class Quantized(nnx.Variable):
+    """A matmul weight held in a weight-only format (ops.quant: an int8
+    QuantizedWeight or a 4-bit Packed4; not an nnx.Param: never trained).
+    Its `out_sharding` names the axes of the float weight it stands for,
+    [*in, *out]; parallel.mesh derives those of the arrays it holds."""
 
 
 class Derived(nnx.Variable):
@@ -85,16 +86,16 @@ def lora_param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.LoRAParam:
     return nnx.LoRAParam(value, out_sharding=tuple(axes), eager_sharding=False, weight_decay=True)
 
 
-def int8_weight(w: jax.Array, n_in: int, axes) -> Int8:
-    """w [*in, *out] (logical axes `axes`) quantized to int8 (ops.int8.quantize)."""
-    return Int8(quantize(w, n_in), out_sharding=tuple(axes), eager_sharding=False)
+def quantized_weight(w: jax.Array, n_in: int, axes, mode: str) -> Quantized:
+    """w [*in, *out] (logical axes `axes`) in the weight format `mode` (ops.quant.quantize)."""
+    return Quantized(quant.quantize(w, n_in, mode), out_sharding=tuple(axes), eager_sharding=False)
 
 
-def _quantized(var: nnx.Variable, n_in: int) -> Int8:
-    """The int8 form of a float [*in, *out] parameter, or var itself if it is int8 already."""
-    if isinstance(var, Int8):
+def _quantized(var: nnx.Variable, n_in: int, mode: str) -> Quantized:
+    """The `mode` form of a float [*in, *out] parameter, or var itself if it is quantized already."""
+    if isinstance(var, Quantized):
         return var
-    return int8_weight(var[...], n_in, var.get_metadata()["out_sharding"])
+    return quantized_weight(var[...], n_in, var.get_metadata()["out_sharding"], mode)
 
 
 def _check_equation(equation: str, n_in: int, n_out: int) -> None:
@@ -109,32 +110,34 @@ def _check_equation(equation: str, n_in: int, n_out: int) -> None:
 class Embedding(nnx.Module):
     """A lookup table [rows, D]; also the tied LM head.
 
-    With quantize=True (the token table of an int8 model) `embedding` holds
-    the table's transpose [D, rows] as an int8 weight: q [rows, D], one scale
-    per row.
+    With quantize set (the token table of a quantized model: a weight
+    format of ops.quant) `embedding` holds the table's transpose [D, rows]
+    in that format, output-major like every quantized weight: a row's
+    values and scales together (int8: q [rows, D], one scale per row).
     """
 
     def __init__(self, rows: int, dim: int, axes: tuple[str, str], *, config: StarCoderConfig,
-                 rngs: nnx.Rngs, quantize: bool = False):
+                 rngs: nnx.Rngs, quantize: str | None = None):
         table = _normal(rngs, (rows, dim), config.initializer_range, jnp_dtype(config.param_dtype))
         self.dtype = jnp_dtype(config.dtype)
         self.matmul_impl = config.matmul_impl
-        self.embedding = int8_weight(jnp.transpose(table), 1, axes[::-1]) if quantize else param(table, axes)
+        self.embedding = (quantized_weight(jnp.transpose(table), 1, axes[::-1], quantize) if quantize
+                          else param(table, axes))
 
     @property
     def quantized(self) -> bool:
-        return isinstance(self.embedding, Int8)
+        return isinstance(self.embedding, Quantized)
 
-    def quantize_(self) -> None:
-        """Replaces the float table by its int8 form, in place."""
+    def quantize_(self, mode: str) -> None:
+        """Replaces the float table by its `mode` form, in place."""
         if not self.quantized:
             table = self.embedding
-            self.embedding = int8_weight(jnp.transpose(table[...]), 1,
-                                         table.get_metadata()["out_sharding"][::-1])
+            self.embedding = quantized_weight(jnp.transpose(table[...]), 1,
+                                              table.get_metadata()["out_sharding"][::-1], mode)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         if self.quantized:
-            return int8_lookup(self.embedding.get_value(), ids, self.dtype)
+            return quant.lookup(self.embedding.get_value(), ids, self.dtype)
         # sharding: gather the table's fsdp shards before the lookup (no-op without a mesh)
         table = constrain(self.embedding[...], (jax.P.UNCONSTRAINED, None))
         return jnp.take(table, ids, axis=0).astype(self.dtype)
@@ -209,8 +212,8 @@ class Dense(nnx.Module):
     computed by ops.matmul.project in the form config.matmul_impl picks.
 
     equation: the product written out ("BTD,DNH->BTNH"), checked against the
-    shapes. Quantized (config.quantization="int8", or `quantize_()`), the
-    kernel is an int8 weight (ops.int8.QuantizedWeight) under the same name.
+    shapes. Quantized (config.quantization, or `quantize_(mode)`), the
+    kernel is a weight in that format (ops.quant) under the same name.
     `lora`: a LoRA adapter added to the output (model.lora.add_lora), or None.
     """
 
@@ -221,8 +224,8 @@ class Dense(nnx.Module):
         self.n_in = len(in_shape)
         self.matmul_impl = config.matmul_impl
         kernel = _normal(rngs, (*in_shape, *out_shape), std, pdt)
-        if config.quantization == "int8":
-            self.kernel = int8_weight(kernel, self.n_in, axes)
+        if config.quantization is not None:
+            self.kernel = quantized_weight(kernel, self.n_in, axes, config.quantization)
         else:
             self.kernel = param(kernel, axes, decay=True)
         # a [D] output bias is tiny: whole on every device like the LayerNorms
@@ -233,11 +236,11 @@ class Dense(nnx.Module):
 
     @property
     def quantized(self) -> bool:
-        return isinstance(self.kernel, Int8)
+        return isinstance(self.kernel, Quantized)
 
-    def quantize_(self) -> None:
-        """Replaces the float kernel by its int8 form, in place."""
-        self.kernel = _quantized(self.kernel, self.n_in)
+    def quantize_(self, mode: str) -> None:
+        """Replaces the float kernel by its `mode` form, in place."""
+        self.kernel = _quantized(self.kernel, self.n_in, mode)
 
     def lora_input(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array | None:
         """The adapter's rank-r input dropout(x) @ A [..., r], or None without an adapter."""
@@ -394,7 +397,7 @@ class StarCoder(nnx.Module):
         self.config = config
         quantized = config.quantization is not None
         self.wte = Embedding(config.vocab_size, config.n_embd, ("vocab", "embed"), config=config,
-                             rngs=rngs, quantize=quantized)
+                             rngs=rngs, quantize=config.quantization)
         # GPTBigCode's learned positions; StarCoder2 rotates q and k instead (no table)
         self.wpe = None if config.rotary else Embedding(config.n_positions, config.n_embd, ("positions", "embed"),
                                                         config=config, rngs=rngs)
@@ -403,8 +406,8 @@ class StarCoder(nnx.Module):
         if not config.tie_word_embeddings:
             head = _normal(rngs, (config.n_embd, config.vocab_size), config.initializer_range,
                            jnp_dtype(config.param_dtype))
-            if quantized:  # q [V, D], scale [V]
-                self.lm_head = int8_weight(head, 1, ("embed", "vocab"))
+            if quantized:  # output-major, as every quantized weight (int8: q [V, D], scale [V])
+                self.lm_head = quantized_weight(head, 1, ("embed", "vocab"), config.quantization)
             else:
                 self.lm_head = param(head, ("embed", "vocab"), decay=True)
         self.drop = nnx.Dropout(config.embd_pdrop)
@@ -505,7 +508,7 @@ class StarCoder(nnx.Module):
         one outside a traced program. Other forms: the stored layout and no copy.
         """
         cpu = resolve(self.config.matmul_impl, sharded=sharded) == "cpu"
-        for var in self._int8_matmul_weights():
+        for var in self._quantized_matmul_weights():
             w = var.get_value()
             var.set_value(w.for_cpu() if cpu else w.neutral())
         fresh = self._decode_head() is not None
@@ -518,32 +521,36 @@ class StarCoder(nnx.Module):
             del self.decode_head
         return self
 
-    def _int8_matmul_weights(self) -> list[Int8]:
-        """The int8 weights read only by products (not the token table, which lookups read)."""
+    def _quantized_matmul_weights(self) -> list[Quantized]:
+        """The quantized weights read only by products (not the token table, which lookups read)."""
         found = [m.kernel for _, m in nnx.iter_modules(self) if isinstance(m, Dense) and m.quantized]
-        if not self.config.tie_word_embeddings and isinstance(self.lm_head, Int8):
+        if not self.config.tie_word_embeddings and isinstance(self.lm_head, Quantized):
             found.append(self.lm_head)
         return found
 
     def quantize_(self, mode: str = "int8", *, sharded: bool = False) -> StarCoder:
-        """Quantizes every matmul weight in place (see starcoder_jax.ops.int8); returns self.
+        """Quantizes every matmul weight in place to `mode` (QUANTIZATION_MODES:
+        int8, see starcoder_jax.ops.int8; int4 or nf4, ops.int4); returns self.
 
         Dense kernels, the token table (also the tied LM head) and an untied
-        head become int8 weights under the same names; LayerNorms, biases and
-        the position table stay as they are. Each float weight is released
-        as soon as its int8 form exists. The result is laid out for the
+        head become quantized weights under the same names; LayerNorms,
+        biases and the position table stay as they are. Each float weight is
+        released as soon as its quantized form exists. The result is laid out for the
         matmul form (`adapt_to_backend_(sharded=sharded)`).
         """
         if check_quantization(mode, "quantize_ mode") is None:
             raise ValueError("quantize_ needs a mode: one of " + ", ".join(QUANTIZATION_MODES))
         if self.config.quantization is not None:
+            if self.config.quantization != mode:
+                raise ValueError(f"the model is {self.config.quantization}-quantized already; quantize the "
+                                 f"float model to {mode} (load it again without quantize)")
             return self
         for _, module in nnx.iter_modules(self):
             if isinstance(module, Dense):
-                module.quantize_()
-        self.wte.quantize_()
+                module.quantize_(mode)
+        self.wte.quantize_(mode)
         if not self.config.tie_word_embeddings:
-            self.lm_head = _quantized(self.lm_head, 1)
+            self.lm_head = _quantized(self.lm_head, 1, mode)
         self.config = self.config.replace(quantization=mode)
         return self.adapt_to_backend_(sharded=sharded)
 

@@ -66,16 +66,18 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
     shardings: parameter path -> jax Sharding; each tensor goes straight there.
     mesh: a jax Mesh or a spec such as "fsdp=4,tensor=2": shardings from the
       rules in starcoder_jax.parallel.rules (give mesh or shardings, not both).
-    quantize: "int8" quantizes every matmul weight after loading (weight-only,
-      per-output-channel scales; see starcoder_jax.ops.int8). A directory written
-      by `starcoder-jax convert hf-to-jax --quantize int8` is int8 already and
-      loads as such without it.
+    quantize: quantizes every matmul weight after loading, weight-only:
+      "int8" (per-output-channel scales; starcoder_jax.ops.int8), "int4"
+      (groups of 64 inputs) or "nf4" (QLoRA's NormalFloat, blocks of 64,
+      double-quantized scales; both starcoder_jax.ops.int4). A directory
+      written by `starcoder-jax convert hf-to-jax --quantize MODE` is
+      quantized already and loads as such without it.
     attention_impl, matmul_impl: which form of the attention and projection
       kernels runs (config.ATTENTION_IMPLS, config.MATMUL_IMPLS; starcoder_jax.ops).
       "auto" picks per backend and phase; they are never written to config.json.
       The model comes laid out for the projection form (`StarCoder.adapt_to_backend_`).
     adapter: a PEFT LoRA directory (or hub id) for this base (model.peft.load_peft),
-      added after quantizing: int8 base weights, adapters in `dtype`.
+      added after quantizing: quantized base weights, adapters in `dtype`.
     """
     impls = dict(attention_impl=attention_impl, matmul_impl=matmul_impl)
     StarCoderConfig(**impls)  # checks both names before anything is read
@@ -93,7 +95,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
 
         shardings = param_shardings(nnx.state(abstract_model(StarCoderConfig.from_hf(path))), mesh)
     elif shardings is not None and quantize is not None:
-        raise ValueError("quantize with shardings= is not supported: pass mesh= so the int8 "
+        raise ValueError("quantize with shardings= is not supported: pass mesh= so the quantized "
                          "weights and scales are placed by the sharding rules")
     if weights.is_orbax_dir(path):
         model = weights.load_orbax(path, dtype=dtype, compute_dtype=compute_dtype,
@@ -102,9 +104,12 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
         model = weights.load_hf(path, dtype=dtype, compute_dtype=compute_dtype,
                                 progress=progress, shardings=shardings, **impls)
     sharded = mesh is not None or shardings is not None
+    if quantize is not None and model.config.quantization not in (None, quantize):
+        raise ValueError(f"{path} is {model.config.quantization}-quantized; it cannot load as {quantize} "
+                         "(convert the float checkpoint with --quantize, or load without quantize)")
     if quantize is not None and model.config.quantization is None:
         model.quantize_(quantize, sharded=sharded)
-        if mesh is not None:  # the int8 weights and scales go where the rules put them
+        if mesh is not None:  # the quantized weights and scales go where the rules put them
             from starcoder_jax.parallel.mesh import shard_model
 
             shard_model(model, mesh)

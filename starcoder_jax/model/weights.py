@@ -34,6 +34,7 @@ from starcoder_jax.config import StarCoderConfig
 from starcoder_jax.model.lora import has_lora
 from starcoder_jax.model.modules import Derived, StarCoder, abstract_model
 from starcoder_jax.ops.int8 import QuantizedWeight
+from starcoder_jax.ops.quant import is_quantized, mode_of
 
 Path = tuple  # a parameter path such as ("blocks", 0, "attn", "query", "kernel")
 
@@ -357,26 +358,27 @@ def _variables(model: StarCoder):
 
 def stored_state(model: StarCoder) -> nnx.State:
     """The state a checkpoint holds: every variable but the `Derived` copies,
-    int8 weights in their stored layout (QuantizedWeight.neutral)."""
+    quantized weights in their stored layout (`neutral`)."""
     def stored(_, var):
         w = var.get_value()
-        return var.replace(w.neutral()) if isinstance(w, QuantizedWeight) else var
+        return var.replace(w.neutral()) if is_quantized(w) else var
 
     return nnx.map_state(stored, nnx.state(model, nnx.Not(Derived)))
 
 
 def _placed(value, want, sharding):
-    """value (an array, or a QuantizedWeight of arrays) in the dtypes of `want`
-    (float params take the config's param dtype; int8 weights and their
-    scales keep theirs), on `sharding` (the same structure) or the default device."""
-    def put(a, w, s):
+    """value (an array, or a quantized weight of arrays) in the dtypes of `want`
+    (float params take the config's param dtype; quantized weights keep
+    theirs), on `sharding` (the same structure) or the default device."""
+    def put(a, w, s=None):
         a = np.asarray(a).astype(w.dtype, copy=False)
         return jax.device_put(a, s) if s is not None else jnp.asarray(a)
 
-    if not isinstance(want, QuantizedWeight):
+    if not is_quantized(want):
         return put(value, want, sharding)
-    s = sharding if sharding is not None else QuantizedWeight(None, None, want.n_in)
-    return QuantizedWeight(put(value.q, want.q, s.q), put(value.scale, want.scale, s.scale), want.n_in)
+    if sharding is None:
+        return jax.tree.map(put, value, want)
+    return jax.tree.map(put, value, want, sharding)
 
 
 def model_from_arrays(config: StarCoderConfig, arrays, *, total: int | None = None,
@@ -393,10 +395,10 @@ def model_from_arrays(config: StarCoderConfig, arrays, *, total: int | None = No
                             disable=(not progress) if progress is not None else None):
         var = flat[path]
         want = var.get_value()
-        if tuple(array.shape) != tuple(want.shape) or isinstance(array, QuantizedWeight) != isinstance(
-                want, QuantizedWeight):
+        if tuple(array.shape) != tuple(want.shape) or _kind(array) != _kind(want) or (
+                is_quantized(array) and array.neutral_shapes() != want.neutral_shapes()):
             raise CheckpointError(f"{'.'.join(map(str, path))}: {_describe(array)}, expected {_describe(want)}")
-        if isinstance(array, QuantizedWeight):
+        if is_quantized(array):
             array = array.neutral()
         var.set_value(_placed(array, want, (shardings or {}).get(path)))
         filled.add(path)
@@ -406,8 +408,12 @@ def model_from_arrays(config: StarCoderConfig, arrays, *, total: int | None = No
     return nnx.merge(graphdef, state)
 
 
+def _kind(value) -> str | None:
+    return mode_of(value) if is_quantized(value) else None
+
+
 def _describe(value) -> str:
-    kind = "int8 weight of shape" if isinstance(value, QuantizedWeight) else "shape"
+    kind = f"{_kind(value)} weight of shape" if is_quantized(value) else "shape"
     return f"{kind} {tuple(value.shape)}"
 
 

@@ -45,6 +45,7 @@ Measurements: BENCHMARKS.md ("Attention forms").
 from __future__ import annotations
 
 import functools
+import math
 import typing
 import warnings
 
@@ -53,7 +54,7 @@ import jax.numpy as jnp
 
 from starcoder_jax.config import ATTENTION_IMPLS
 from starcoder_jax.ops.backend import cpu_without_mesh, cudnn_available, on_gpu, on_tpu, platform
-from starcoder_jax.parallel.rules import RULES
+from starcoder_jax.parallel.rules import mesh_axes, mesh_is_set, mesh_sizes, spec_entry
 
 FORMS = tuple(name for name in ATTENTION_IMPLS if name != "auto")
 QUADRATIC = ("xla", "cpu_key_major", "cpu_blocked")  # forms whose training memory grows as T * S
@@ -525,20 +526,14 @@ def _kernel_split(b: int, kv: int, g: int):
     batch goes over the rules' batch axes (data, fsdp) and the heads over theirs (tensor):
     the kv heads K where the axes divide them, else each kv head's G query heads (keys and
     values whole on every device, as for multi-query models); no mesh: ((), None, ())."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if not mesh_is_set():
         return (), None, ()
-    sizes = dict(mesh.shape)
-    batch = tuple(a for a in RULES["batch"] or () if sizes.get(a, 1) > 1)
-    heads = tuple(a for a in RULES["heads"] or () if sizes.get(a, 1) > 1)
-    rows = 1
-    for a in batch:
-        rows *= sizes[a]
+    sizes = mesh_sizes(jax.sharding.get_abstract_mesh())
+    batch = tuple(a for a in mesh_axes("batch", sizes) if sizes[a] > 1)
+    heads = tuple(a for a in mesh_axes("heads", sizes) if sizes[a] > 1)
+    rows, split = math.prod(sizes[a] for a in batch), math.prod(sizes[a] for a in heads)
     if b % rows:
         return f"its batch of {b} rows does not divide over the mesh's {' x '.join(batch)} = {rows} devices"
-    split = 1
-    for a in heads:
-        split *= sizes[a]
     if split == 1:
         return batch, None, ()
     if kv % split == 0:
@@ -553,11 +548,10 @@ def _sharded_kernel(kernel, q, k, v, positions, segments):
     """kernel(q [B, T, K, G, H], k, v [B, T, K, H], positions [B, T], segments) -> [B, T, K, G, H],
     run by `jax.shard_map` over the mesh set now (`_kernel_split`): each device calls the
     kernel on its rows and heads, as it would on one device; no mesh: called as it is."""
-    batch, head_axis, heads = _kernel_split(q.shape[0], k.shape[2], q.shape[3])
-    if jax.sharding.get_abstract_mesh().empty:
+    if not mesh_is_set():
         return kernel(q, k, v, positions, segments)
-    rows = batch or None
-    on_heads = heads or None
+    batch, head_axis, heads = _kernel_split(q.shape[0], k.shape[2], q.shape[3])
+    rows, on_heads = spec_entry(batch), spec_entry(heads)
     q_spec = jax.P(rows, None, on_heads if head_axis == "K" else None, on_heads if head_axis == "G" else None)
     kv_spec = jax.P(rows, None, on_heads if head_axis == "K" else None)
     row_spec = jax.P(rows)

@@ -6,10 +6,12 @@ float32 for a float kernel w [*in, *out] (or, with out_major, a table
 (config.MATMUL_IMPLS) picks the forms:
 
 - "xla": the float product as one dot with float32 sums (the weight cast to
-  the compute dtype); int8 weights as "dot", or "reduce" for one row on a GPU;
+  the compute dtype); int8 weights as "dot", or "reduce" for one row on a
+  GPU; 4-bit weights (ops.int4) as "dot";
 - "cpu": bfloat16 compute through `bfloat16_matmul` (its hand-written
   gradient; float32 compute is the plain dot), int8 weights through the
-  CPU tile loop ("cpu_rows" up to 4 rows, "cpu_tiles" above);
+  CPU tile loop ("cpu_rows" up to 4 rows, "cpu_tiles" above), 4-bit
+  weights through theirs ("cpu");
 - "auto": "cpu" on XLA:CPU with no mesh set, else "xla" (`resolve`).
 
 Measurements behind the choices: BENCHMARKS.md ("CPU bfloat16 projections",
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 
 from starcoder_jax.config import MATMUL_IMPLS
 from starcoder_jax.ops.backend import cpu_without_mesh, on_gpu
+from starcoder_jax.ops.int4 import Packed4, int4_product
 from starcoder_jax.ops.int8 import CPU_ROWS_ONE_BY_ONE, QuantizedWeight, int8_product
 
 
@@ -47,7 +50,7 @@ def project(x: jax.Array, w, n_in: int, *, impl: str = "auto", dtype=jnp.float32
     """x [..., *in] (n_in trailing input axes) @ w -> float32 [..., *out].
 
     w: a float kernel [*in, *out], a float table [*out, *in] with out_major,
-    or a QuantizedWeight (which knows its own layout). dtype: the compute
+    or a quantized weight (ops.quant: it knows its own layout). dtype: the compute
     dtype of float products (activations and weights are cast to it).
     """
     form = resolve(impl)
@@ -55,6 +58,10 @@ def project(x: jax.Array, w, n_in: int, *, impl: str = "auto", dtype=jnp.float32
         if w.n_in != n_in:
             raise ValueError(f"project: the int8 weight has {w.n_in} input axes, n_in is {n_in}")
         return int8_product(x, w, _int8_form(form, math.prod(x.shape[:x.ndim - n_in])))
+    if isinstance(w, Packed4):
+        if w.n_in != n_in:
+            raise ValueError(f"project: the {w.kind} weight has {w.n_in} input axes, n_in is {n_in}")
+        return int4_product(x.astype(dtype), w, "cpu" if form == "cpu" else "dot")
     in_shape = w.shape[w.ndim - n_in:] if out_major else w.shape[:n_in]
     out_shape = w.shape[:w.ndim - n_in] if out_major else w.shape[n_in:]
     if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):

@@ -104,10 +104,16 @@ def tpu_topology(version: str, chips: int) -> str:
     return "x".join(map(str, shape))
 
 
+_MODULES = {"tpu": ("libtpu",), "gpu": ("jax_plugins", "jax_plugins.xla_cuda13")}  # parents first
+
+
+def compiler_installed(platform: str) -> bool:
+    """Whether the compiler for "tpu" (libtpu) or "gpu" (JAX's CUDA plugin) is installed."""
+    return all(importlib.util.find_spec(module) is not None for module in _MODULES[platform])
+
+
 def _require(platform: str) -> None:
-    module = "libtpu" if platform == "tpu" else "jax_plugins.xla_cuda13"
-    if importlib.util.find_spec(module.split(".")[0]) is None or (
-            platform == "gpu" and importlib.util.find_spec(module) is None):
+    if not compiler_installed(platform):
         what = "libtpu (the TPU compiler)" if platform == "tpu" else "JAX's CUDA plugin (XLA:GPU)"
         raise MissingExtra(f"compiling for a {platform.upper()} needs {what}: "
                            f"pip install 'starcoder-jax[{EXTRA[platform]}]'")

@@ -286,7 +286,7 @@ def _buffer_bytes(kind: str, instr: _Instruction, shapes: dict[str, str], group:
     return in_bytes if kind == "all-reduce" else out_bytes
 
 
-# --- kernels and FLOPs of a compiled program -------------------------------------------
+# --- the kernels of a compiled program ---------------------------------------------------
 
 # Ops that launch no kernel of their own: bookkeeping, control flow, aliasing.
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
@@ -318,31 +318,27 @@ def _executed(computations: dict[str, list[str]], entry: str, times: dict[str, i
 @dataclasses.dataclass(frozen=True)
 class Kernels:
     """What a compiled program launches per call: kernels (fusions, custom calls and every
-    other op that is not bookkeeping, each loop body's as often as it runs), the custom
-    calls by target (cuDNN, cuBLAS, Mosaic, Triton...), and the matmul FLOPs counted from
-    its dots, cuBLAS calls and cuDNN attention calls."""
+    other op that is not bookkeeping, each loop body's as often as it runs); the custom
+    calls by target (cuDNN, cuBLAS, Mosaic...) and the fusions by emitter."""
 
     launches: int
     fusions: int
     fusion_kinds: dict[str, int]  # XLA:GPU's emitters ("__triton_nested_gemm_fusion"...), else kLoop...
     custom_calls: dict[str, int]
-    dot_flops: float
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def kernels(hlo_text: str) -> Kernels:
-    """The kernels and matmul FLOPs of a compiled program (`compiled.as_text()`)."""
+    """The kernels a compiled program launches (`compiled.as_text()`)."""
     computations, entry = _computations(hlo_text)
     times = _multipliers(computations, entry)
-    parsed = {name: [i for i in map(_parse, lines) if i is not None] for name, lines in computations.items()}
-    shapes = {i.name: i.shape for instrs in parsed.values() for i in instrs}
     launches = fusions = 0
     custom: dict[str, int] = defaultdict(int)
     kinds: dict[str, int] = defaultdict(int)
     for name, runs in _executed(computations, entry, times).items():
-        for i in parsed[name]:
+        for i in filter(None, map(_parse, computations[name])):
             if i.op in _FREE:
                 continue
             launches += runs
@@ -353,48 +349,4 @@ def kernels(hlo_text: str) -> Kernels:
             elif i.op == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', i.line)
                 custom[target.group(1) if target else "?"] += runs
-    flops = 0.0
-    for name, instrs in parsed.items():
-        runs = times.get(name, 0)
-        for i in instrs:
-            if runs and i.op in ("dot", "custom-call"):
-                flops += runs * _matmul_flops(i, shapes)
-    return Kernels(launches, fusions, dict(sorted(kinds.items())), dict(sorted(custom.items())), flops)
-
-
-def _dims(shape_text: str) -> list[int]:
-    found = _ARRAY.search(shape_text)
-    return [int(d) for d in found.group(2).split(",") if d] if found else []
-
-
-def _contracting(line: str, key: str) -> list[int]:
-    m = re.search(key + r'[=:]\s*(?:\{([\d,]*)\}|\[([^\]]*)\])', line)
-    if m is None:
-        return []
-    text = m.group(1) if m.group(1) is not None else m.group(2)
-    return [int(d.strip().strip('"')) for d in text.split(",") if d.strip()]
-
-
-def _matmul_flops(i: _Instruction, shapes: dict[str, str]) -> float:
-    """2 x output elements x contracted size of a dot or a cuBLAS call; a cuDNN attention
-    call's two (forward) or five (backward: the scores recomputed) products of
-    2 B N T S H each, halved under a causal mask."""
-    if i.op == "dot" or "cublas" in i.line:
-        if i.op == "custom-call" and "cublas" not in i.line.split("custom_call_target=")[-1][:40]:
-            return 0.0
-        lhs = _dims(shapes.get(i.operands[0], "")) if i.operands else []
-        key = "lhs_contracting_dims" if i.op == "dot" else '"lhs_contracting_dimensions"'
-        contracted = math.prod(lhs[d] for d in _contracting(i.line, key) if d < len(lhs))
-        out = _dims(i.shape)
-        return 2.0 * math.prod(out) * contracted if out and lhs else 0.0
-    target = re.search(r'custom_call_target="(__cudnn\$fmha[^"]*)"', i.line)
-    if target is None or len(i.operands) < 2:
-        return 0.0
-    q, k = (_dims(shapes.get(o, "")) for o in i.operands[:2])
-    if len(q) != 4 or len(k) != 4:
-        return 0.0
-    b, t, n, h = q  # [B, T, N, H] (the kernel's logical order)
-    s = k[1]
-    products = 5 if "Backward" in target.group(1) else 2
-    causal = 0.5 if '"mask_type": "CAUSAL"' in i.line or '"mask_type":"CAUSAL"' in i.line else 1.0
-    return products * 2.0 * b * n * t * s * h * causal
+    return Kernels(launches, fusions, dict(sorted(kinds.items())), dict(sorted(custom.items())))

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 
-from starcoder_jax.ops.int8 import QuantizedWeight
+from starcoder_jax.ops.quant import is_quantized, tree_of
 from starcoder_jax.parallel.rules import (
     MESH_AXES,
     MESH_EXAMPLE,
@@ -125,18 +125,17 @@ def param_axes(path, var) -> tuple[str | None, ...]:
 
 def _arrays(path, var, fn):
     """fn(logical axes, shape) for each array a parameter holds, in the
-    structure of its value: an array, or a QuantizedWeight whose values and
-    scales are placed in the stored layout (ops.int8; a mesh never holds
-    the CPU's input-blocked one)."""
+    structure of its value: an array, or a quantized weight (ops.quant) whose
+    arrays are placed in the stored layout (a mesh never holds the CPU's
+    input-blocked int8 one)."""
     axes, value = param_axes(path, var), var.get_value()
-    if isinstance(value, QuantizedWeight):
-        leaf_axes, shapes = value.leaf_axes(axes), value.neutral_shapes()
-        return QuantizedWeight(fn(leaf_axes.q, shapes.q), fn(leaf_axes.scale, shapes.scale), value.n_in)
+    if is_quantized(value):
+        return tree_of(fn, value.leaf_axes(axes), value.neutral_shapes())
     return fn(axes, tuple(value.shape))
 
 
 def _leaves(tree) -> list:
-    return [tree.q, tree.scale] if isinstance(tree, QuantizedWeight) else [tree]
+    return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, list)) if is_quantized(tree) else [tree]
 
 
 def check_fits(params: nnx.State, mesh) -> None:
@@ -178,9 +177,9 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def param_specs(params: nnx.State, mesh) -> dict[tuple, jax.sharding.PartitionSpec | QuantizedWeight]:
-    """PartitionSpec of every parameter path (a QuantizedWeight of two for an
-    int8 weight), after check_fits."""
+def param_specs(params: nnx.State, mesh) -> dict:
+    """PartitionSpec of every parameter path (for a quantized weight, one per
+    array it holds, in its structure), after check_fits."""
     check_fits(params, mesh)
     return {path: _arrays(path, var, lambda axes, shape: logical_spec(axes, mesh, shape))
             for path, var in nnx.to_flat_state(params)}
@@ -202,9 +201,9 @@ def state_shardings(params: nnx.State, mesh: Mesh | str) -> nnx.State:
     """
     shardings = param_shardings(params, mesh)
 
-    def sharding(path, var):  # an int8 weight: a QuantizedWeight of shardings inside its variable
+    def sharding(path, var):  # a quantized weight: its structure of shardings inside its variable
         s = shardings[path]
-        return var.replace(s) if isinstance(s, QuantizedWeight) else s
+        return var.replace(s) if is_quantized(s) else s
 
     return nnx.map_state(sharding, params)
 
@@ -244,9 +243,8 @@ def shard_state(params: nnx.State, mesh: Mesh | str) -> nnx.State:
     shardings = param_shardings(params, mesh)
     for path, var in nnx.to_flat_state(params):
         value, sharding = var.get_value(), shardings[path]
-        if isinstance(value, QuantizedWeight):
-            value = value.neutral()
-            var.set_value(QuantizedWeight(put(value.q, sharding.q), put(value.scale, sharding.scale), value.n_in))
+        if is_quantized(value):
+            var.set_value(jax.tree.map(put, value.neutral(), sharding))
         else:
             var.set_value(put(value, sharding))
     return params

@@ -79,9 +79,13 @@ class Target:
     slow_link_bandwidth: float  # bytes/s per chip and direction between nodes / slices
     node_size: int  # chips on the fast links
     source: str
-    platform: str = "gpu"  # "gpu" or "tpu": the compiler that builds its programs
-    tpu: str | None = None  # libtpu's topology prefix ("v5e")
-    gpu: GpuChip | None = None
+    tpu: str | None = None  # a TPU: libtpu's topology prefix ("v5e")
+    gpu: GpuChip | None = None  # a GPU: what XLA:GPU compiles for
+
+    @property
+    def platform(self) -> str:
+        """"tpu" or "gpu": the compiler that builds its programs."""
+        return "tpu" if self.tpu else "gpu"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,19 +126,19 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("tpu-v4", 275e12, 32 * 2**30, 1200 * GB, "ICI", 1.1e15 / 4096, "DCN", 0.0, 4096,
            "Cloud TPU v4 documentation: 275 TFLOPS bf16 per chip, 32 GiB HBM2 at 1200 GBps, "
            "all-reduce bandwidth 1.1 PB/s per 4096-chip pod (used per chip); a pod is one slice",
-           platform="tpu", tpu="v4"),
+           tpu="v4"),
     Target("tpu-v5e", 197e12, 16 * GB, 800 * 2**30, "ICI", 200 * GB, "DCN", 25e9 / 8, 256,
            "Cloud TPU v5e documentation: 197 TFLOPS bf16, 16 GB HBM at 800 GiBps, bidirectional ICI "
            "400 GBps per chip, 2 x 100 Gbps NICs per 8-chip host, 256-chip pod",
-           platform="tpu", tpu="v5e"),
+           tpu="v5e"),
     Target("tpu-v5p", 459e12, 95 * 2**30, 2765 * GB, "ICI", 600 * GB, "DCN", 50e9 / 8, 8960,
            "Cloud TPU v5p documentation: 459 TFLOPS bf16, 95 GiB HBM2e at 2765 GBps, bidirectional "
            "ICI 1200 GBps per chip, DCN 50 Gbps per chip, 8960-chip slices",
-           platform="tpu", tpu="v5p"),
+           tpu="v5p"),
     Target("tpu-v6e", 918e12, 32 * GB, 1640 * GB, "ICI", 400 * GB, "DCN", 0.0, 256,
            "Cloud TPU v6e (Trillium) documentation: 918 TFLOPS bf16, 32 GB HBM at 1640 GBps, "
            "bidirectional ICI 800 GBps per chip, 256-chip pod (no DCN figure per chip published)",
-           platform="tpu", tpu="v6e"),
+           tpu="v6e"),
 )}
 
 

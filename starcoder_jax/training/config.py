@@ -14,6 +14,7 @@ import re
 
 import yaml
 
+from starcoder_jax.config import check_quantization
 from starcoder_jax.model.modules import check_remat
 from starcoder_jax.training.data import DataConfig
 from starcoder_jax.training.losses import LOSS_CHUNK, check_loss_chunk
@@ -29,8 +30,10 @@ class ModelSection:
       of the preset; vocab_size defaults to the tokenizer's, rounded up to 128).
       With `path`, only the runtime fields attention_impl and matmul_impl
       (the shapes come from the checkpoint).
-    quantize: "int8" holds the base's matmul weights as int8 (frozen), for
-      LoRA fine-tuning only (a `lora:` section): QLoRA's memory saver.
+    quantize: the base's matmul weights in a weight-only format, frozen, for
+      LoRA fine-tuning only (a `lora:` section): "nf4" is QLoRA's (4-bit
+      NormalFloat, double-quantized scales), "int8" and "int4" the others
+      of config.QUANTIZATION_MODES.
     compute_dtype: dtype of activations and matmuls; params stay float32.
     remat: what each block keeps for the backward pass (model.modules.REMAT_POLICIES):
       "none" (everything), "full" (its input only: the backward pass reruns the
@@ -200,14 +203,14 @@ class FinetuneConfig:
     lora: LoRASection | None = None  # None: every (trainable) parameter trains
 
     def __post_init__(self):
-        if self.model.quantize is not None:
-            if self.model.quantize != "int8":
-                raise ValueError(f"model.quantize must be int8 or unset, got {self.model.quantize!r}")
+        q = self.model.quantize
+        if q is not None:
+            check_quantization(q, "model.quantize")
             if self.lora is None:
-                raise ValueError("model.quantize: int8 needs a lora: section: int8 weights are frozen, "
+                raise ValueError(f"model.quantize: {q} needs a lora: section: {q} weights are frozen, "
                                  "only LoRA adapters train on them")
             if self.train.export_every:
-                raise ValueError("train.export_every on an int8 base would merge the adapters into int8 "
+                raise ValueError(f"train.export_every on a {q} base would merge the adapters into {q} "
                                  "weights; export the adapters (--export-peft) and merge them into the float "
                                  "base with `starcoder-jax convert merge-lora`")
 

@@ -2,7 +2,7 @@
 abstract shapes, never run, no full-size weights allocated.
 
 `train_step_memory(config, batch=, seq_len=, remat=, loss_chunk=, mesh=, lora=,
-quantize=)` builds the abstract model (`nnx.eval_shape`; an int8 base and
+quantize=)` builds the abstract model (`nnx.eval_shape`; a quantized base and
 LoRA adapters when asked), its AdamW state (`jax.eval_shape`) and the batch
 as `jax.ShapeDtypeStruct`s, lowers and compiles `step.make_train_step` (the
 step fine-tuning runs: forward, backward, clipping, AdamW, donated params
@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 
 from starcoder_jax.config import StarCoderConfig
 from starcoder_jax.model.lora import LoRAConfig, add_lora
-from starcoder_jax.model.modules import Int8, StarCoder, check_remat
+from starcoder_jax.model.modules import Quantized, StarCoder, check_remat
 from starcoder_jax.parallel.mesh import abstract_on_mesh, mesh_from_spec, parse_mesh_spec
 from starcoder_jax.parallel.rules import logical_spec, mesh_sizes
 from starcoder_jax.training.config import OptimConfig
@@ -94,8 +94,8 @@ def _abstract_batch(shape, dtype, mesh) -> jax.ShapeDtypeStruct:
 
 def abstract_training_model(config: StarCoderConfig, *, remat: str | bool = "full", lora: LoRAConfig | None = None,
                             quantize: str | None = None) -> StarCoder:
-    """The model a run trains, with ShapeDtypeStructs for arrays: `quantize` ("int8") makes its
-    base int8 (model.quantize_), `lora` adds adapters (model.lora.add_lora), as
+    """The model a run trains, with ShapeDtypeStructs for arrays: `quantize` (int8, int4,
+    nf4) quantizes its base (model.quantize_), `lora` adds adapters (model.lora.add_lora), as
     training.state.with_lora does."""
     def build():
         model = StarCoder(config, rngs=nnx.Rngs(params=0))
@@ -166,15 +166,15 @@ def train_step_memory(config: StarCoderConfig, *, batch: int = 1, seq_len: int |
     model.modules.REMAT_POLICIES; loss_chunk: as train.loss_chunk (None: whole
     logits); mesh: a spec such as "fsdp=8" or a Mesh (None: one device);
     optim: the optimizer settings (AdamW's state is the same size whatever they are);
-    lora: train these adapters only (a frozen base); quantize: "int8" for an
-    int8 base (with lora). Without lora every parameter is trained.
+    lora: train these adapters only (a frozen base); quantize: a weight format
+    for a quantized base (with lora). Without lora every parameter is trained.
     """
     if quantize is not None and lora is None:
-        raise ValueError("an int8 base trains only LoRA adapters: give lora with quantize")
+        raise ValueError(f"a {quantize} base trains only LoRA adapters: give lora with quantize")
     step = lower_train_step(config, batch=batch, seq_len=seq_len, remat=remat, loss_chunk=loss_chunk,
                             grad_accum=grad_accum, mesh=mesh, optim=optim, lora=lora, quantize=quantize)
     analysis = step.lowered.compile().memory_analysis()
-    frozen = nnx.filter_state(step.rest, nnx.Any(nnx.Param, Int8))  # float or int8 weights
+    frozen = nnx.filter_state(step.rest, nnx.Any(nnx.Param, Quantized))  # float or quantized weights
     trained = device_bytes(step.params)
     return TrainStepMemory(
         argument_bytes=analysis.argument_size_in_bytes, output_bytes=analysis.output_size_in_bytes,

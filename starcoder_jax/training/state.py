@@ -91,7 +91,7 @@ def lora_config(cfg: FinetuneConfig):
 
 def base_digest(model: StarCoder) -> str:
     """A digest of the frozen base of a LoRA model: sha256 over every variable but
-    the adapters (int8 weights in their stored layout), each by path, shape, dtype
+    the adapters (quantized weights in their stored layout), each by path, shape, dtype
     and the values of up to 4096 evenly spaced elements. Cheap for any size, and a
     different checkpoint differs in nearly every element."""
     from starcoder_jax.model.weights import stored_state

@@ -45,9 +45,9 @@ def run(cfg: FinetuneConfig, *, progress: bool | None = None, export_hf: str | N
     if export_peft and cfg.lora is None:
         raise ValueError("export_peft (--export-peft) needs a LoRA run: add a lora: section to the config")
     if export_hf and cfg.lora is not None and cfg.model.quantize is not None:
-        raise ValueError("export_hf (--export-hf) of a LoRA run on an int8 base would merge the adapters into "
-                         "int8 weights; export the adapters (--export-peft) and merge them into the float base "
-                         "with `starcoder-jax convert merge-lora`")
+        raise ValueError(f"export_hf (--export-hf) of a LoRA run on a {cfg.model.quantize} base would merge the "
+                         f"adapters into {cfg.model.quantize} weights; export the adapters (--export-peft) "
+                         "and merge them into the float base with `starcoder-jax convert merge-lora`")
     for folder in (export_hf, cfg.train.export_dir if cfg.train.export_every else None):
         if folder:  # refused now rather than after the training
             check_export_dir(folder)

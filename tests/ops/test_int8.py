@@ -149,7 +149,7 @@ def test_quantized_model_structure_equals_its_abstract_model(tie):
 
     assert shapes(got) == shapes(float_names)
     int8 = [p for p, _, is_int8, kind in got if is_int8]
-    assert all(kind == "Int8" for p, _, is_int8, kind in got if is_int8)
+    assert all(kind == "Quantized" for p, _, is_int8, kind in got if is_int8)
     assert len(int8) == 6 * 2 + 1 + (not tie)
     assert ("lm_head",) in int8 or tie
     assert ("wte", "embedding") in int8 and ("wpe", "embedding") not in int8
@@ -283,9 +283,9 @@ def test_quantized_orbax_directory_round_trips_and_loads_without_flag(float_and_
 
 
 def test_bad_quantize_values_are_refused(tiny_model_dir):
-    with pytest.raises(ValueError, match="quantize must be None or 'int8'"):
-        sj.load_pretrained(tiny_model_dir, quantize="int4")
-    with pytest.raises(ValueError, match="quantization must be None or 'int8'"):
+    with pytest.raises(ValueError, match="quantize must be None or 'int8', 'int4', 'nf4'"):
+        sj.load_pretrained(tiny_model_dir, quantize="int2")
+    with pytest.raises(ValueError, match="quantization must be None or 'int8', 'int4', 'nf4'"):
         StarCoderConfig(quantization="fp8")
 
 

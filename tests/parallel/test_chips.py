@@ -7,27 +7,18 @@ kernel's and cuDNN's width) and at most 2 layers: a TPU compile of a train
 step takes about 10 s here, a GPU one about 3 s.
 """
 
-import importlib.util
-
 import jax
 import pytest
 
 from starcoder_jax.compiled import compiled_plan
 from starcoder_jax.config import StarCoderConfig
+from starcoder_jax.ops.backend import cudnn_version
 from starcoder_jax.parallel import chips as chips_module
-from starcoder_jax.parallel.chips import MissingExtra, chips, parse, tpu_topology
+from starcoder_jax.parallel.chips import MissingExtra, chips, compiler_installed, parse, tpu_topology
 
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-HAS_TPU = _installed("libtpu")
-HAS_CUDA = _installed("jax_plugins.xla_cuda13")
-HAS_CUDNN = _installed("nvidia.cudnn")
+HAS_TPU = compiler_installed("tpu")
+HAS_CUDA = compiler_installed("gpu")
+HAS_CUDNN = cudnn_version() is not None
 tpu = pytest.mark.skipif(not HAS_TPU, reason="the tpu extra (libtpu) is not installed")
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="the cuda extra (jax-cuda13-plugin) is not installed")
 cudnn = pytest.mark.skipif(not HAS_CUDNN, reason="the cuda extra's cuDNN library (nvidia-cudnn-cu13) is not installed")

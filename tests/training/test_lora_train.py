@@ -1,5 +1,5 @@
 """LoRA fine-tuning: only the adapters train and are checkpointed, resume is exact,
-the adapters export for PEFT (also from an int8 base), and the optimizer state is
+the adapters export for PEFT (also from an int8 or QLoRA's nf4 base), and the optimizer state is
 a small fraction of full fine-tuning's."""
 
 import json
@@ -29,13 +29,15 @@ IDS = np.random.default_rng(1).integers(0, 458, (2, 24))
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"]}
 
 
-def lora_config(tmp_path, corpus, tokenizer_dir, base_dir, out, name="c.yaml", lora=LORA, **changes):
-    """A config file (test_train.write_config's) fine-tuning base_dir's model with LoRA."""
+def lora_config(tmp_path, corpus, tokenizer_dir, base_dir, out, name="c.yaml", lora=LORA, quantize=None,
+                **changes):
+    """A config file (test_train.write_config's) fine-tuning base_dir's model with LoRA
+    (on a base quantized to `quantize`, if given)."""
     path = write_config(tmp_path / name, corpus, tokenizer_dir, out,
                         **{"train.steps": 8, "train.save_every": 4, "train.eval_every": 8,
                            "data.eval_fraction": 0.0, "optim.learning_rate": 1e-2, **changes})
     raw = yaml.safe_load(open(path))
-    raw["model"] = {"path": base_dir}
+    raw["model"] = {"path": base_dir, **({"quantize": quantize} if quantize else {})}
     raw["lora"] = lora
     yaml.safe_dump(raw, open(path, "w"))
     return path
@@ -110,17 +112,17 @@ def test_lora_run_trains_only_the_adapters(tmp_path, corpus_dir, tokenizer_dir, 
 
 
 def dequantized_hf_dir(model, out_dir) -> str:
-    """An int8 model's weights, dequantized, as a float HF directory (without its adapters)."""
-    from starcoder_jax.model.modules import Dense, Int8, param
-    from starcoder_jax.ops.int8 import dequantize
+    """A quantized model's weights, dequantized, as a float HF directory (without its adapters)."""
+    from starcoder_jax.model.modules import Dense, Quantized, param
+    from starcoder_jax.ops.quant import dequantize
 
     plain = nnx.merge(*nnx.split(model))
     for _, module in nnx.iter_modules(plain):
-        if isinstance(module, Dense) and isinstance(module.kernel, Int8):
+        if isinstance(module, Dense) and isinstance(module.kernel, Quantized):
             axes = module.kernel.get_metadata()["out_sharding"]
             module.kernel = param(dequantize(module.kernel.get_value()), axes, decay=True)
             module.lora = None
-    table = plain.wte.embedding  # an int8 weight standing for the table's transpose [D, V]
+    table = plain.wte.embedding  # a quantized weight standing for the table's transpose [D, V]
     plain.wte.embedding = param(dequantize(table.get_value()).T, table.get_metadata()["out_sharding"][::-1])
     plain.config = plain.config.replace(quantization=None)
     plain.lora_config = None
@@ -128,26 +130,41 @@ def dequantized_hf_dir(model, out_dir) -> str:
 
 
 @pytest.mark.slow
-def test_lora_on_an_int8_base_loads_in_peft_on_the_dequantized_base(tmp_path, corpus_dir,  # noqa: F811
-                                                                    tokenizer_dir, tiny_model_dir):
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_lora_on_a_quantized_base_loads_in_peft_on_the_dequantized_base(tmp_path, corpus_dir,  # noqa: F811
+                                                                        tokenizer_dir, tiny_model_dir, mode):
     out, export = str(tmp_path / "run"), str(tmp_path / "peft")
     path = lora_config(tmp_path, corpus_dir, tokenizer_dir, tiny_model_dir, out, **{"train.steps": 2})
-    # the "xla" form: the int8 product as one einsum, whose gradient compiles fastest on CPU
-    cfg = train.load_config(path, ["model.quantize=int8", "model.config.matmul_impl=xla"])
+    # the "xla" form: the quantized product as one einsum, whose gradient compiles fastest on CPU
+    cfg = train.load_config(path, [f"model.quantize={mode}", "model.config.matmul_impl=xla"])
     model = train.run(cfg, progress=False, export_peft=export)["model"]
-    assert model.config.quantization == "int8" and model.blocks[0].mlp.fc.quantized
+    assert model.config.quantization == mode and model.blocks[0].mlp.fc.quantized
     assert model.blocks[0].mlp.fc.lora.b[...].dtype == jnp.float32
+    # only the adapters trained: the quantized base is bit for bit the one quantized at the start
+    from starcoder_jax.model.weights import stored_state
+
+    fresh = sj.load_pretrained(tiny_model_dir, quantize=mode)
+    base = {p: np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(stored_state(fresh))}
+    trained = {p: np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(stored_state(model))
+               if "lora" not in jax.tree_util.keystr(p)}
+    assert trained.keys() == base.keys()
+    for p, a in base.items():
+        np.testing.assert_array_equal(trained[p], a, err_msg=str(p))
     want = logits(model)
     got = peft_logits(dequantized_hf_dir(model, str(tmp_path / "dequantized")), export)
-    # tests/ops/test_int8.py: int8 products against the dequantized weights in float32
-    # agree to 1e-2 of the output scale (the activations are rounded to bfloat16).
+    # tests/ops/test_int8.py, test_int4.py: the products against the dequantized weights in float32
+    # agree to 1e-2 of the output scale (int8 rounds the activations to bfloat16).
     assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
-    assert np.abs(want - logits(sj.load_pretrained(tiny_model_dir, quantize="int8"))).max() > 0.1
+    assert np.abs(want - logits(fresh)).max() > 0.1
 
 
 def test_lora_config_errors():
     with pytest.raises(ValueError, match="model.quantize: int8 needs a lora: section"):
         train.parse_config({"model": {"quantize": "int8"}})
+    with pytest.raises(ValueError, match="model.quantize: nf4 needs a lora: section"):
+        train.parse_config({"model": {"quantize": "nf4"}})
+    with pytest.raises(ValueError, match="model.quantize must be None or 'int8', 'int4', 'nf4'"):
+        train.parse_config({"model": {"quantize": "fp4"}})
     with pytest.raises(ValueError, match="lora.rank must be a positive integer"):
         train.parse_config({"lora": {"rank": 0}})
     with pytest.raises(ValueError, match=r"unknown key\(s\) lora.r; lora has"):
@@ -206,10 +223,12 @@ def test_lora_optimizer_state_of_starcoderbase_1b_is_under_one_percent_of_full_f
 
 
 @pytest.mark.slow
-def test_lora_resume_after_kill_9_is_exact(tmp_path, corpus_dir, tokenizer_dir, tiny_model_dir):  # noqa: F811
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_lora_resume_after_kill_9_is_exact(tmp_path, corpus_dir, tokenizer_dir, tiny_model_dir,  # noqa: F811
+                                           quantize):
     from starcoder_jax.training.checkpoint import Checkpoints
 
-    steps = {"train.steps": 24}
+    steps = {"train.steps": 24, "quantize": quantize}
     straight = str(tmp_path / "straight")
     run_cli(lora_config(tmp_path, corpus_dir, tokenizer_dir, tiny_model_dir, straight, name="a.yaml", **steps))
     killed = str(tmp_path / "killed")
