@@ -116,6 +116,12 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM): BF16 312 TFLOPS dense, 40 GB HBM2 at "
            "1,555 GB/s, NVLink 600 GB/s; HDR 200 Gb/s per GPU",
            gpu=GpuChip("NVIDIA A100-SXM4-40GB", memory_bytes=40_370 * 2**20, **_AMPERE)),
+    Target("l4", 121e12, 24 * GB, 300 * GB, "PCIe 4.0 x16", 32 * GB, "Ethernet 100 Gb/s", 12.5 * GB, 8,
+           "NVIDIA L4 Tensor Core GPU datasheet: BF16 242 TFLOPS with sparsity (121 dense), 24 GB GDDR6 "
+           "at 300 GB/s, PCIe Gen4 x16 64 GB/s, no NVLink; AD104 (Ada) with 58 SMs at 2.04 GHz boost",
+           gpu=GpuChip("NVIDIA L4", compute_capability=(8, 9), sm_count=58, fp32_units_per_sm=128,
+                       clock_ghz=2.04, memory_bytes=23_034 * 2**20, l2_bytes=48 * 2**20,
+                       shared_memory_per_sm=100 * 1024, shared_memory_per_block_optin=99 * 1024)),
     Target("b200", 2250e12, 180 * GB, 7.7e12, "NVLink 5", 900 * GB, "InfiniBand NDR", 50 * GB, 8,
            "NVIDIA HGX B200 datasheet: 8 GPUs with 18 PFLOPS dense FP16/BF16 (2.25 each), 1,440 GB HBM3e "
            "(180 each) at 62 TB/s (7.7 each), NVLink 5 1.8 TB/s per GPU; ConnectX-7 400 Gb/s per GPU",

@@ -157,8 +157,10 @@ def _layout(m):
             for p, v in nnx.to_flat_state(nnx.split(m)[1])]
 
 
-@pytest.mark.parametrize("model_type", ["gpt_bigcode", "starcoder2"])
-@pytest.mark.parametrize("mode", int4.FORMATS)
+@pytest.mark.parametrize("model_type, mode", [
+    ("gpt_bigcode", "int4"), ("starcoder2", "nf4"),
+    pytest.param("gpt_bigcode", "nf4", marks=pytest.mark.slow),
+    pytest.param("starcoder2", "int4", marks=pytest.mark.slow)])
 def test_4bit_models_of_both_architectures_stay_close_to_float(model_type, mode):
     fmodel, config = _models(model_type)
     ids = jnp.asarray(RNG.integers(0, 300, (3, 24)), jnp.int32)
@@ -214,3 +216,19 @@ def test_4bit_orbax_directory_round_trips_and_loads_without_flag(mode, tmp_path,
     other = "int8" if mode != "int8" else "nf4"
     with pytest.raises(ValueError, match=f"is {mode}-quantized; it cannot load as {other}"):
         sj.load_pretrained(out, quantize=other)
+
+
+@pytest.mark.slow
+def test_4bit_default_model_heldout_bits_per_byte_within_two_percent_of_float():
+    from starcoder_jax.eval.heldout import bits_per_byte
+    from starcoder_jax.model.pretrained import DEFAULT_MODEL
+    from starcoder_jax.training.data import DataConfig, collect_documents, split_documents
+
+    _, held = split_documents(collect_documents(DataConfig(paths=("{stdlib}",), extensions=(".py",))), 0.05)
+    texts = [text for _, text in held][:6]
+    tok = sj.load_tokenizer(DEFAULT_MODEL)
+    fbpb, tokens, _ = bits_per_byte(sj.load_pretrained(DEFAULT_MODEL), tok, texts)
+    assert tokens > 10_000
+    for mode in int4.FORMATS:
+        qbpb, _, _ = bits_per_byte(sj.load_pretrained(DEFAULT_MODEL, quantize=mode), tok, texts)
+        assert qbpb <= 1.02 * fbpb, (mode, fbpb, qbpb)
