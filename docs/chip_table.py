@@ -38,6 +38,8 @@ ROWS = {
     "15b-lora-v5e": ("starcoder", "tpu-v5e", None, dict(TRAIN_8K, batch=1, **LORA)),
     "15b-lora-v5e-4k": ("starcoder", "tpu-v5e", None, dict(TRAIN_8K, batch=1, seq_len=4096, **LORA)),
     "15b-lora-v5e-4": ("starcoder", "v5e-4", "fsdp=4", dict(TRAIN_8K, batch=4, **LORA)),
+    # QLoRA: the same adapters on an nf4 base, on one 24 GB GPU
+    "15b-qlora-l4": ("starcoder", "l4", None, dict(WHOLE_8K, batch=1, lora_rank=16, quantize="nf4")),
     # starcoder 15.5B full fine-tuning at 8192 tokens: the smallest slices
     "15b-full-v5p-8": ("starcoder", "v5p-8", "fsdp=4", dict(TRAIN_8K, batch=4)),
     "15b-full-v5p-16": ("starcoder", "v5p-16", "fsdp=8", dict(TRAIN_8K, batch=8)),
