@@ -190,6 +190,7 @@ def int4_model(tiny_model_dir):
     return sj.load_pretrained(tiny_model_dir, quantize="int4")
 
 
+@pytest.mark.slow
 def test_int4_batch_gives_what_each_prompt_gives_alone(int4_model):
     prompts = [RNG.integers(1, 512, n).tolist() for n in (4, 11, 23, 9, 30)]
     batched = [r.ids for r in generate(int4_model, prompts, max_new_tokens=12, ignore_eos=True)]
