@@ -395,7 +395,7 @@ def model_from_arrays(config: StarCoderConfig, arrays, *, total: int | None = No
                             disable=(not progress) if progress is not None else None):
         var = flat[path]
         want = var.get_value()
-        if tuple(array.shape) != tuple(want.shape) or _kind(array) != _kind(want) or (
+        if tuple(array.shape) != tuple(want.shape) or mode_of(array) != mode_of(want) or (
                 is_quantized(array) and array.neutral_shapes() != want.neutral_shapes()):
             raise CheckpointError(f"{'.'.join(map(str, path))}: {_describe(array)}, expected {_describe(want)}")
         if is_quantized(array):
@@ -408,12 +408,8 @@ def model_from_arrays(config: StarCoderConfig, arrays, *, total: int | None = No
     return nnx.merge(graphdef, state)
 
 
-def _kind(value) -> str | None:
-    return mode_of(value) if is_quantized(value) else None
-
-
 def _describe(value) -> str:
-    kind = f"{_kind(value)} weight of shape" if is_quantized(value) else "shape"
+    kind = f"{mode_of(value)} weight of shape" if is_quantized(value) else "shape"
     return f"{kind} {tuple(value.shape)}"
 
 

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 
 from starcoder_jax.config import MATMUL_IMPLS
 from starcoder_jax.ops.backend import cpu_without_mesh, on_gpu
-from starcoder_jax.ops.int4 import Packed4, int4_product
+from starcoder_jax.ops.int4 import int4_product
 from starcoder_jax.ops.int8 import CPU_ROWS_ONE_BY_ONE, QuantizedWeight, int8_product
+from starcoder_jax.ops.quant import is_quantized, mode_of
 
 
 def resolve(impl: str, *, sharded: bool | None = None) -> str:
@@ -54,13 +55,11 @@ def project(x: jax.Array, w, n_in: int, *, impl: str = "auto", dtype=jnp.float32
     dtype of float products (activations and weights are cast to it).
     """
     form = resolve(impl)
-    if isinstance(w, QuantizedWeight):
+    if is_quantized(w):
         if w.n_in != n_in:
-            raise ValueError(f"project: the int8 weight has {w.n_in} input axes, n_in is {n_in}")
-        return int8_product(x, w, _int8_form(form, math.prod(x.shape[:x.ndim - n_in])))
-    if isinstance(w, Packed4):
-        if w.n_in != n_in:
-            raise ValueError(f"project: the {w.kind} weight has {w.n_in} input axes, n_in is {n_in}")
+            raise ValueError(f"project: the {mode_of(w)} weight has {w.n_in} input axes, n_in is {n_in}")
+        if isinstance(w, QuantizedWeight):
+            return int8_product(x, w, _int8_form(form, math.prod(x.shape[:x.ndim - n_in])))
         return int4_product(x.astype(dtype), w, "cpu" if form == "cpu" else "dot")
     in_shape = w.shape[w.ndim - n_in:] if out_major else w.shape[:n_in]
     out_shape = w.shape[:w.ndim - n_in] if out_major else w.shape[n_in:]

@@ -30,9 +30,11 @@ def quantize(w: jax.Array, n_in: int, mode: str):
     raise ValueError(f"weight format must be one of {', '.join(QUANTIZATION_MODES)}, got {mode!r}")
 
 
-def mode_of(w) -> str:
-    """The weight format a quantized weight is in."""
-    return "int8" if isinstance(w, int8.QuantizedWeight) else w.kind
+def mode_of(w) -> str | None:
+    """The weight format a quantized weight is in; None for anything else (a float array)."""
+    if isinstance(w, int8.QuantizedWeight):
+        return "int8"
+    return w.kind if isinstance(w, int4.Packed4) else None
 
 
 def dequantize(w, dtype=jax.numpy.float32) -> jax.Array:
