@@ -190,3 +190,24 @@ def finish_process(proc, timeout):
         out, err = proc.communicate()
         pytest.fail(f"worker still running after {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
     return proc.returncode, out, err
+
+
+@functools.lru_cache(maxsize=1)
+def _heldout_texts():
+    import starcoder_jax as sj
+    from starcoder_jax.model.pretrained import DEFAULT_MODEL
+    from starcoder_jax.training.data import DataConfig, collect_documents, split_documents
+
+    _, held = split_documents(collect_documents(DataConfig(paths=("{stdlib}",), extensions=(".py",))), 0.05)
+    return sj.load_tokenizer(DEFAULT_MODEL), [text for _, text in held][:6]
+
+
+def default_model_bits_per_byte(quantize: str | None = None) -> tuple[float, int, int]:
+    """(bits per byte, tokens, bytes) of the shipped model, loaded with `quantize`, on six
+    held-out standard-library files: the quantized formats' quality check."""
+    import starcoder_jax as sj
+    from starcoder_jax.eval.heldout import bits_per_byte
+    from starcoder_jax.model.pretrained import DEFAULT_MODEL
+
+    tokenizer, texts = _heldout_texts()
+    return bits_per_byte(sj.load_pretrained(DEFAULT_MODEL, quantize=quantize), tokenizer, texts)

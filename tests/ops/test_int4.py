@@ -221,15 +221,10 @@ def test_4bit_orbax_directory_round_trips_and_loads_without_flag(mode, tmp_path,
 
 @pytest.mark.slow
 def test_4bit_default_model_heldout_bits_per_byte_within_two_percent_of_float():
-    from starcoder_jax.eval.heldout import bits_per_byte
-    from starcoder_jax.model.pretrained import DEFAULT_MODEL
-    from starcoder_jax.training.data import DataConfig, collect_documents, split_documents
+    from builders import default_model_bits_per_byte
 
-    _, held = split_documents(collect_documents(DataConfig(paths=("{stdlib}",), extensions=(".py",))), 0.05)
-    texts = [text for _, text in held][:6]
-    tok = sj.load_tokenizer(DEFAULT_MODEL)
-    fbpb, tokens, _ = bits_per_byte(sj.load_pretrained(DEFAULT_MODEL), tok, texts)
+    fbpb, tokens, _ = default_model_bits_per_byte()
     assert tokens > 10_000
     for mode in int4.FORMATS:
-        qbpb, _, _ = bits_per_byte(sj.load_pretrained(DEFAULT_MODEL, quantize=mode), tok, texts)
+        qbpb, _, _ = default_model_bits_per_byte(mode)
         assert qbpb <= 1.02 * fbpb, (mode, fbpb, qbpb)

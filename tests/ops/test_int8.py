@@ -26,7 +26,6 @@ import starcoder_jax as sj
 from starcoder_jax.config import StarCoderConfig
 from starcoder_jax.inference.generate import generate
 from starcoder_jax.model.modules import abstract_model, init_model
-from starcoder_jax.model.pretrained import DEFAULT_MODEL
 from starcoder_jax.model.weights import save_hf, save_orbax
 from starcoder_jax.ops import int8 as quant
 
@@ -308,14 +307,10 @@ def test_cli_convert_and_generate_with_quantize(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_int8_default_model_heldout_perplexity_rises_at_most_one_percent():
-    from starcoder_jax.eval.heldout import bits_per_byte
-    from starcoder_jax.training.data import DataConfig, collect_documents, split_documents
+    from builders import default_model_bits_per_byte
 
-    _, held = split_documents(collect_documents(DataConfig(paths=("{stdlib}",), extensions=(".py",))), 0.05)
-    texts = [text for _, text in held][:6]
-    tok = sj.load_tokenizer(DEFAULT_MODEL)
-    fbpb, tokens, nbytes = bits_per_byte(sj.load_pretrained(DEFAULT_MODEL), tok, texts)
-    qbpb, _, _ = bits_per_byte(sj.load_pretrained(DEFAULT_MODEL, quantize="int8"), tok, texts)
+    fbpb, tokens, nbytes = default_model_bits_per_byte()
+    qbpb, _, _ = default_model_bits_per_byte("int8")
     assert tokens > 10_000
     # perplexity per token = 2 ** (bits per byte * bytes / tokens)
     ratio = 2 ** ((qbpb - fbpb) * nbytes / tokens)

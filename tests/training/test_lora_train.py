@@ -52,6 +52,14 @@ def flat(model, which) -> dict:
     return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, which))}
 
 
+def frozen_base(model) -> dict:
+    """Every array of the base by path: quantized weights in their stored layout, float params."""
+    from starcoder_jax.model.weights import stored_state
+
+    state = stored_state(model).filter(nnx.Not(nnx.LoRAParam))
+    return {p: np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(state)}
+
+
 def peft_logits(base_dir, adapter_dir):
     from transformers import GPTBigCodeForCausalLM
 
@@ -141,12 +149,8 @@ def test_lora_on_a_quantized_base_loads_in_peft_on_the_dequantized_base(tmp_path
     assert model.config.quantization == mode and model.blocks[0].mlp.fc.quantized
     assert model.blocks[0].mlp.fc.lora.b[...].dtype == jnp.float32
     # only the adapters trained: the quantized base is bit for bit the one quantized at the start
-    from starcoder_jax.model.weights import stored_state
-
     fresh = sj.load_pretrained(tiny_model_dir, quantize=mode)
-    base = {p: np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(stored_state(fresh))}
-    trained = {p: np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(stored_state(model))
-               if "lora" not in jax.tree_util.keystr(p)}
+    base, trained = frozen_base(fresh), frozen_base(model)
     assert trained.keys() == base.keys()
     for p, a in base.items():
         np.testing.assert_array_equal(trained[p], a, err_msg=str(p))

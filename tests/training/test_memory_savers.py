@@ -17,11 +17,11 @@ import yaml
 from builders import make_hf_model
 from flax import nnx
 from safetensors.numpy import load_file
-from test_lora_train import BASE, dequantized_hf_dir, logits, peft_logits
+from test_lora_train import BASE, dequantized_hf_dir, frozen_base, logits, peft_logits
 from test_train import corpus_dir, losses, write_config  # noqa: F401 (a fixture)
 
 import starcoder_jax as sj
-from starcoder_jax.model.weights import copy_tokenizer_files, stored_state
+from starcoder_jax.model.weights import copy_tokenizer_files
 from starcoder_jax.training import train
 
 STEPS = 30
@@ -43,11 +43,6 @@ def _config(tmp_path, corpus, tokenizer_dir, base_dir, out, name, *, savers: boo
     return path
 
 
-def _frozen_base(model) -> list[np.ndarray]:
-    """Every array of the base: quantized weights (in their stored layout) and float params."""
-    return [np.asarray(x) for x in jax.tree.leaves(stored_state(model).filter(nnx.Not(nnx.LoRAParam)))]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_every_saver_together_trains_like_none(tmp_path, corpus_dir, tokenizer_dir, mode):  # noqa: F811
@@ -57,7 +52,7 @@ def test_every_saver_together_trains_like_none(tmp_path, corpus_dir, tokenizer_d
                               str(tmp_path / "base"))
     copy_tokenizer_files(tokenizer_dir, base)
     before = sj.load_pretrained(base, quantize=mode, matmul_impl="xla")
-    assert len(_frozen_base(before)) > len(jax.tree.leaves(nnx.state(before, BASE)))  # quantized weights too
+    assert len(frozen_base(before)) > len(jax.tree.leaves(nnx.state(before, BASE)))  # quantized weights too
     if mode != "int8":
         # nf4's double quantization does not give its dequantized absmaxes back (the offset
         # moves): the run without savers takes the float base of the very nf4 base trained
@@ -92,8 +87,10 @@ def _train_both(tmp_path, corpus_dir, tokenizer_dir, base, float_base, before, m
     np.testing.assert_allclose([loss for _, loss in got], history, rtol=0, atol=1e-4)
 
     # the quantized base is bit-identical after training
-    for a, b in zip(_frozen_base(on), _frozen_base(before), strict=True):
-        np.testing.assert_array_equal(a, b)
+    trained, base = frozen_base(on), frozen_base(before)
+    assert trained.keys() == base.keys()
+    for path, value in base.items():
+        np.testing.assert_array_equal(trained[path], value, err_msg=str(path))
     # PEFT loads the exported adapters on the dequantized base and computes the savers' logits
     ours = logits(on)
     np.testing.assert_allclose(peft_logits(float_base, export), ours, rtol=0, atol=1e-4)
