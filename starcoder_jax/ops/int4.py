@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from starcoder_jax.ops.int8 import CPU_ROWS_ONE_BY_ONE, CPU_TILE_INPUTS, CPU_TILE_ROWS, _block
+from starcoder_jax.ops.int8 import CPU_ROWS_ONE_BY_ONE, CPU_TILE_INPUTS, CPU_TILE_ROWS, largest_divisor
 
 FORMATS = ("int4", "nf4")
 GROUP = 64  # inputs per scale, both formats (QLoRA's NF4 block size)
@@ -253,8 +253,8 @@ def _tiled(x2: jax.Array, w: Packed4, *, per_row: bool) -> jax.Array:
     o = math.prod(w.out_shape)
     codes = w.codes.reshape(o, ip // 2)
     scales = group_scales(w).reshape(o, ip // g)
-    rows = _block(o, CPU_TILE_ROWS)
-    cols = g * _block(ip // g, max(1, CPU_TILE_INPUTS // g))  # whole groups
+    rows = largest_divisor(o, CPU_TILE_ROWS)
+    cols = g * largest_divisor(ip // g, max(1, CPU_TILE_INPUTS // g))  # whole groups
     if rows == o and cols == ip and o % 2 == 0:
         rows = o // 2  # keep the unpacking inside the loop (see ops.int8._tiled)
     gt = cols // g  # groups per tile

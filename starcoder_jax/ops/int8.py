@@ -131,7 +131,7 @@ def cpu_input_blocks(in_shape) -> int:
     i = math.prod(in_shape)
     if i <= CPU_TILE_INPUTS:
         return 1
-    c = i // _block(i, CPU_TILE_INPUTS)
+    c = i // largest_divisor(i, CPU_TILE_INPUTS)
     return c if in_shape[0] % c == 0 else 1
 
 
@@ -157,8 +157,8 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
     return jnp.transpose(q, tuple(range(n_out, q.ndim)) + tuple(range(n_out))).astype(dtype)
 
 
-def _block(n: int, target: int) -> int:
-    """The largest divisor of n that is <= target (the block of output rows)."""
+def largest_divisor(n: int, target: int) -> int:
+    """The largest divisor of n that is <= target (a tile's rows or inputs in the CPU loops)."""
     for b in range(min(n, target), 0, -1):
         if n % b == 0:
             return b
@@ -171,7 +171,7 @@ def _tiled(x2: jax.Array, q3: jax.Array, *, per_row: bool) -> jax.Array:
     per row of x2, each reading the same converted tile."""
     m = x2.shape[0]
     c, o, k = q3.shape
-    rows, cols = _block(o, CPU_TILE_ROWS), _block(k, CPU_TILE_INPUTS)
+    rows, cols = largest_divisor(o, CPU_TILE_ROWS), largest_divisor(k, CPU_TILE_INPUTS)
     per_block = k // cols
     if rows == o and cols == k and c == 1 and o % 2 == 0:
         # At least two tiles, so that the conversion stays inside a loop. A
