@@ -10,8 +10,12 @@ absmax, plus the double quantization's error of the absmax. Both products
 are compared with `x @ dequantize(w)` at 1e-5 of the output scale (float32
 tiles and sums). Against the float model, 4-bit logits of the random test
 model move by at most 15% of the logit range (int8's bound is 3%: 16 levels
-where int8 has 255) and at least 60% of the next-token argmaxes agree (the
-random model's logits are close together: one in 300 would agree by chance).
+where int8 has 255). The random model's logits lie close together, so a
+4-bit rounding flips many next-token argmaxes: over 12 seeds of prompts the
+agreement went as low as 54% (StarCoder2, nf4; GPTBigCode stays above 94%),
+and the float argmax was always among the 4-bit top 5 at least 95% of the
+time. The test asserts 45% and 90% on its own seeded prompts; a broken
+format agrees by chance only (one in 300, five in 300 for the top 5).
 """
 
 import json
@@ -163,7 +167,7 @@ def _layout(m):
     pytest.param("starcoder2", "int4", marks=pytest.mark.slow)])
 def test_4bit_models_of_both_architectures_stay_close_to_float(model_type, mode):
     fmodel, config = _models(model_type)
-    ids = jnp.asarray(RNG.integers(0, 300, (3, 24)), jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(7).integers(0, 300, (3, 24)), jnp.int32)
     ref = np.asarray(fmodel(ids))
     qmodel = init_model(config).quantize_(mode)
     assert qmodel.config.quantization == mode
@@ -173,7 +177,9 @@ def test_4bit_models_of_both_architectures_stay_close_to_float(model_type, mode)
     got = np.asarray(qmodel(ids))
     spread = ref.max() - ref.min()
     assert np.abs(got - ref).max() <= 0.15 * spread
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.6
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.45
+    top5 = np.argsort(-got, axis=-1)[..., :5]
+    assert (top5 == ref.argmax(-1)[..., None]).any(-1).mean() >= 0.9
     # the "xla" form (one dot per product) computes the same logits
     xla = nnx.merge(*nnx.split(qmodel))
     xla.config = xla.config.replace(matmul_impl="xla")
