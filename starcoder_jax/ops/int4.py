@@ -28,6 +28,15 @@ The two formats:
 
 The products (`int4_product`):
 
+- "native": the hand-written XLA:CPU kernel (ops/csrc/int4_rows.cc, built by
+  ops.native): each thread takes chunks of output rows whose codes stay in
+  cache while blocks of 4 rows of x pass over them. int4 runs as llama.cpp's
+  q4_0 x q8_0: each group of 64 inputs of a row of x is rounded to int8 by
+  its own absmax (an error of at most half an activation step, 1/254 of the
+  group's largest activation) and the codes multiply it in exact integer
+  sums, one float scale a group. nf4 unpacks its codes to floats in
+  registers and sums in float32. A row gives the same result alone or in a
+  batch. Groups of 64 or 128;
 - "cpu": a loop over tiles of at most 512 output rows x 2048 inputs; each
   tile's bytes are unpacked and scaled to float32 while in cache, then one
   matrix-vector product per row of x (up to CPU_ROWS_ONE_BY_ONE rows, as
@@ -53,12 +62,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from starcoder_jax.ops import native
 from starcoder_jax.ops.int8 import CPU_ROWS_ONE_BY_ONE, CPU_TILE_INPUTS, CPU_TILE_ROWS, largest_divisor
 
 FORMATS = ("int4", "nf4")
 GROUP = 64  # inputs per scale, both formats (QLoRA's NF4 block size)
 NF4_SCALE_BLOCK = 256  # absmaxes per float32 step of the double quantization
-INT4_FORMS = ("cpu", "dot")
+INT4_FORMS = ("native", "cpu", "dot")
+NATIVE_GROUPS = (64, 128)
 
 # The 16 NF4 values of QLoRA's appendix E (quantiles of N(0, 1), normalized
 # to [-1, 1], with an exact zero), as bitsandbytes ships them.
@@ -290,14 +301,61 @@ def int4_product(x: jax.Array, w: Packed4, form: str) -> jax.Array:
     m, i = math.prod(lead), math.prod(w.in_shape)
     exact = x.dtype if jnp.dtype(x.dtype).itemsize >= 4 else jnp.bfloat16
     x2 = x.reshape(m, i).astype(exact)
-    if form == "cpu":
+    if form in ("cpu", "native"):
         ip = 2 * w.codes.shape[-1]
         xp = jnp.pad(x2, ((0, 0), (0, ip - i))) if ip > i else x2
-        y = _tiled(xp.astype(jnp.float32), w, per_row=m <= CPU_ROWS_ONE_BY_ONE)
+        if form == "native":
+            y = _native_product(xp.astype(jnp.float32), w)
+        else:
+            y = _tiled(xp.astype(jnp.float32), w, per_row=m <= CPU_ROWS_ONE_BY_ONE)
     else:
         wd = dequantize_rows(w, exact).reshape(-1, i)  # [O, I]
         y = jax.lax.dot_general(x2, wd, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return y.reshape(*lead, *w.out_shape)
+
+
+def native_serves(w: Packed4) -> bool:
+    """Whether the native form can compute products with w here (its group
+    size is one the kernel has; the kernels are built: see ops.native)."""
+    return w.group in NATIVE_GROUPS and native.available()
+
+
+def _native_call(xp: jax.Array, w: Packed4) -> jax.Array:
+    o = math.prod(w.out_shape)
+    codes, scale = w.codes.reshape(o, -1), w.scale.reshape(o, -1)
+    if w.kind == "int4":
+        target, operands = "starcoder_jax_int4_rows", (codes, scale)
+    else:
+        target, operands = "starcoder_jax_nf4_rows", (codes, scale, w.scale2.reshape(o, -1), w.offset.reshape(1))
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((xp.shape[0], o), jnp.float32), vmap_method="sequential")
+    return call(xp, *operands)
+
+
+@jax.custom_vjp
+def _native_kernel(xp: jax.Array, w: Packed4) -> jax.Array:
+    return _native_call(xp, w)
+
+
+def _native_fwd(xp, w):
+    return _native_call(xp, w), w
+
+
+def _native_bwd(w, g):  # d/dx of x @ w.T; the frozen codes get no cotangent
+    o = math.prod(w.out_shape)
+    codes = unpack(w.codes, w.group)
+    rows = (_values(codes, w.kind).reshape(o, -1, w.group) * group_scales(w).reshape(o, -1)[..., None])
+    return jnp.dot(g, rows.reshape(o, -1), preferred_element_type=jnp.float32), None
+
+
+_native_kernel.defvjp(_native_fwd, _native_bwd)
+
+
+def _native_product(xp: jax.Array, w: Packed4) -> jax.Array:
+    """xp [M, Ip] float32 @ w -> [M, O] by the native kernel (the "native" form)."""
+    if w.group not in NATIVE_GROUPS:
+        raise ValueError(f"the native 4-bit form has groups of {NATIVE_GROUPS}, this weight {w.group}")
+    native.require("the native 4-bit form")
+    return _native_kernel(xp, w)
 
 
 def int4_lookup(w: Packed4, ids: jax.Array, dtype) -> jax.Array:

@@ -11,7 +11,9 @@ float32 for a float kernel w [*in, *out] (or, with out_major, a table
 - "cpu": bfloat16 compute through `bfloat16_matmul` (its hand-written
   gradient; float32 compute is the plain dot), int8 weights through the
   CPU tile loop ("cpu_rows" up to 4 rows, "cpu_tiles" above), 4-bit
-  weights through theirs ("cpu");
+  weights through the native kernel ("native", ops.native: int4 always,
+  nf4 up to NF4_NATIVE_MAX_ROWS rows) or their tile loop ("cpu": nf4 above
+  that, and both where the kernel cannot be built);
 - "auto": "cpu" on XLA:CPU with no mesh set, else "xla" (`resolve`).
 
 Measurements behind the choices: BENCHMARKS.md ("CPU bfloat16 projections",
@@ -28,9 +30,15 @@ import jax.numpy as jnp
 
 from starcoder_jax.config import MATMUL_IMPLS
 from starcoder_jax.ops.backend import cpu_without_mesh, on_gpu
-from starcoder_jax.ops.int4 import int4_product
+from starcoder_jax.ops import native
+from starcoder_jax.ops.int4 import NATIVE_GROUPS, int4_product
+from starcoder_jax.ops.int4 import native_serves as int4_native_serves
 from starcoder_jax.ops.int8 import CPU_ROWS_ONE_BY_ONE, QuantizedWeight, int8_product
 from starcoder_jax.ops.quant import is_quantized, mode_of
+
+# nf4 products of up to this many rows of x take the native kernel, more the
+# tile loop; int4 takes the kernel at every row count (BENCHMARKS.md, "4-bit weights").
+NF4_NATIVE_MAX_ROWS = 64
 
 
 def resolve(impl: str, *, sharded: bool | None = None) -> str:
@@ -44,6 +52,22 @@ def resolve(impl: str, *, sharded: bool | None = None) -> str:
     if impl != "auto":
         return impl
     return "cpu" if cpu_without_mesh(sharded) else "xla"
+
+
+def _int4_form(form: str, rows: int, w) -> str:
+    """The 4-bit form for `rows` rows of x on XLA:CPU: "native" (int4 at any
+    row count, so that a prompt's rows see the same rounding of x whatever
+    the batch; nf4 up to NF4_NATIVE_MAX_ROWS rows), else the tile loop
+    "cpu", which also serves where the kernel cannot be built; "dot" off the CPU."""
+    if form != "cpu":
+        return "dot"
+    if w.kind == "nf4" and rows > NF4_NATIVE_MAX_ROWS:
+        return "cpu"
+    if not int4_native_serves(w):
+        if w.group in NATIVE_GROUPS:
+            native.warn_unavailable("4-bit product")
+        return "cpu"
+    return "native"
 
 
 def project(x: jax.Array, w, n_in: int, *, impl: str = "auto", dtype=jnp.float32,
@@ -60,7 +84,7 @@ def project(x: jax.Array, w, n_in: int, *, impl: str = "auto", dtype=jnp.float32
             raise ValueError(f"project: the {mode_of(w)} weight has {w.n_in} input axes, n_in is {n_in}")
         if isinstance(w, QuantizedWeight):
             return int8_product(x, w, _int8_form(form, math.prod(x.shape[:x.ndim - n_in])))
-        return int4_product(x.astype(dtype), w, "cpu" if form == "cpu" else "dot")
+        return int4_product(x.astype(dtype), w, _int4_form(form, math.prod(x.shape[:x.ndim - n_in]), w))
     in_shape = w.shape[w.ndim - n_in:] if out_major else w.shape[:n_in]
     out_shape = w.shape[:w.ndim - n_in] if out_major else w.shape[n_in:]
     if tuple(x.shape[x.ndim - n_in:]) != tuple(in_shape):

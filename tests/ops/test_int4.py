@@ -19,6 +19,7 @@ format agrees by chance only (one in 300, five in 300 for the top 5).
 """
 
 import json
+import math
 import os
 
 import jax
@@ -101,6 +102,23 @@ def test_nf4_error_and_double_quantized_absmax():
     assert (err <= bound[..., None] + 1e-7).all()
 
 
+def _atol(form, kind, x, qw, want):
+    """1e-5 of the output scale (float32 sums), plus for native int4 the
+    rounding of each group of x to int8: |sum over j of (c_j - 8) step_g
+    (x_j - xq_j)| <= |step_g| sum |c_j - 8| * amax_g(x) / 254 a group."""
+    atol = 1e-5 * float(jnp.abs(want).max())
+    if form != "native" or kind != "int4":
+        return atol
+    g = qw.group
+    o = math.prod(qw.out_shape)
+    x2 = np.asarray(x, np.float64).reshape(-1, math.prod(qw.in_shape))
+    x2 = np.pad(x2, ((0, 0), (0, 2 * qw.codes.shape[-1] - x2.shape[1]))).reshape(len(x2), -1, g)
+    half_step = np.abs(x2).max(-1) / 254  # [M, groups]
+    c = np.abs(np.asarray(int4.unpack(qw.codes, g), np.float64).reshape(o, -1, g) - 8).sum(-1)  # [O, groups]
+    step = np.abs(np.asarray(qw.scale, np.float64).reshape(o, -1))
+    return atol + float((half_step @ (c * step).T).max())
+
+
 @pytest.mark.parametrize("kind", int4.FORMATS)
 def test_odd_input_counts_are_padded_with_zero_inputs_never_read(kind):
     w = jnp.asarray(RNG.standard_normal((3, 33, 5)).astype(np.float32))  # 99 inputs: not a whole group
@@ -114,7 +132,7 @@ def test_odd_input_counts_are_padded_with_zero_inputs_never_read(kind):
     want = jnp.einsum("bnh,nho->bo", x, back)
     for form in int4.INT4_FORMS:
         got = int4.int4_product(x, qw, form)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=_atol(form, kind, x, qw, want))
 
 
 @pytest.mark.parametrize("kind", int4.FORMATS)
@@ -129,15 +147,70 @@ def test_every_4bit_form_equals_the_dequantized_product(kind, in_shape, out_shap
     for form in int4.INT4_FORMS:
         got = jax.jit(lambda x, w, f=form: int4.int4_product(x, w, f))(x, qw)
         assert got.shape == (rows, 1, *out_shape)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
-    # project takes it whatever the matmul form
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=_atol(form, kind, x, qw, want))
+    # project takes it whatever the matmul form ("cpu": the native kernel for these few rows)
     for impl in ("cpu", "xla"):
         got = project(x, qw, n_in, impl=impl)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+        form = "native" if impl == "cpu" else "dot"
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=_atol(form, kind, x, qw, want))
     with pytest.raises(ValueError, match="input axes"):
         int4.int4_product(jnp.ones((2, 7)), qw, "dot")
     with pytest.raises(ValueError, match="4-bit form must be one of"):
         int4.int4_product(x, qw, "reduce")
+
+
+@pytest.mark.parametrize("kind", int4.FORMATS)
+def test_native_form_gives_a_row_the_same_sums_alone_or_in_a_batch_and_a_gradient(kind):
+    w = jnp.asarray(RNG.standard_normal((256, 48)).astype(np.float32))
+    qw = int4.quantize(w, 1, kind)
+    x = jnp.asarray(RNG.standard_normal((9, 256)).astype(np.float32))
+    batched = np.asarray(int4.int4_product(x, qw, "native"))  # chunks of 4, 4 and 1 rows
+    alone = np.concatenate([np.asarray(int4.int4_product(x[r:r + 1], qw, "native")) for r in range(9)])
+    np.testing.assert_array_equal(batched, alone)
+    # d/dx flows through the kernel (the dequantized weight's transpose), as through "dot"
+    cot = jnp.asarray(RNG.standard_normal((9, 48)).astype(np.float32))
+    want = cot @ int4.dequantize(qw).T
+    for form in ("native", "dot"):
+        grad = jax.grad(lambda x, f=form: jnp.sum(cot * int4.int4_product(x, qw, f)))(x)
+        np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_native_form_refuses_what_it_cannot_serve_and_auto_falls_back(monkeypatch):
+    from starcoder_jax.ops import native
+    w = jnp.asarray(RNG.standard_normal((64, 16)).astype(np.float32))
+    x = jnp.asarray(RNG.standard_normal((2, 64)).astype(np.float32))
+    q32 = int4.quantize(w, 1, "int4", 32)  # a group the kernel does not have
+    with pytest.raises(ValueError, match="groups of"):
+        int4.int4_product(x, q32, "native")
+    want = x @ int4.dequantize(q32)
+    np.testing.assert_allclose(np.asarray(project(x, q32, 1, impl="cpu")), np.asarray(want), rtol=0, atol=1e-5)
+    # without the kernels: forced native says why, auto takes the tile loop with a warning
+    qw = int4.quantize(w, 1, "int4")
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler")
+    native.warn_unavailable.cache_clear()
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        int4.int4_product(x, qw, "native")
+    with pytest.warns(UserWarning, match="native CPU kernel is unavailable"):
+        got = project(x, qw, 1, impl="cpu")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(x @ int4.dequantize(qw)), rtol=0, atol=1e-5)
+    native.warn_unavailable.cache_clear()
+
+
+def test_native_kernels_build_once_into_the_cache_and_a_failed_build_says_why(monkeypatch, tmp_path):
+    from starcoder_jax.ops import native
+    monkeypatch.setenv("STARCODER_JAX_NATIVE_CACHE", str(tmp_path))
+    lib = native._build()
+    assert lib.parent.parent == tmp_path and lib.exists()
+    assert [p.name for p in lib.parent.iterdir() if p.suffix == ".tmp"] == []  # built whole, then renamed
+    stamp = lib.stat().st_mtime_ns
+    assert native._build() == lib and lib.stat().st_mtime_ns == stamp  # found, not rebuilt
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails: another key, a clear error
+    with pytest.raises(RuntimeError, match="building the CPU kernels failed"):
+        native._build()
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        native._build()
 
 
 def test_lookup_gives_the_rows_of_the_table():
@@ -180,13 +253,16 @@ def test_4bit_models_of_both_architectures_stay_close_to_float(model_type, mode)
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.45
     top5 = np.argsort(-got, axis=-1)[..., :5]
     assert (top5 == ref.argmax(-1)[..., None]).any(-1).mean() >= 0.9
-    # the "xla" form (one dot per product) computes the same logits
+    # the "xla" form (one dot per product) computes the same logits; the CPU's
+    # native int4 form rounds activations to int8 per group of 64 (llama.cpp's
+    # q8): measured at most 0.55% of the logit range over 5 seeds, asserted 2%
     xla = nnx.merge(*nnx.split(qmodel))
     xla.config = xla.config.replace(matmul_impl="xla")
     for _, m in nnx.iter_modules(xla):
         if hasattr(m, "matmul_impl"):
             m.matmul_impl = "xla"
-    np.testing.assert_allclose(np.asarray(xla(ids)), got, rtol=0, atol=1e-4 * spread)
+    bound = 2e-2 if mode == "int4" else 1e-4
+    np.testing.assert_allclose(np.asarray(xla(ids)), got, rtol=0, atol=bound * spread)
     with pytest.raises(ValueError, match="quantized already"):
         qmodel.quantize_("int8")
 
