@@ -268,7 +268,7 @@ def _pack(encoded: list[list[int]], max_new_tokens: int, n_positions: int,
                    out_len=bucket(max_new_tokens, MIN_NEW_BUCKET))
 
 
-class _TextTracker:
+class TextTracker:
     """Decodes a row's ids incrementally and finds stop strings."""
 
     def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str]):
@@ -317,7 +317,7 @@ class _Rows:
     def __init__(self, n: int, tokenizer: Tokenizer | None, stop: tuple[str, ...], stop_ids: list[int],
                  on_event: Callable[[StreamEvent], None] | None):
         self.tokenizer, self.stop_ids, self.on_event = tokenizer, stop_ids, on_event
-        self.trackers = [_TextTracker(tokenizer, stop) for _ in range(n)]
+        self.trackers = [TextTracker(tokenizer, stop) for _ in range(n)]
         self.by_string = [False] * n  # ended on a stop string
         self.reported = [False] * n  # done, and its last event sent
 
@@ -375,14 +375,14 @@ def _row_ids(out: np.ndarray, n_out: np.ndarray, i: int) -> list[int]:
     return [int(x) for x in out[i, :n_out[i]]]
 
 
-def _final_text(tokenizer: Tokenizer, row: list[int], tracker: _TextTracker, stop_ids) -> str:
+def _final_text(tokenizer: Tokenizer, row: list[int], tracker: TextTracker, stop_ids) -> str:
     body = row[:-1] if row and row[-1] in stop_ids else row
     text = tokenizer.decode(body)
     cut = tracker.find_stop(text)
     return text if cut is None else text[:cut]
 
 
-def _ids_through_stop(tokenizer: Tokenizer, row: list[int], tracker: _TextTracker) -> list[int]:
+def _ids_through_stop(tokenizer: Tokenizer, row: list[int], tracker: TextTracker) -> list[int]:
     """The shortest prefix of row whose text contains a stop string."""
     for k in range(1, len(row) + 1):
         if tracker.find_stop(tokenizer.decode(row[:k])) is not None:
