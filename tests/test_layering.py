@@ -19,9 +19,11 @@ PACKAGE = "starcoder_jax"
 PACKAGE_DIR = os.path.join(REPO_ROOT, PACKAGE)
 # layer -> the layers it must not import
 FORBIDDEN = {
-    "ops": ("model", "inference", "training", "eval", "cli"),
-    "parallel": ("model", "inference", "training", "eval", "cli"),
-    "model": ("inference", "training", "eval", "cli"),
+    "ops": ("model", "inference", "training", "eval", "serve", "cli"),
+    "parallel": ("model", "inference", "training", "eval", "serve", "cli"),
+    "model": ("inference", "training", "eval", "serve", "cli"),
+    "inference": ("training", "eval", "serve", "cli"),
+    "serve": ("training", "eval", "cli"),
 }
 
 

@@ -9,6 +9,7 @@ import sys
 from starcoder_jax.cli import bench, common, infill, plan
 from starcoder_jax.cli import data as data_command
 from starcoder_jax.cli import eval as eval_command
+from starcoder_jax.cli import serve as serve_command
 from starcoder_jax.config import KV_CACHE_MODES, QUANTIZATION_MODES
 
 # ---- convert ----
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_command.register(sub)
     bench.register(sub)
     data_command.register(sub)
+    serve_command.register(sub)
     return parser
 
 
