@@ -26,6 +26,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: one device)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="prefill every prompt whole (default: a prompt extending a free slot's cached tokens "
+                        "prefills only what is new)")
     p.add_argument("--fim-mode", choices=MODES, default="psm", help="FIM layout of `suffix` requests")
     p.add_argument("--served-model-name", default=None,
                    help="the `model` clients name (default: the model directory's name)")
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = common.load_model_and_tokenizer(args)
     name = args.served_model_name or os.path.basename(os.path.normpath(common.model_name(args.model)))
     engine = Engine(model, tokenizer, slots=args.slots, max_seq_len=args.max_seq_len, kv_cache=args.kv_cache,
-                    max_queue=args.max_queue, mesh=args.mesh)
+                    max_queue=args.max_queue, mesh=args.mesh, prefix_reuse=not args.no_prefix_reuse)
     if not args.no_warmup:
         print("compiling the decode step ...", file=sys.stderr, flush=True)
         engine.warmup()

@@ -195,17 +195,32 @@ def insert_extend(graphdef, params, cache, slot, ids, start, length, knobs, seed
     return _insert(graphdef, params, cache, slot, ids, start, length, knobs, seed, seen, vocab_limit, fresh=False)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "seen"))
-def step(graphdef, params, cache: KVCache, tokens, positions, knobs, seeds, counts, seen, vocab_limit):
-    """One decode step for every slot: feeds tokens [N] at positions [N] (-1 on a ring: an idle
-    row that writes nothing), samples each row's next token with key fold_in(key(seed), count).
-    Returns (cache, tokens [N], logprobs [N], top ids [N, K], top logprobs [N, K], seen)."""
+def _step(graphdef, params, cache: KVCache, ints, knobs, seen, vocab_limit, rows: int | None = None):
+    """One decode step for the first `rows` slots (None: all). ints [4, N]: each row's token
+    to feed, its position (-1 on a ring: an idle row that writes nothing), its seed and its
+    count of sampled tokens; the next token is drawn with key fold_in(key(seed), count).
+    Returns (cache, (tokens, logprobs, top ids [., K], top logprobs [., K]) of those rows, seen).
+
+    The rows past `rows` are idle: the step reads and writes only the first ones (a cut of
+    the cache, written back in place), so a server with few live requests computes few rows.
+    """
+    n = seen.shape[0]
+    rows = n if rows is None else rows
+    part = cache if rows == n else jax.tree.map(lambda a: a[:rows], cache)
+    tokens, positions, seeds, counts = ints[:, :rows]
     model: StarCoder = nnx.merge(graphdef, params)
-    hidden, cache = model.hidden(tokens[:, None], positions[:, None], cache)
+    hidden, part = model.hidden(tokens[:, None], positions[:, None], part)
     logits = model.logits(hidden)[:, 0]
-    token, logprob, top_ids, top_lp = _choose(logits, knobs, seeds, counts, seen, vocab_limit)
-    seen = seen.at[jnp.arange(seen.shape[0]), token].set(True)
-    return cache, token, logprob, top_ids, top_lp, seen
+    knobs = {k: v[:rows] for k, v in knobs.items()}
+    token, logprob, top_ids, top_lp = _choose(logits, knobs, seeds, counts, seen[:rows], vocab_limit)
+    seen = seen.at[jnp.arange(rows), token].set(True)
+    if rows < n:
+        part = jax.tree.map(lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, 0, axis=0), cache, part)
+    return part, (token, logprob, top_ids, top_lp), seen
+
+
+# the same programs with a static graphdef, for MeshRunner.call (a mesh)
+step = functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "seen"))(_step)
 
 
 def _choose(logits, knobs, seeds, counts, seen, vocab_limit):
@@ -240,7 +255,7 @@ class Engine:
 
     def __init__(self, model: StarCoder, tokenizer: Tokenizer | None = None, *, slots: int = 8,
                  max_seq_len: int | None = None, kv_cache: str | None = None, max_queue: int = 64,
-                 mesh=None):
+                 mesh=None, prefix_reuse: bool = True):
         config = model.config
         if isinstance(slots, bool) or int(slots) != slots or slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
@@ -258,7 +273,9 @@ class Engine:
             self.params = self._runner.place_params(self.params)
             slots = self._runner.round_batch(slots)
         self.slots = slots
+        self._programs = self._make_programs()
         self.max_queue = max_queue
+        self.prefix_reuse = prefix_reuse
         self.vocab_limit = jnp.int32(tokenizer.vocab_size if tokenizer is not None else config.vocab_size)
         sharding = None if self._runner is None else self._runner.cache
         self._cache = KVCache.init(config, slots, self.max_seq_len, sharding=sharding, quantize=self.kv_cache)
@@ -270,6 +287,7 @@ class Engine:
         self._seeds = np.zeros((slots,), np.int32)
         self._counts = np.zeros((slots,), np.int32)
         self._knobs = {k: np.array(a) for k, a in SamplingParams().arrays(slots).items()}
+        self._knobs_on_device = None
         self._slots = [_Slot() for _ in range(slots)]
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -314,10 +332,10 @@ class Engine:
             raise ValueError(f"logprobs must be in [0, {TOP_LOGPROBS}], got {request.logprobs}")
 
     def warmup(self) -> None:
-        """Compiles what the first requests would: a fresh prefill (the smallest prompt bucket),
-        a prefill that extends a slot's cached prompt, and the decode step."""
-        def run(request: Request) -> list[int]:
-            self.submit(request)
+        """Compiles what requests will run: a fresh prefill (the smallest prompt bucket), a
+        prefill that extends a slot's cached prompt, and the decode step for every row bucket
+        (1, 2, 4, ... live rows); longer prompts compile their bucket when first seen."""
+        def finish(request: Request) -> list[int]:
             ids = []
             while True:
                 event = request.events.get()
@@ -325,8 +343,11 @@ class Engine:
                 if event.finished:
                     return ids
 
-        out = run(Request([0], max_tokens=2))
-        run(Request([0, *out], max_tokens=2))  # extends what the first left in its slot
+        for rows in self._row_buckets():
+            with self._cv:  # all admitted together: the first `rows` slots run at once
+                batch = [self.submit(Request([0], max_tokens=2)) for _ in range(rows)]
+            out = [finish(r) for r in batch][0]
+        finish(self.submit(Request([0, *out], max_tokens=2)))  # extends what a request left in its slot
 
     def queue_depth(self) -> int:
         with self._cv:
@@ -362,10 +383,36 @@ class Engine:
 
     # ------------------------------------------------------------------ the engine thread
 
-    def _call(self, fn, donate, *args, **kwargs):
+    def _make_programs(self) -> dict:
+        """name -> fn(*arguments after graphdef and params): the jitted prefill and step. On
+        one device the graphdef is bound into each program once (hashing it as a static
+        argument on every call costs milliseconds a step); on a mesh MeshRunner runs them."""
+        g = self.graphdef
         if self._runner is None:
-            return fn(*args, **kwargs)
-        return self._runner.call(fn, donate, *args, **kwargs)
+            programs = {"fresh": jax.jit(functools.partial(_insert, g, fresh=True), donate_argnums=(1,)),
+                        "extend": jax.jit(functools.partial(_insert, g, fresh=False), donate_argnums=(1,))}
+            for rows in self._row_buckets():
+                programs[f"step{rows}"] = jax.jit(functools.partial(_step, g, rows=rows), donate_argnums=(1, 4))
+            return programs
+        runner = self._runner
+        return {"fresh": lambda p, *a: runner.call(insert_fresh, ("cache",), g, p, *a),
+                "extend": lambda p, *a: runner.call(insert_extend, ("cache",), g, p, *a),
+                f"step{self.slots}": lambda p, *a: runner.call(step, ("cache", "seen"), g, p, *a)}
+
+    def _row_buckets(self) -> list[int]:
+        """The row counts a step program exists for: powers of two below the slots, and the slots."""
+        return sorted({*(1 << i for i in range(self.slots.bit_length()) if 1 << i < self.slots), self.slots})
+
+    def _rows_for(self, live: np.ndarray) -> int:
+        """The smallest step program that covers every live slot; on a mesh, all slots."""
+        if self._runner is not None:
+            return self.slots
+        top = int(np.flatnonzero(live)[-1]) + 1
+        return next(r for r in self._row_buckets() if r >= top)
+
+    def compilations(self) -> dict[str, int]:
+        """Programs compiled so far by each of the engine's jitted functions (one device)."""
+        return {name: fn._cache_size() for name, fn in self._programs.items() if hasattr(fn, "_cache_size")}
 
     def _loop(self) -> None:
         try:
@@ -417,16 +464,16 @@ class Engine:
 
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
         """(free slot, prompt tokens whose cache it can reuse): the longest reusable prefix,
-        else the slot free the longest."""
+        else the first free slot (live requests stay in the first rows, which the step computes)."""
         best, best_reuse = None, -1
         for i, s in enumerate(self._slots):
             if s.request is not None:
                 continue
-            reuse = _common_prefix(s.cached, prompt)
+            reuse = _common_prefix(s.cached, prompt) if self.prefix_reuse else 0
             if self._ring and reuse < len(s.cached):
                 reuse = 0  # a ring row past `reuse` holds newer positions the prompt would collide with
             reuse = min(reuse, len(prompt) - 1)  # at least one token runs, for the logits
-            if reuse > best_reuse or (reuse == best_reuse and s.freed_at < self._slots[best].freed_at):
+            if reuse > best_reuse:
                 best, best_reuse = i, reuse
         return best, max(best_reuse, 0)
 
@@ -439,13 +486,13 @@ class Engine:
         ids[0, :len(new)] = new
         seen = np.zeros((1, self.config.vocab_size), bool)
         seen[0, request.prompt] = True
-        knobs = {k: a[:1] for k, a in request.sampling.arrays(1).items()}
+        knobs = request.sampling.arrays(1)
         for k, a in knobs.items():
             self._knobs[k][index] = np.asarray(a)[0]
-        self._cache, token, logprob, top_ids, top_lp = self._call(
-            insert_extend if reuse else insert_fresh, ("cache",), self.graphdef, self.params, self._cache,
-            jnp.int32(index), jnp.asarray(ids), jnp.int32(reuse), jnp.int32(len(new)), knobs,
-            jnp.int32(request.seed), jnp.asarray(seen), self.vocab_limit)
+        self._knobs_on_device = None
+        self._cache, token, logprob, top_ids, top_lp = self._programs["extend" if reuse else "fresh"](
+            self.params, self._cache, jnp.int32(index), jnp.asarray(ids), jnp.int32(reuse), jnp.int32(len(new)),
+            knobs, jnp.int32(request.seed), jnp.asarray(seen), self.vocab_limit)
         self._seen = self._seen.at[index].set(jnp.asarray(seen[0]))
         request.cached_tokens = reuse
         slot.request, slot.generated = request, []
@@ -460,8 +507,8 @@ class Engine:
             self.metrics.prompt_tokens += len(request.prompt)
             self.metrics.cached_tokens += reuse
         slot.last_token_at = now
-        self._take(index, int(np.asarray(token)[0]), float(np.asarray(logprob)[0]),
-                   np.asarray(top_ids)[0], np.asarray(top_lp)[0])
+        token, logprob, top_ids, top_lp = jax.device_get((token, logprob, top_ids, top_lp))
+        self._take(index, int(token[0]), float(logprob[0]), top_ids[0], top_lp[0])
 
     def _step(self) -> None:
         live = np.array([s.request is not None for s in self._slots])
@@ -472,12 +519,13 @@ class Engine:
             for i in np.flatnonzero(~live & (positions >= self.max_seq_len)):
                 del self._slots[i].cached[self.max_seq_len - 1:]
             positions = np.minimum(positions, self.max_seq_len - 1)
-        self._cache, token, logprob, top_ids, top_lp, self._seen = self._call(
-            step, ("cache", "seen"), self.graphdef, self.params, self._cache, jnp.asarray(self._tokens),
-            jnp.asarray(positions), {k: jnp.asarray(a) for k, a in self._knobs.items()},
-            jnp.asarray(self._seeds), jnp.asarray(self._counts), self._seen, self.vocab_limit)
-        token, logprob = np.asarray(token), np.asarray(logprob)
-        top_ids, top_lp = np.asarray(top_ids), np.asarray(top_lp)
+        if self._knobs_on_device is None:  # changes only when a request is admitted
+            self._knobs_on_device = {k: jnp.asarray(a) for k, a in self._knobs.items()}
+        ints = jnp.asarray(np.stack([self._tokens, positions, self._seeds, self._counts]))
+        rows = self._rows_for(live)
+        self._cache, out, self._seen = self._programs[f"step{rows}"](
+            self.params, self._cache, ints, self._knobs_on_device, self._seen, self.vocab_limit)
+        token, logprob, top_ids, top_lp = jax.device_get(out)
         now = time.perf_counter()
         for i in np.flatnonzero(live):
             slot = self._slots[i]

@@ -25,7 +25,6 @@ import pytest
 import starcoder_jax as sj
 from starcoder_jax.inference.fim import build_prompt, encode_literal, infill, infill_stop_ids
 from starcoder_jax.model.pretrained import DEFAULT_MODEL, resolve_model_dir
-from starcoder_jax.serve import engine as engine_mod
 from starcoder_jax.serve.engine import Engine, Request
 from starcoder_jax.serve.server import Server
 from starcoder_jax.tokenizer import load_tokenizer
@@ -313,12 +312,13 @@ def test_a_client_that_disconnects_cancels_its_request_and_frees_the_slot(served
 
 
 def test_no_compilation_after_warmup_within_the_buckets(served, client):
-    counts = [f._cache_size() for f in (engine_mod.insert_fresh, engine_mod.insert_extend, engine_mod.step)]
+    counts = served.engine.compilations()
+    assert set(counts) == {"fresh", "extend", "step1", "step2", "step4", "step8"}
+    assert all(n >= 1 for name, n in counts.items() if name.startswith("step"))  # warm-up compiled each
     for prompt, kw in [("x = 1", {}), ("def g():\n    pass", dict(temperature=0.7, top_p=0.9, seed=3)),
                        ("import re", dict(temperature=1.2, n=2, stop=["\n\n"], logprobs=1))]:
         client.completions.create(model="tiny", prompt=prompt, max_tokens=5, **kw)
-    after = [f._cache_size() for f in (engine_mod.insert_fresh, engine_mod.insert_extend, engine_mod.step)]
-    assert after == counts
+    assert served.engine.compilations() == counts
 
 
 @pytest.mark.slow
@@ -376,3 +376,19 @@ def test_sigterm_lets_the_live_request_finish_then_exits(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [dict(kv_cache="int8"), dict(mesh="data=1")])
+def test_the_engine_with_an_int8_cache_or_on_a_mesh_gives_generates_tokens(shipped, options):
+    model, tokenizer = shipped
+    engine = Engine(model, tokenizer, slots=3, max_seq_len=128, **options)
+    try:
+        prompts = [tokenizer.encode(p) for p in PROMPTS[:4]]
+        requests = [engine.submit(Request(p, max_tokens=12, stop_ids=(tokenizer.eos_id,))) for p in prompts]
+        got = [_collect(r) for r in requests]
+        kv = options.get("kv_cache")
+        want = [sj.generate(model, [p], tokenizer=tokenizer, max_new_tokens=12, kv_cache=kv)[0].ids for p in prompts]
+        assert got == [[t for t in w if t != tokenizer.eos_id] for w in want]
+    finally:
+        engine.close()
