@@ -27,13 +27,14 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import starcoder_jax as sj  # noqa: E402
-from starcoder_jax.config import preset  # noqa: E402
-from starcoder_jax.model.modules import init_model  # noqa: E402
-from starcoder_jax.model.pretrained import DEFAULT_MODEL, resolve_model_dir  # noqa: E402
-from starcoder_jax.serve.engine import Engine  # noqa: E402
-from starcoder_jax.serve.server import Server  # noqa: E402
-from starcoder_jax.tokenizer import load_tokenizer  # noqa: E402
+if not (len(sys.argv) == 3 and sys.argv[1] == "--client-of"):  # the client process needs none of it
+    import starcoder_jax as sj
+    from starcoder_jax.config import preset
+    from starcoder_jax.model.modules import init_model
+    from starcoder_jax.model.pretrained import DEFAULT_MODEL, resolve_model_dir
+    from starcoder_jax.serve.engine import Engine
+    from starcoder_jax.serve.server import Server
+    from starcoder_jax.tokenizer import load_tokenizer
 
 
 def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
@@ -78,6 +79,32 @@ def stream(server: Server, ids: list[int], max_tokens: int) -> tuple[float, int]
 
 
 def run_clients(server: Server, work: list[list[int]], clients: int, max_tokens: int) -> dict:
+    """The clients run in a process of their own (as editors would), so that their Python
+    does not share the server's interpreter lock."""
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"host": server.host, "port": server.port, "work": work, "clients": clients,
+                   "max_tokens": max_tokens}, f)
+    done = subprocess.run([sys.executable, __file__, "--client-of", f.name], capture_output=True, text=True,
+                          check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    os.unlink(f.name)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class _Endpoint:
+    def __init__(self, host, port):
+        self.host, self.port = host, port
+
+
+def client_process(path: str) -> None:
+    with open(path) as f:
+        job = json.load(f)
+    print(json.dumps(_run_clients(_Endpoint(job["host"], job["port"]), job["work"], job["clients"],
+                                  job["max_tokens"])))
+
+
+def _run_clients(server, work: list[list[int]], clients: int, max_tokens: int) -> dict:
     ttft, tokens = [], []
     lock = threading.Lock()
 
@@ -130,6 +157,9 @@ def prefix_reuse(model, tokenizer, args, base: list[int], repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--client-of":
+        client_process(sys.argv[2])
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a model directory (default: the shipped model)")
     p.add_argument("--preset", default=None, help="random weights of a preset instead (e.g. starcoderbase-1b)")

@@ -35,6 +35,21 @@ def cpu_without_mesh(sharded: bool | None = None) -> bool:
     return platform() == "cpu" and not sharded
 
 
+@functools.cache
+def cpu_has_bfloat16() -> bool:
+    """Whether this host's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): XLA:CPU
+    programs compiled here run bfloat16 products fast only then."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
 def on_gpu() -> bool:
     """Whether the program is compiled for XLA:GPU (cuDNN attention, the GPU int8 product)."""
     return platform() == "gpu"

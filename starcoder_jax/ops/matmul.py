@@ -10,7 +10,8 @@ float32 for a float kernel w [*in, *out] (or, with out_major, a table
   GPU; 4-bit weights (ops.int4) as "dot";
 - "cpu": bfloat16 compute through `bfloat16_matmul` (its hand-written
   gradient; float32 compute is the plain dot), int8 weights through the
-  CPU tile loop ("cpu_rows" up to INT8_CPU_ROWS_MAX rows, "cpu_tiles" above), 4-bit
+  CPU tile loop ("cpu_rows" up to INT8_CPU_ROWS_MAX rows: 4 on CPUs with
+  AVX512-BF16, 32 elsewhere; "cpu_tiles" above), 4-bit
   weights through the native kernel ("native", ops.native: int4 always,
   nf4 up to NF4_NATIVE_MAX_ROWS rows) or their tile loop ("cpu": nf4 above
   that, and both where the kernel cannot be built);
@@ -29,21 +30,22 @@ import jax
 import jax.numpy as jnp
 
 from starcoder_jax.config import MATMUL_IMPLS
-from starcoder_jax.ops.backend import cpu_without_mesh, on_gpu
 from starcoder_jax.ops import native
+from starcoder_jax.ops.backend import cpu_has_bfloat16, cpu_without_mesh, on_gpu
 from starcoder_jax.ops.int4 import NATIVE_GROUPS, int4_product
 from starcoder_jax.ops.int4 import native_serves as int4_native_serves
-from starcoder_jax.ops.int8 import QuantizedWeight, int8_product
+from starcoder_jax.ops.int8 import CPU_ROWS_ONE_BY_ONE, QuantizedWeight, int8_product
 from starcoder_jax.ops.quant import is_quantized, mode_of
 
 # nf4 products of up to this many rows of x take the native kernel, more the
 # tile loop; int4 takes the kernel at every row count (BENCHMARKS.md, "4-bit weights").
 NF4_NATIVE_MAX_ROWS = 64
 # int8 products of up to this many rows take the per-row tile loop ("cpu_rows"), more
-# the tile products ("cpu_tiles"): one 2048 x 8192 weight, ms, cpu_rows / cpu_tiles:
-# 1 row 1.7 / 25.5, 8 rows 5.6 / 31.8, 16 rows 8.2 / 22.1, 32 rows 14.1 / 30.3
-# (BENCHMARKS.md, "int8 product forms").
-INT8_CPU_ROWS_MAX = 32
+# the bfloat16 tile products ("cpu_tiles"), which only CPUs with AVX512-BF16 run fast:
+# there the tiles won from 8 rows on; on an AVX2-only EPYC (one 2048 x 8192 weight,
+# ms, cpu_rows / cpu_tiles) 1 row 1.7 / 25.5, 8 rows 5.6 / 31.8, 16 rows 8.2 / 22.1,
+# 32 rows 14.1 / 30.3 (BENCHMARKS.md, "int8 product forms").
+INT8_CPU_ROWS_MAX = {True: CPU_ROWS_ONE_BY_ONE, False: 32}
 
 
 def resolve(impl: str, *, sharded: bool | None = None) -> str:
@@ -120,7 +122,7 @@ def _matrix(w: jax.Array, in_shape, out_major: bool) -> jax.Array:
 def _int8_form(form: str, rows: int) -> str:
     """The ops.int8 form of a resolved matmul form for a product of `rows` rows."""
     if form == "cpu":
-        return "cpu_rows" if rows <= INT8_CPU_ROWS_MAX else "cpu_tiles"
+        return "cpu_rows" if rows <= INT8_CPU_ROWS_MAX[cpu_has_bfloat16()] else "cpu_tiles"
     return "reduce" if rows == 1 and on_gpu() else "dot"
 
 

@@ -145,6 +145,12 @@ class _Handler(BaseHTTPRequestHandler):
     def app(self) -> Server:
         return self.server.app
 
+    def setup(self):
+        super().setup()
+        # a token is one small write: without this, Nagle's algorithm holds it until the
+        # client's delayed ACK of the previous one (tens of ms a token)
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format, *args):  # noqa: A002 (the base class's name)
         if self.app.verbose:
             super().log_message(format, *args)
