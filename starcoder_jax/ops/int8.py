@@ -15,7 +15,8 @@ The products (`int8_product`), each a named form that any backend can run:
 
 - "cpu_rows": a loop over tiles of at most 512 output rows x 2048 inputs,
   each converted to float32 while it is in cache, one matrix-vector product
-  per row of x (XLA:CPU, up to 4 rows);
+  per row of x (XLA:CPU, up to ops.matmul.INT8_CPU_ROWS_MAX rows: 4 where the
+  CPU has AVX512-BF16, 32 elsewhere);
 - "cpu_tiles": the same tiles converted to bfloat16 and one bfloat16
   product with float32 sums per tile (XLA:CPU, more rows);
 - "reduce": `sum(x * q) * scale` in float32 for one row, which XLA:GPU
