@@ -248,6 +248,7 @@ def test_bad_input_gets_4xx_with_an_openai_error_and_the_server_keeps_serving(se
         assert json.loads(r.read())["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_a_full_queue_gets_429_with_retry_after(shipped):
     model, tokenizer = shipped
     engine = Engine(model, tokenizer, slots=1, max_seq_len=256, max_queue=1)
