@@ -36,18 +36,25 @@ def cpu_without_mesh(sharded: bool | None = None) -> bool:
 
 
 @functools.cache
-def cpu_has_bfloat16() -> bool:
-    """Whether this host's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): XLA:CPU
-    programs compiled here run bfloat16 products fast only then."""
+def cpu_flags() -> str:
+    """This host's CPU feature flags as /proc/cpuinfo lists them ("flags" on x86,
+    "Features" on ARM); the processor's name where there is no /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return False
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this host's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): XLA:CPU
+    programs compiled here run bfloat16 products fast only then."""
+    flags = cpu_flags().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def on_gpu() -> bool:

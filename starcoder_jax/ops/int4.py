@@ -49,7 +49,7 @@ The products (`int4_product`):
   into the product's operand), meshes (each shard of the codes keeps its
   scales) and training (the QLoRA base).
 
-Both round activations to bfloat16 first when the compute dtype is
+Every form rounds activations to bfloat16 first when the compute dtype is
 narrower than float32, as ops.int8's forms do.
 """
 
@@ -240,12 +240,17 @@ def _values(codes: jax.Array, kind: str) -> jax.Array:
     return jnp.take(jnp.asarray(NF4_VALUES), codes.astype(jnp.int32), mode="clip")
 
 
-def dequantize_rows(w: Packed4, dtype=jnp.float32) -> jax.Array:
-    """[*out, I]: the float weight output-major, padding dropped."""
+def _padded_rows(w: Packed4) -> jax.Array:
+    """float32 [*out, Ip]: the float weight output-major, its zero padding inputs kept."""
     codes = unpack(w.codes, w.group)
     *out, ip = codes.shape
     v = _values(codes, w.kind).reshape(*out, ip // w.group, w.group) * group_scales(w)[..., None]
-    return v.reshape(*out, ip)[..., :math.prod(w.in_shape)].astype(dtype)
+    return v.reshape(*out, ip)
+
+
+def dequantize_rows(w: Packed4, dtype=jnp.float32) -> jax.Array:
+    """[*out, I]: the float weight output-major, padding dropped."""
+    return _padded_rows(w)[..., :math.prod(w.in_shape)].astype(dtype)
 
 
 def dequantize(w: Packed4, dtype=jnp.float32) -> jax.Array:
@@ -341,10 +346,8 @@ def _native_fwd(xp, w):
 
 
 def _native_bwd(w, g):  # d/dx of x @ w.T; the frozen codes get no cotangent
-    o = math.prod(w.out_shape)
-    codes = unpack(w.codes, w.group)
-    rows = (_values(codes, w.kind).reshape(o, -1, w.group) * group_scales(w).reshape(o, -1)[..., None])
-    return jnp.dot(g, rows.reshape(o, -1), preferred_element_type=jnp.float32), None
+    rows = _padded_rows(w).reshape(math.prod(w.out_shape), -1)
+    return jnp.dot(g, rows, preferred_element_type=jnp.float32), None
 
 
 _native_kernel.defvjp(_native_fwd, _native_bwd)

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import jax
 
+from starcoder_jax.ops.backend import cpu_flags
+
 SOURCES = ("int4_rows.cc",)
 # name registered with XLA -> symbol of the handler in the library
 TARGETS = {"starcoder_jax_int4_rows": "StarcoderInt4Rows", "starcoder_jax_nf4_rows": "StarcoderNf4Rows"}
@@ -52,24 +54,12 @@ def _compiler() -> list[str] | None:
     return cxx if shutil.which(cxx[0]) else None
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
-
-
 def _key(cxx: list[str], sources: list[Path]) -> str:
     h = hashlib.sha256()
     for src in sources:
         h.update(src.read_bytes())
     version = subprocess.run([*cxx, "--version"], capture_output=True, text=True).stdout
-    for part in (version, " ".join(FLAGS), _jaxlib_version(), _cpu_flags(), sys.platform):
+    for part in (version, " ".join(FLAGS), _jaxlib_version(), cpu_flags(), sys.platform):
         h.update(part.encode())
     return h.hexdigest()[:20]
 

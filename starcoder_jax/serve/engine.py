@@ -243,7 +243,6 @@ class _Slot:
     generated: list[int] = dataclasses.field(default_factory=list)
     tracker: TextTracker | None = None
     last_token_at: float = 0.0
-    freed_at: float = 0.0
 
 
 class Engine:
@@ -543,7 +542,7 @@ class Engine:
         request = slot.request
         self._tokens[index] = token
         if request.cancelled.is_set():
-            self._finish(index, "cancelled", None)
+            self._finish(index, "cancelled")
             return
         top = ([(int(a), float(b)) for a, b in zip(top_ids[:request.logprobs], top_lp[:request.logprobs])]
                if request.logprobs else [])
@@ -581,9 +580,9 @@ class Engine:
         with self.metrics.lock:
             self.metrics.generated_tokens += len(ids)
         if final:
-            self._finish(index, reason, None)
+            self._finish(index, reason)
 
-    def _finish(self, index: int, reason: str, error: str | None) -> None:
+    def _finish(self, index: int, reason: str) -> None:
         slot = self._slots[index]
         request = slot.request
         if reason == "cancelled":
@@ -593,7 +592,6 @@ class Engine:
         self._count(request, reason)
         with self._cv:
             slot.request = None
-            slot.freed_at = time.perf_counter()
             self._cv.notify_all()
 
     def _count(self, request: Request, reason: str) -> None:

@@ -187,7 +187,11 @@ class _Handler(BaseHTTPRequestHandler):
                 raise api.ApiError(503, "the server is shutting down", kind="server_error")
             routes[path](body, path)
         except api.ApiError as err:
-            self._error(err, path)
+            if self._started:  # mid-stream (a failed generation): the status went out already
+                self.close_connection = True
+                self.app.count(path, err.status)
+            else:
+                self._error(err, path)
         except _Disconnected:
             self.close_connection = True
             self.app.count(path, 499)

@@ -1,4 +1,4 @@
-// Matrix-vector products of a few activation rows with a packed 4-bit weight
+// Products of activation rows with a packed 4-bit weight
 // (starcoder_jax.ops.int4.Packed4), for XLA:CPU through the XLA FFI.
 //
 // y[m, o] = sum over groups g of s(o, g) * sum_j v(code(o, g, j)) * x[m, g*G + j]
@@ -8,11 +8,13 @@
 // or NF4_VALUES[c] (nf4). s(o, g): a bfloat16 step (int4), or
 // offset + int8 code * float32 step of the block of 256 groups (nf4).
 //
-// Each weight byte is read once per call and turned into floats in
-// registers; every row of x (at most kMaxRows) reuses them. Output rows are
-// cut into chunks shared by the calling thread and XLA's intra-op pool.
+// Each chunk of output rows is unpacked in registers and kept in cache
+// while every block of 4 rows of x passes over it. Output rows are cut into
+// chunks shared by the calling thread and XLA's intra-op pool.
 
+#ifdef __AVX2__
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -29,7 +31,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxRows = 4;
 constexpr int64_t kScaleBlock = 256;  // nf4: groups per float32 step
 
 constexpr float kNf4[16] = {
