@@ -60,6 +60,8 @@ class Generation:
     finish_reason: "eos", "stop" (stop id or stop string) or "length".
     logprobs: per generated token, its log-probability under the model's raw
       (unfiltered, temperature 1) distribution, when asked for.
+    draft_tokens, accepted_tokens: with speculative decoding, the drafted tokens
+      the model checked for this row and how many of them it kept (None without).
     """
 
     prompt_ids: list[int]
@@ -67,6 +69,8 @@ class Generation:
     text: str | None = None
     finish_reason: str = "length"
     logprobs: list[float] | None = None
+    draft_tokens: int | None = None  # speculative decoding: drafted tokens checked
+    accepted_tokens: int | None = None  # ... and kept
 
 
 @jax.tree_util.register_dataclass
@@ -423,6 +427,8 @@ class Generator:
         self._source = _weights(model)  # after placement: the mesh runner placed the model's own variables
         self._eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
         self._vocab_limit = tokenizer.vocab_size if tokenizer is not None else config.vocab_size
+        self._mesh = mesh
+        self._draft = None  # (weakref to the draft model, its graphdef, params, source arrays)
 
     def prepared_for(self, model: StarCoder, tokenizer: Tokenizer | None) -> bool:
         """Whether this Generator still runs `model` as it is now (same config, the very same
@@ -430,17 +436,17 @@ class Generator:
         return (tokenizer is self.tokenizer and model.config == self.config
                 and same_arrays(_weights(model), self._source))
 
-    def _call(self, fn, donate, *args, **kwargs):
+    def _call(self, fn, donate, *args, static=("graphdef",), **kwargs):
         if self._runner is None:
             return fn(*args, **kwargs)
-        return self._runner.call(fn, donate, *args, **kwargs)
+        return self._runner.call(fn, donate, *args, static=static, **kwargs)
 
     def run(self, prompts, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
             stop: Sequence[str] = (), stop_ids: Sequence[int] = (), seed: int = 0,
             first_row: int = 0, logprobs: bool = False, ignore_eos: bool = False,
-            chunk: int | None = None,
-            on_event: Callable[[StreamEvent], None] | None = None) -> list[Generation]:
+            chunk: int | None = None, on_event: Callable[[StreamEvent], None] | None = None,
+            draft=None, num_draft_tokens: int | None = None) -> list[Generation]:
         """Generates for one device batch of prompts; the arguments are those of `generate`.
 
         first_row: the index of prompts[0] among all of a request's prompts (its random stream).
@@ -449,6 +455,7 @@ class Generator:
         """
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        drafting = self._drafting(draft, num_draft_tokens)
         encoded = self._encode(prompts, max_new_tokens, stop)
         batch = _pack(encoded, max_new_tokens, self.config.n_positions, self._round_batch)
         ends = self._stop_ids(stop_ids, ignore_eos)
@@ -457,8 +464,15 @@ class Generator:
         rows = _Rows(len(encoded), self.tokenizer, stop, ends, on_event)
         if chunk is None:
             chunk = 1 if on_event is not None else (16 if stop else max_new_tokens)
-        state = self._decode(self._prefill(batch, consts), consts, rows, chunk)
-        return rows.collect(state, encoded, self._eos, logprobs)
+        if drafting is None:
+            state = self._decode(self._prefill(batch, consts), consts, rows, chunk)
+            return rows.collect(state, encoded, self._eos, logprobs)
+        self._check_draft_fits(encoded, max_new_tokens)
+        state = self._speculate(self._spec_prefill(batch, consts, drafting), consts, rows, chunk, drafting)
+        results = rows.collect(state.base, encoded, self._eos, logprobs)
+        for result, drafted, accepted in zip(results, np.asarray(state.drafted), np.asarray(state.accepted)):
+            result.draft_tokens, result.accepted_tokens = int(drafted), int(accepted)
+        return results
 
     def _encode(self, prompts, max_new_tokens: int, stop: tuple[str, ...]) -> list[list[int]]:
         encoded = _encode_prompts(prompts, self.tokenizer)
@@ -485,6 +499,75 @@ class Generator:
         return self._call(prefill, ("cache",), self.graphdef, self.params, jnp.asarray(batch.ids),
                           jnp.asarray(batch.lengths), cache, consts,
                           out_len_like=jnp.zeros((batch.out_len,), jnp.int8), active=jnp.asarray(batch.active))
+
+    # ---- speculative decoding (starcoder_jax.inference.speculative) ----
+
+    def _drafting(self, draft, num_draft_tokens):
+        """The static drafting settings for `draft` (None: plain decoding); prepares a draft model once."""
+        from starcoder_jax.inference import speculative as spec
+
+        if draft is None:
+            if num_draft_tokens is not None:
+                raise ValueError("num_draft_tokens needs a draft (a draft model or 'prompt-lookup')")
+            return None
+        k = spec.check_draft_tokens(spec.DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens)
+        if isinstance(draft, str):
+            if draft != spec.PROMPT_LOOKUP:
+                raise ValueError(f"draft must be a StarCoder model or {spec.PROMPT_LOOKUP!r}, got {draft!r}")
+            return spec.Drafting(k, model=False)
+        spec.check_draft_model(draft, self.config)
+        if self._mesh is not None:
+            raise ValueError("a draft model runs on one device; with mesh=, draft='prompt-lookup' is supported")
+        prepared = self._draft
+        if (prepared is None or prepared[0]() is not draft or draft.config != prepared[4]
+                or not same_arrays(_weights(draft), prepared[3])):
+            graphdef, params = nnx.split(draft.adapt_to_backend_(decode=True))
+            self._draft = (weakref.ref(draft), graphdef, params, _weights(draft), draft.config)
+        return spec.Drafting(k, model=True)
+
+    def _check_draft_fits(self, encoded, max_new_tokens: int) -> None:
+        if self._draft is None:
+            return
+        limit = self._draft[4].n_positions
+        longest = max(len(ids) for ids in encoded)
+        if longest + max_new_tokens > limit:
+            raise ValueError(f"prompt of {longest} tokens with max_new_tokens={max_new_tokens} needs "
+                             f"{longest + max_new_tokens} positions but the draft model holds {limit}")
+
+    def _draft_split(self, drafting):
+        return (self._draft[1], self._draft[2]) if drafting.model else (None, None)
+
+    def _spec_prefill(self, batch: _Packed, consts: DecodeConsts, drafting):
+        from starcoder_jax.inference.speculative import spec_prefill
+
+        sharding = None if self._runner is None else self._runner.cache
+        n = len(batch.lengths)
+        cache = KVCache.init(self.config, n, batch.cache_len, sharding=sharding, quantize=self.kv_cache,
+                             lookahead=drafting.k)
+        draft_graphdef, draft_params = self._draft_split(drafting)
+        draft_cache = None
+        if drafting.model:
+            draft_config = self._draft[4]
+            draft_cache = KVCache.init(draft_config, n, min(batch.cache_len, draft_config.n_positions),
+                                       quantize=self.kv_cache, lookahead=drafting.k)
+        return self._call(spec_prefill, ("cache", "draft_cache"), self.graphdef, self.params, draft_graphdef,
+                          draft_params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), cache, draft_cache,
+                          consts, out_len_like=jnp.zeros((batch.out_len,), jnp.int8),
+                          active=jnp.asarray(batch.active), static=("graphdef", "draft_graphdef"))
+
+    def _speculate(self, state, consts: DecodeConsts, rows: _Rows, chunk: int, drafting):
+        """`_decode` for speculative rounds (chunk: rounds per device call)."""
+        from starcoder_jax.inference.speculative import spec_loop
+
+        draft_graphdef, draft_params = self._draft_split(drafting)
+        while True:
+            base, finished = rows.check(state.base)
+            state = dataclasses.replace(state, base=base)
+            if finished:
+                return state
+            state = self._call(spec_loop, ("state",), self.graphdef, self.params, draft_graphdef, draft_params,
+                               state, jnp.int32(chunk), consts, drafting=drafting,
+                               static=("graphdef", "draft_graphdef", "drafting"))
 
     def _decode(self, state: DecodeState, consts: DecodeConsts, rows: _Rows, chunk: int) -> DecodeState:
         """Decode loops of `chunk` steps until every real row is done; between them the host
@@ -537,7 +620,8 @@ def generate(model: StarCoder, prompts, *, tokenizer: Tokenizer | None = None,
              stop_ids: Sequence[int] = (), seed: int = 0, logprobs: bool = False,
              ignore_eos: bool = False, batch_size: int | None = None,
              on_event: Callable[[StreamEvent], None] | None = None,
-             mesh=None, kv_cache: str | None = None) -> list[Generation]:
+             mesh=None, kv_cache: str | None = None, draft=None,
+             num_draft_tokens: int | None = None) -> list[Generation]:
     """Generates a continuation for each prompt.
 
     prompts: strings (with `tokenizer`) or lists of token ids; nothing is
@@ -555,6 +639,12 @@ def generate(model: StarCoder, prompts, *, tokenizer: Tokenizer | None = None,
       see docs/sharding.md.
     kv_cache: "int8" keeps keys and values as int8 with a scale per token
       (a quarter of float32's memory; see starcoder_jax.model.kv_cache).
+    draft: speculative decoding (starcoder_jax.inference.speculative): a draft
+      StarCoder model sharing the tokenizer (for example
+      `speculative.first_layers(model, 4)`) or "prompt-lookup" (drafts copied
+      from earlier in the prompt and output); num_draft_tokens (default 4)
+      tokens are drafted and checked a round. Greedy output is plain greedy
+      decoding's; sampled output has plain sampling's distribution.
 
     Calls with the same model, tokenizer, mesh and kv_cache share one prepared
     Generator (`generator_for`): after the first, a call whose prompts and
@@ -576,7 +666,8 @@ def generate(model: StarCoder, prompts, *, tokenizer: Tokenizer | None = None,
                            top_k=top_k, top_p=top_p, min_p=min_p,
                            repetition_penalty=repetition_penalty, stop=stop, stop_ids=stop_ids,
                            seed=seed, first_row=start, logprobs=logprobs, ignore_eos=ignore_eos,
-                           on_event=shifted if on_event is not None else None)
+                           on_event=shifted if on_event is not None else None, draft=draft,
+                           num_draft_tokens=num_draft_tokens)
     return results
 
 

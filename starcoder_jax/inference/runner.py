@@ -67,21 +67,22 @@ class MeshRunner:
 
         return jax.tree.map(per_node, out, is_leaf=lambda n: isinstance(n, KVCache))
 
-    def _jit(self, fn: Callable, donate: tuple[str, ...], args, kwargs):
+    def _jit(self, fn: Callable, donate: tuple[str, ...], args, kwargs, static=("graphdef",)):
         """fn re-jitted once with the mesh's out_shardings and `donate` (inside set_mesh)."""
         if fn not in self._jitted:
             shapes = getattr(fn, "eval_shape", None) or functools.partial(jax.eval_shape, fn)
             out = shapes(*args, **kwargs)
             self._jitted[fn] = jax.jit(
-                getattr(fn, "__wrapped__", fn), static_argnames=("graphdef",),
+                getattr(fn, "__wrapped__", fn), static_argnames=static,
                 donate_argnames=donate, out_shardings=self.out_shardings(out))
         return self._jitted[fn]
 
-    def call(self, fn: Callable, donate: tuple[str, ...], *args, **kwargs):
-        """fn(*args, **kwargs) on the mesh; fn is a jax.jit function with a static `graphdef`."""
+    def call(self, fn: Callable, donate: tuple[str, ...], *args, static=("graphdef",), **kwargs):
+        """fn(*args, **kwargs) on the mesh; fn is a jax.jit function whose arguments named in
+        `static` are static (a graphdef and such, given as positional or keyword arguments)."""
         args, kwargs = jax.tree.map(self._place, (args, kwargs))
         with jax.set_mesh(self.mesh):
-            return self._jit(fn, donate, args, kwargs)(*args, **kwargs)
+            return self._jit(fn, donate, args, kwargs, static)(*args, **kwargs)
 
     def _abstract(self, x):
         sharding = self._sharding(x)

@@ -99,8 +99,9 @@ def argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
 
 
-def _draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
-    """One categorical draw per row (the Gumbel-max form of jax.random.categorical)."""
+def draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One categorical draw per row of logits [B, V] (unnormalized log-probabilities; -inf is
+    never drawn): the Gumbel-max form of jax.random.categorical. keys: one PRNG key per row."""
     v = logits.shape[-1]
     noise = jax.vmap(lambda key: jax.random.gumbel(key, (v,), logits.dtype))(keys)
     return argmax(logits + noise)
@@ -121,6 +122,29 @@ def sample(logits: jax.Array, knobs: dict[str, jax.Array], keys: jax.Array,
         scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
         needs_filter = jnp.any((knobs["top_k"] > 0) | (knobs["top_p"] < 1.0) | (knobs["min_p"] > 0))
         scaled = jax.lax.cond(needs_filter, lambda x: filter_logits(x, knobs), lambda x: x, scaled)
-        return jnp.where(temperature > 0, _draw(keys, scaled), greedy)
+        return jnp.where(temperature > 0, draw(keys, scaled), greedy)
 
     return jax.lax.cond(jnp.any(temperature > 0), drawn, lambda _: greedy, logits)
+
+
+def distribution(logits: jax.Array, knobs: dict[str, jax.Array], seen: jax.Array | None = None) -> jax.Array:
+    """What `sample` draws from, as log-probabilities [B, V] (float32).
+
+    A row with temperature > 0: the softmax of its penalised, tempered and
+    filtered logits. A greedy row (temperature 0): a point mass on its
+    argmax (log-probability 0 there, -inf elsewhere). Speculative decoding's
+    acceptance rule reads these, so a greedy row accepts exactly its argmax.
+    """
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
+    temperature = knobs["temperature"]
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    point = jnp.where(vocab == argmax(logits)[:, None], 0.0, NEG_INF)
+
+    def tempered(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        needs_filter = jnp.any((knobs["top_k"] > 0) | (knobs["top_p"] < 1.0) | (knobs["min_p"] > 0))
+        scaled = jax.lax.cond(needs_filter, lambda x: filter_logits(x, knobs), lambda x: x, scaled)
+        return jnp.where(temperature[:, None] > 0, jax.nn.log_softmax(scaled, axis=-1), point)
+
+    return jax.lax.cond(jnp.any(temperature > 0), tempered, lambda _: point, logits)

@@ -128,13 +128,14 @@ class LayerCache:
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     layers: tuple[LayerCache, ...]
-    # Positions the cache serves, 0 .. span - 1: its slots for a plain cache, the
-    # length asked for of a ring buffer (which has fewer slots). Static.
+    # Positions the cache serves, 0 .. span - 1: the length asked for (a ring buffer
+    # has fewer slots, a cache with lookahead more). Static.
     span: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @classmethod
     def init(cls, config: StarCoderConfig, batch: int, length: int, dtype=None,
-             sharding: jax.sharding.Sharding | None = None, quantize: str | None = None) -> KVCache:
+             sharding: jax.sharding.Sharding | None = None, quantize: str | None = None,
+             lookahead: int = 0) -> KVCache:
         """Zeroed cache for `batch` rows of `length` positions (<= n_positions).
 
         A model with an attention window shorter than `length` gets a ring
@@ -143,6 +144,9 @@ class KVCache:
         kv_cache.cache_sharding); each device allocates only its own shard,
         and int8 scales [B, S, K] are split like the slabs' first three axes.
         quantize: None (slabs in `dtype`, default the compute dtype) or "int8".
+        lookahead: tokens a step may write past the newest position a later step
+          reads (speculative decoding verifies k drafted tokens and keeps some):
+          that many extra slots, so a write never lands on a slot still in use.
         """
         check_quantization(quantize, "cache quantize", " (the compute dtype)", KV_CACHE_MODES)
         if length > config.n_positions:
@@ -151,8 +155,10 @@ class KVCache:
             )
         if dtype is None:
             dtype = jnp.dtype(config.dtype)
+        if isinstance(lookahead, bool) or int(lookahead) != lookahead or lookahead < 0:
+            raise ValueError(f"cache lookahead must be an integer >= 0, got {lookahead!r}")
         ring = config.window is not None and config.window < length
-        slots = config.window if ring else length
+        slots = (config.window if ring else length) + lookahead
         shape = (batch, slots, config.kv_heads, config.head_dim)
         pos_sharding = None if sharding is None else scale_sharding_of(sharding, 2)
 
@@ -191,7 +197,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        """Slots per row (S): fewer than `capacity` for a ring buffer."""
+        """Slots per row (S): fewer than `capacity` for a ring buffer, more with lookahead."""
         return self.layers[0].k.shape[1]
 
     @property

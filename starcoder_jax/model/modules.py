@@ -325,7 +325,11 @@ class Attention(nnx.Module):
             if read_cache:  # the slots before this write, then the new keys
                 k = jnp.concatenate([cache.keys(q.dtype).astype(k.dtype), k], axis=1)  # [B, S + T, K, H]
                 v = jnp.concatenate([cache.values(q.dtype).astype(v.dtype), v], axis=1)
-                k_positions = jnp.concatenate([cache.positions(), positions.astype(jnp.int32)], axis=1)
+                # A slot holding a position at or after this chunk's first is stale (a rejected
+                # speculative token, a cancelled request's tail): the chunk brings its own.
+                cached = cache.positions()
+                cached = jnp.where(cached < positions[:, :1], cached, -1)
+                k_positions = jnp.concatenate([cached, positions.astype(jnp.int32)], axis=1)
             cache = cache.write(new_k, new_v, positions)
         elif cache is not None:
             cache = cache.write(k, v, positions)
