@@ -73,3 +73,36 @@ def _model_dir(args: argparse.Namespace, name: str | None) -> str:
     from starcoder_jax.model.pretrained import resolve_model_dir
 
     return resolve_model_dir(name or model_name(getattr(args, "model", None)))
+
+
+def add_draft_args(parser) -> None:
+    """Adds --draft and --num-draft-tokens (speculative decoding) to a parser."""
+    parser.add_argument("--draft", default=None, metavar="MODEL|prompt-lookup|self:N",
+                        help="speculative decoding: a draft model sharing the tokenizer (directory or hub id), "
+                             "prompt-lookup (drafts copied from earlier text), or self:N (the model's own "
+                             "first N layers); greedy output is unchanged")
+    parser.add_argument("--num-draft-tokens", type=int, default=None, metavar="K",
+                        help="tokens drafted and checked per step (default 4; needs --draft)")
+
+
+def load_draft(args: argparse.Namespace, model, tokenizer):
+    """What --draft names, for generate(draft=...): None, "prompt-lookup", the model's first layers,
+    or a draft model loaded with the command's --dtype, --quantize and kernel flags (no adapter),
+    whose tokenizer must be the model's."""
+    from starcoder_jax.inference import speculative
+
+    draft = getattr(args, "draft", None)
+    if draft is None or draft == speculative.PROMPT_LOOKUP:
+        return draft
+    if draft.startswith("self:"):
+        layers = draft[len("self:"):]
+        if not layers.isdigit():
+            raise ValueError(f"--draft self:N takes a layer count, got {draft!r}")
+        return speculative.first_layers(model, int(layers))
+    from starcoder_jax.tokenizer import load_tokenizer
+
+    path = _model_dir(args, draft)
+    theirs = load_tokenizer(path)
+    if theirs.backend.get_vocab(with_added_tokens=True) != tokenizer.backend.get_vocab(with_added_tokens=True):
+        raise ValueError(f"--draft {draft}: its tokenizer differs from the model's; a draft must share it")
+    return load_model(args, name=path, adapter=None)

@@ -43,6 +43,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    common.add_draft_args(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: prompt_ids, ids, text, finish_reason")
     p.set_defaults(func=run_infill)
@@ -60,7 +61,9 @@ def run_infill(args: argparse.Namespace) -> int:
 
         gen = infill_generations(model, tokenizer, [(prefix, suffix)], mode=args.mode,
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)[0]
+                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                 draft=common.load_draft(args, model, tokenizer),
+                                 num_draft_tokens=args.num_draft_tokens)[0]
     except (UsageError, ValueError, FileNotFoundError) as err:
         print(f"starcoder-jax infill: error: {err}", file=sys.stderr)
         return 2

@@ -65,7 +65,8 @@ def cmd_generate(args) -> int:
     kwargs = dict(tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                  stop=tuple(args.stop), seed=args.seed, mesh=args.mesh, kv_cache=args.kv_cache)
+                  stop=tuple(args.stop), seed=args.seed, mesh=args.mesh, kv_cache=args.kv_cache,
+                  draft=common.load_draft(args, model, tokenizer), num_draft_tokens=args.num_draft_tokens)
     if args.json:
         for r, prompt in zip(generate(model, prompts, **kwargs), prompts):
             print(json.dumps({"prompt": prompt, "prompt_ids": r.prompt_ids, "ids": r.ids,
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: one device)")
+    common.add_draft_args(p)
     p.add_argument("--kv-cache", choices=KV_CACHE_MODES, default=None,
                    help="int8: keys and values as int8 with a scale per token (long contexts)")
     p.set_defaults(func=cmd_generate)

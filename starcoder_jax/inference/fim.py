@@ -170,11 +170,13 @@ def infill_stop_ids(tokenizer: Tokenizer) -> list[int]:
 def infill_generations(model, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *,
                        mode: str = "psm", max_new_tokens: int = 128, temperature: float = 0.0,
                        top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
-                       stop: Sequence[str] = ()) -> list:
+                       stop: Sequence[str] = (), draft=None, num_draft_tokens: int | None = None) -> list:
     """One batched `generate` call over (prefix, suffix) pairs; returns its Generations.
 
     Each prompt is truncated to the model's n_positions - max_new_tokens
     positions (see `truncate_context`). A Generation's `text` is the middle.
+    draft, num_draft_tokens: speculative decoding, as in `generate` ("prompt-lookup"
+    suits infilling: the middle often repeats code around it).
     """
     from starcoder_jax.inference.generate import generate
 
@@ -196,7 +198,8 @@ def infill_generations(model, tokenizer: Tokenizer, pairs: Sequence[tuple[str, s
                for prefix, suffix in pairs]
     return generate(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
                     temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                    stop=tuple(stop), stop_ids=tuple(infill_stop_ids(tokenizer)), seed=seed)
+                    stop=tuple(stop), stop_ids=tuple(infill_stop_ids(tokenizer)), seed=seed, draft=draft,
+                    num_draft_tokens=num_draft_tokens)
 
 
 def infill_batch(model, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], **kwargs) -> list[str]:
@@ -209,16 +212,18 @@ def infill_batch(model, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], 
 
 def infill(model, tokenizer: Tokenizer, prefix: str, suffix: str, *, mode: str = "psm",
            max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           min_p: float = 0.0, seed: int = 0, stop: Sequence[str] = ()) -> str:
+           min_p: float = 0.0, seed: int = 0, stop: Sequence[str] = (), draft=None,
+           num_draft_tokens: int | None = None) -> str:
     """The text the model writes between `prefix` and `suffix` (the middle only).
 
     Generation ends at <|endoftext|>, <file_sep> (if the tokenizer has it),
     any FIM token, a string of `stop`, or after max_new_tokens tokens; the
-    ending token or stop string is not part of the result.
+    ending token or stop string is not part of the result. draft,
+    num_draft_tokens: speculative decoding, as in `generate`.
     """
     return infill_batch(model, tokenizer, [(prefix, suffix)], mode=mode, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                        stop=stop)[0]
+                        stop=stop, draft=draft, num_draft_tokens=num_draft_tokens)[0]
 
 
 # ---------------------------------------------------------------------------
