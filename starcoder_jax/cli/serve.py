@@ -29,6 +29,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="prefill every prompt whole (default: a prompt extending a free slot's cached tokens "
                         "prefills only what is new)")
+    common.add_draft_args(p)
     p.add_argument("--fim-mode", choices=MODES, default="psm", help="FIM layout of `suffix` requests")
     p.add_argument("--served-model-name", default=None,
                    help="the `model` clients name (default: the model directory's name)")
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = common.load_model_and_tokenizer(args)
     name = args.served_model_name or os.path.basename(os.path.normpath(common.model_name(args.model)))
     engine = Engine(model, tokenizer, slots=args.slots, max_seq_len=args.max_seq_len, kv_cache=args.kv_cache,
-                    max_queue=args.max_queue, mesh=args.mesh, prefix_reuse=not args.no_prefix_reuse)
+                    max_queue=args.max_queue, mesh=args.mesh, prefix_reuse=not args.no_prefix_reuse,
+                    draft=common.load_draft(args, model, tokenizer), num_draft_tokens=args.num_draft_tokens)
     if not args.no_warmup:
         print("compiling the decode step ...", file=sys.stderr, flush=True)
         engine.warmup()

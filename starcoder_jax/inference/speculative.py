@@ -162,17 +162,29 @@ def spec_round(model: StarCoder, draft: StarCoder | None, state: SpecState, cons
     """Drafts k tokens, verifies them in one pass of the model, records what is kept."""
     base = state.base
     keys = _row_keys(consts.seed, base.step, base.token.shape[0])
+    knobs, limit = consts.knobs, consts.vocab_limit
     if draft is None:
         drafts, q, draft_cache = lookup(state.history, base.position, drafting.k, drafting.max_ngram), None, None
     else:
-        drafts, q, draft_cache = _draft(draft, state, consts, drafting.k, keys)
-    tokens, logprobs, count, cache = _verify(model, base, drafts, q, consts, keys)
+        prev = jnp.take_along_axis(state.history, jnp.maximum(base.position - 1, 0)[:, None], axis=1)[:, 0]
+        drafts, q, draft_cache = draft_tokens(draft, state.draft_cache, prev, base.token, base.position,
+                                              base.seen, knobs, limit, drafting.k, keys)
+    tokens, raw, count, cache = verify(model, base.cache, base.token, base.position, base.seen, drafts, q,
+                                       knobs, limit, keys)
+    logprobs = jnp.take_along_axis(raw, tokens[..., None], axis=-1)[..., 0]
     live = ~base.done
     new_base, emitted = _record(dataclasses.replace(base, cache=cache), tokens, logprobs, count, consts)
     k = drafting.k
     return SpecState(
         new_base, draft_cache, _write_history(state.history, base.position, tokens, emitted),
         state.drafted + jnp.where(live, k, 0), state.accepted + jnp.where(live, count - 1, 0))
+
+
+def fed_positions(position: jax.Array, n: int, first: int = 0) -> jax.Array:
+    """[B, n] positions position + first .. position + first + n - 1; -1 throughout for a row at
+    position -1 (an idle row of a ring cache, which writes nothing)."""
+    positions = position[:, None] + first + jnp.arange(n, dtype=jnp.int32)
+    return jnp.where(position[:, None] < 0, -1, positions)
 
 
 def lookup(history: jax.Array, position: jax.Array, k: int, max_ngram: int) -> jax.Array:
@@ -198,63 +210,62 @@ def lookup(history: jax.Array, position: jax.Array, k: int, max_ngram: int) -> j
     return jnp.take_along_axis(history, source, axis=1)
 
 
-def _masked(logits: jax.Array, consts: DecodeConsts) -> jax.Array:
-    return jnp.where(jnp.arange(logits.shape[-1]) < consts.vocab_limit, logits, -jnp.inf)
+def _masked(logits: jax.Array, vocab_limit) -> jax.Array:
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
 
 
 def _subkeys(keys: jax.Array, tag) -> jax.Array:
     return jax.vmap(lambda key: jax.random.fold_in(key, tag))(keys)
 
 
-def _draft(draft: StarCoder, state: SpecState, consts: DecodeConsts, k: int, keys):
-    """k tokens from the draft model: drafts [B, k], their distributions q [B, k, V]
-    (log-probabilities) and the draft's cache."""
-    base = state.base
-    b = base.token.shape[0]
+def draft_tokens(draft: StarCoder, cache: KVCache, prev, token, position, seen, knobs, vocab_limit, k: int, keys):
+    """k tokens from the draft model for rows whose last token `token` [B] goes at `position` [B]
+    (prev: the token before it, fed again). Returns drafts [B, k], their distributions q
+    [B, k, V] (log-probabilities) and the draft's cache."""
+    b = token.shape[0]
     rows = jnp.arange(b)
-    sampled = jnp.any(consts.knobs["temperature"] > 0)
-    prev = jnp.take_along_axis(state.history, jnp.maximum(base.position - 1, 0)[:, None], axis=1)[:, 0]
-    ids = jnp.stack([prev, base.token], axis=1)
-    positions = base.position[:, None] + jnp.arange(-1, 1, dtype=jnp.int32)
-    hidden, cache = draft.hidden(ids, positions, state.draft_cache)
+    sampled = jnp.any(knobs["temperature"] > 0)
+    ids = jnp.stack([prev, token], axis=1)
+    hidden, cache = draft.hidden(ids, fed_positions(position, 2, first=-1), cache)
     logits = draft.logits(hidden[:, 1:])[:, 0]
 
     def choose(logits, seen, j):
-        q = distribution(_masked(logits, consts), consts.knobs, seen)
+        q = distribution(_masked(logits, vocab_limit), knobs, seen)
         token = jax.lax.cond(sampled, lambda: draw(_subkeys(keys, _DRAFT + j), q), lambda: argmax(q))
         return q, token, seen.at[rows, token].set(True)
 
     def step(carry, j):
         logits, cache, seen = carry
         q, token, seen = choose(logits, seen, j)
-        hidden, cache = draft.hidden(token[:, None], (base.position + 1 + j)[:, None], cache)
+        hidden, cache = draft.hidden(token[:, None], fed_positions(position, 1, first=1 + j), cache)
         return (draft.logits(hidden)[:, 0], cache, seen), (token, q)
 
     (logits, cache, seen), (tokens, qs) = jax.lax.scan(
-        step, (logits, cache, base.seen), jnp.arange(k - 1, dtype=jnp.int32))
+        step, (logits, cache, seen), jnp.arange(k - 1, dtype=jnp.int32))
     q_last, last, _ = choose(logits, seen, k - 1)
     drafts = jnp.concatenate([tokens.T, last[:, None]], axis=1)
     q = jnp.concatenate([jnp.swapaxes(qs, 0, 1), q_last[:, None]], axis=1)
     return drafts, q, cache
 
 
-def _verify(model: StarCoder, base: DecodeState, drafts, q, consts: DecodeConsts, keys):
-    """Feeds each row's last token and its k drafts [B, k]; returns the round's tokens
-    [B, k + 1] (the kept drafts, then the model's own token), their raw log-probabilities,
-    how many of them count [B] (kept drafts + 1) and the model's cache."""
+def verify(model: StarCoder, cache: KVCache, token, position, seen, drafts, q, knobs, vocab_limit, keys):
+    """Feeds each row's last token [B] (at `position` [B]) and its k drafts [B, k]; returns the
+    round's tokens [B, k + 1] (the kept drafts, then the model's own token), the raw (unfiltered,
+    temperature 1) log-probabilities [B, k + 1, V] at the fed positions, how many tokens count
+    [B] (kept drafts + 1) and the model's cache. q: the drafts' distributions [B, k, V]
+    (log-probabilities), None for point masses (prompt lookup)."""
     b, k = drafts.shape
-    ids = jnp.concatenate([base.token[:, None], drafts], axis=1)  # [B, k + 1]
-    positions = base.position[:, None] + jnp.arange(k + 1, dtype=jnp.int32)
-    hidden, cache = model.hidden(ids, positions, base.cache)
-    logits = _masked(model.logits(hidden), consts)  # [B, k + 1, V]
+    ids = jnp.concatenate([token[:, None], drafts], axis=1)  # [B, k + 1]
+    hidden, cache = model.hidden(ids, fed_positions(position, k + 1), cache)
+    logits = _masked(model.logits(hidden), vocab_limit)  # [B, k + 1, V]
     v = logits.shape[-1]
     vocab = jnp.arange(v, dtype=jnp.int32)
     drafted = drafts[..., None] == vocab  # [B, k, V]
     # The tokens seen before each position: the row's, then the drafts before it.
     before = jnp.concatenate([jnp.zeros((b, 1, v), bool), jnp.cumsum(drafted, axis=1) > 0], axis=1)
-    seen = (base.seen[:, None] | before).reshape(b * (k + 1), v)
+    seen = (seen[:, None] | before).reshape(b * (k + 1), v)
     flat = logits.reshape(b * (k + 1), v)
-    knobs = {name: jnp.repeat(x, k + 1) for name, x in consts.knobs.items()}
+    knobs = {name: jnp.repeat(x, k + 1) for name, x in knobs.items()}
 
     def greedy(_):
         top = argmax(apply_repetition_penalty(flat, seen, knobs["repetition_penalty"])).reshape(b, k + 1)
@@ -277,11 +288,10 @@ def _verify(model: StarCoder, base: DecodeState, drafts, q, consts: DecodeConsts
         logits_r = jnp.where(jnp.any(residual > 0, axis=-1, keepdims=True), logits_r, p_n)
         return kept, draw(_subkeys(keys, _FINAL), logits_r)
 
-    kept, final = jax.lax.cond(jnp.any(consts.knobs["temperature"] > 0), sampled, greedy, None)
+    kept, final = jax.lax.cond(jnp.any(knobs["temperature"] > 0), sampled, greedy, None)
     slot = jnp.arange(k + 1)
     tokens = jnp.where(slot == kept[:, None], final[:, None], jnp.pad(drafts, ((0, 0), (0, 1))))
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
-    return tokens, logprobs, kept + 1, cache
+    return tokens, jax.nn.log_softmax(logits, axis=-1), kept + 1, cache
 
 
 def _record(state: DecodeState, tokens, logprobs, count, consts: DecodeConsts) -> tuple[DecodeState, jax.Array]:

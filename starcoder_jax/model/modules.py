@@ -450,7 +450,10 @@ class StarCoder(nnx.Module):
             raise ValueError("segment_ids are for training and evaluation without a cache; got a cache too")
         x = self.wte(input_ids)  # [B, T, D]
         if self.wpe is not None:
-            x = x + self.wpe(positions)
+            # A position past the table (only a speculative pass's lookahead feeds one, for a
+            # token that is never kept) reads its last row: jnp.take would give NaN, which a
+            # cache slot's value would carry into every later query's weighted sum.
+            x = x + self.wpe(jnp.minimum(positions, self.config.n_positions - 1))
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
         layers = []
         rematted = _rematted_block(self.remat)

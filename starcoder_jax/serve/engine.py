@@ -154,7 +154,7 @@ class Metrics:
 
 
 def _insert(graphdef, params, cache: KVCache, slot, ids, start, length, knobs, seed, seen, vocab_limit, *,
-            fresh: bool):
+            fresh: bool, draft=None):
     """Prefills one request into row `slot` of the cache and samples its first token.
 
     ids [1, T]: the new tokens, right-padded; start: the position of ids[0, 0]
@@ -162,9 +162,26 @@ def _insert(graphdef, params, cache: KVCache, slot, ids, start, length, knobs, s
     fresh: nothing is reused (start is 0), so attention reads only the new
     keys, as `generate`'s prefill does; a ring row's old positions are cleared.
     knobs: SamplingParams arrays of one row; seen [1, V]: the prompt's tokens.
-    Returns (cache, token [1], logprob [1], top ids [1, K], top logprobs [1, K]).
+    draft: (graphdef, params, cache) of a draft model, whose cache row gets the same tokens.
+    Returns (cache, token [1], logprob [1], top ids [1, K], top logprobs [1, K]), and the
+    draft's cache after them with a draft.
     """
     model: StarCoder = nnx.merge(graphdef, params)
+    hidden, cache = _prefill_row(model, cache, slot, ids, start, length, fresh)
+    last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)  # [1, 1, D]
+    logits = model.logits(last)[:, 0]
+    token, logprob, top_ids, top_lp = _choose(logits, knobs, seed[None], jnp.zeros((1,), jnp.int32), seen,
+                                              vocab_limit)
+    if draft is None:
+        return cache, token, logprob, top_ids, top_lp
+    draft_graphdef, draft_params, draft_cache = draft
+    _, draft_cache = _prefill_row(nnx.merge(draft_graphdef, draft_params), draft_cache, slot, ids, start, length,
+                                  fresh)
+    return cache, token, logprob, top_ids, top_lp, draft_cache
+
+
+def _prefill_row(model: StarCoder, cache: KVCache, slot, ids, start, length, fresh: bool):
+    """Runs ids [1, T] (length real) at positions start.. through row `slot` of the cache: (hidden, cache)."""
     row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), cache)
     if fresh and row.ring:
         row = row.replace_layers(tuple(dataclasses.replace(layer, pos=jnp.full_like(layer.pos, -1))
@@ -176,11 +193,7 @@ def _insert(graphdef, params, cache: KVCache, slot, ids, start, length, knobs, s
         positions = jnp.where(offsets < length, positions, -1)
     hidden, row = model.hidden(ids, positions, row, read_cache=not fresh)
     cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=0), cache, row)
-    last = jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1)  # [1, 1, D]
-    logits = model.logits(last)[:, 0]
-    token, logprob, top_ids, top_lp = _choose(logits, knobs, seed[None], jnp.zeros((1,), jnp.int32), seen,
-                                              vocab_limit)
-    return cache, token, logprob, top_ids, top_lp
+    return hidden, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -223,6 +236,50 @@ def _step(graphdef, params, cache: KVCache, ints, knobs, seen, vocab_limit, rows
 step = functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "seen"))(_step)
 
 
+def _spec_step(graphdef, k: int, params, cache: KVCache, ints, history, knobs, seen, vocab_limit, draft=None,
+               rows: int | None = None):
+    """One speculative round for the first `rows` slots: k drafts each (prompt lookup over
+    history [N, P], or the draft model: (graphdef, params, cache)), one verify pass.
+
+    ints [5, N]: each row's token to feed, its position (-1 on a ring: idle), seed, count of
+    sampled tokens (the round draws with key fold_in(key(seed), count)) and the token before it.
+    Returns (cache, (tokens [., k + 1], counts [.], logprobs [., k + 1], top ids [., k + 1, K],
+    top logprobs), seen, draft cache or None); a row's first counts[i] tokens are its new ones.
+    """
+    from starcoder_jax.inference import speculative as spec
+
+    n = seen.shape[0]
+    rows = n if rows is None else rows
+
+    def cut(c):
+        return c if rows == n else jax.tree.map(lambda a: a[:rows], c)
+
+    def put(c, part):
+        if rows == n:
+            return part
+        return jax.tree.map(lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, 0, axis=0), c, part)
+
+    tokens, positions, seeds, counts, prev = ints[:, :rows]
+    knobs = {name: v[:rows] for name, v in knobs.items()}
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+    model: StarCoder = nnx.merge(graphdef, params)
+    if draft is None:
+        drafts, q = spec.lookup(history[:rows], positions, k, spec.Drafting(k, model=False).max_ngram), None
+        draft_cache = None
+    else:
+        draft_graphdef, draft_params, draft_cache = draft
+        drafts, q, part = spec.draft_tokens(nnx.merge(draft_graphdef, draft_params), cut(draft_cache), prev,
+                                            tokens, positions, seen[:rows], knobs, vocab_limit, k, keys)
+        draft_cache = put(draft_cache, part)
+    out, raw, count, part = spec.verify(model, cut(cache), tokens, positions, seen[:rows], drafts, q, knobs,
+                                        vocab_limit, keys)
+    logprob = jnp.take_along_axis(raw, out[..., None], axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(raw, TOP_LOGPROBS)
+    taken = jnp.where(jnp.arange(k + 1) < count[:, None], out, seen.shape[1])
+    seen = seen.at[jnp.arange(rows)[:, None], taken].set(True, mode="drop")
+    return put(cache, part), (out, count, logprob, top_ids.astype(jnp.int32), top_lp), seen, draft_cache
+
+
 def _choose(logits, knobs, seeds, counts, seen, vocab_limit):
     v = logits.shape[-1]
     logits = jnp.where(jnp.arange(v) < vocab_limit, logits, -jnp.inf)
@@ -254,7 +311,7 @@ class Engine:
 
     def __init__(self, model: StarCoder, tokenizer: Tokenizer | None = None, *, slots: int = 8,
                  max_seq_len: int | None = None, kv_cache: str | None = None, max_queue: int = 64,
-                 mesh=None, prefix_reuse: bool = True):
+                 mesh=None, prefix_reuse: bool = True, draft=None, num_draft_tokens: int | None = None):
         config = model.config
         if isinstance(slots, bool) or int(slots) != slots or slots < 1:
             raise ValueError(f"slots must be an integer >= 1, got {slots!r}")
@@ -272,13 +329,19 @@ class Engine:
             self.params = self._runner.place_params(self.params)
             slots = self._runner.round_batch(slots)
         self.slots = slots
+        self._k, self._draft = self._drafting(model, draft, num_draft_tokens, mesh)
         self._programs = self._make_programs()
         self.max_queue = max_queue
         self.prefix_reuse = prefix_reuse
         self.vocab_limit = jnp.int32(tokenizer.vocab_size if tokenizer is not None else config.vocab_size)
         sharding = None if self._runner is None else self._runner.cache
-        self._cache = KVCache.init(config, slots, self.max_seq_len, sharding=sharding, quantize=self.kv_cache)
+        self._cache = KVCache.init(config, slots, self.max_seq_len, sharding=sharding, quantize=self.kv_cache,
+                                   lookahead=self._k)
         self._ring = self._cache.ring
+        self._draft_cache = None if self._draft is None else KVCache.init(
+            self._draft[2], slots, self.max_seq_len, quantize=self.kv_cache, lookahead=self._k)
+        self._history = np.zeros((slots, self.max_seq_len + 1), np.int32)  # prompt lookup: ids by position
+        self.drafted_tokens = self.accepted_tokens = 0
         v = config.vocab_size
         self._seen = jnp.zeros((slots, v), bool)
         self._tokens = np.zeros((slots,), np.int32)
@@ -295,6 +358,32 @@ class Engine:
         self.metrics = Metrics()
         self._thread = threading.Thread(target=self._loop, name="starcoder-jax-engine", daemon=True)
         self._thread.start()
+
+    def _drafting(self, model, draft, num_draft_tokens, mesh):
+        """(k, None or (draft graphdef, params, config)): 0 without speculative decoding."""
+        from starcoder_jax.inference import speculative as spec
+
+        if draft is None:
+            if num_draft_tokens is not None:
+                raise ValueError("num_draft_tokens needs a draft (a draft model or 'prompt-lookup')")
+            return 0, None
+        k = spec.check_draft_tokens(spec.DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens)
+        if mesh is not None:
+            raise ValueError("the server runs speculative decoding on one device; leave out mesh or draft")
+        if isinstance(draft, str):
+            if draft != spec.PROMPT_LOOKUP:
+                raise ValueError(f"draft must be a StarCoder model or {spec.PROMPT_LOOKUP!r}, got {draft!r}")
+            return k, None
+        spec.check_draft_model(draft, model.config)
+        if draft.config.n_positions < self.max_seq_len:
+            raise ValueError(f"the draft model holds {draft.config.n_positions} positions, fewer than "
+                             f"max_seq_len={self.max_seq_len}")
+        graphdef, params = nnx.split(draft.adapt_to_backend_(decode=True))
+        return k, (graphdef, params, draft.config)
+
+    @property
+    def speculative(self) -> bool:
+        return self._k > 0
 
     # ------------------------------------------------------------------ clients' side
 
@@ -387,6 +476,8 @@ class Engine:
         one device the graphdef is bound into each program once (hashing it as a static
         argument on every call costs milliseconds a step); on a mesh MeshRunner runs them."""
         g = self.graphdef
+        if self._runner is None and self.speculative:
+            return self._speculative_programs()
         if self._runner is None:
             programs = {"fresh": jax.jit(functools.partial(_insert, g, fresh=True), donate_argnums=(1,)),
                         "extend": jax.jit(functools.partial(_insert, g, fresh=False), donate_argnums=(1,))}
@@ -397,6 +488,26 @@ class Engine:
         return {"fresh": lambda p, *a: runner.call(insert_fresh, ("cache",), g, p, *a),
                 "extend": lambda p, *a: runner.call(insert_extend, ("cache",), g, p, *a),
                 f"step{self.slots}": lambda p, *a: runner.call(step, ("cache", "seen"), g, p, *a)}
+
+    def _speculative_programs(self) -> dict:
+        """The programs of a speculative engine: the inserts also fill the draft's cache row, the
+        step is a round (`_spec_step`). Each takes the draft's cache (None: prompt lookup) last."""
+        g, k = self.graphdef, self._k
+        d = None if self._draft is None else self._draft[:2]
+
+        def insert(fresh):
+            def run(params, cache, *args, draft_cache):
+                return _insert(g, params, cache, *args, fresh=fresh, draft=None if d is None else (*d, draft_cache))
+            return jax.jit(run, donate_argnums=(1,), donate_argnames=("draft_cache",))
+
+        def step(rows):
+            def run(params, cache, ints, history, knobs, seen, vocab_limit, draft_cache):
+                return _spec_step(g, k, params, cache, ints, history, knobs, seen, vocab_limit,
+                                  draft=None if d is None else (*d, draft_cache), rows=rows)
+            return jax.jit(run, donate_argnums=(1, 5, 7))
+
+        return {"fresh": insert(True), "extend": insert(False),
+                **{f"step{rows}": step(rows) for rows in self._row_buckets()}}
 
     def _row_buckets(self) -> list[int]:
         """The row counts a step program exists for: powers of two below the slots, and the slots."""
@@ -489,9 +600,17 @@ class Engine:
         for k, a in knobs.items():
             self._knobs[k][index] = np.asarray(a)[0]
         self._knobs_on_device = None
-        self._cache, token, logprob, top_ids, top_lp = self._programs["extend" if reuse else "fresh"](
-            self.params, self._cache, jnp.int32(index), jnp.asarray(ids), jnp.int32(reuse), jnp.int32(len(new)),
-            knobs, jnp.int32(request.seed), jnp.asarray(seen), self.vocab_limit)
+        args = (self.params, self._cache, jnp.int32(index), jnp.asarray(ids), jnp.int32(reuse), jnp.int32(len(new)),
+                knobs, jnp.int32(request.seed), jnp.asarray(seen), self.vocab_limit)
+        program = self._programs["extend" if reuse else "fresh"]
+        if self.speculative:
+            out = program(*args, draft_cache=self._draft_cache)
+            if self._draft is not None:
+                self._draft_cache = out[-1]
+            self._cache, token, logprob, top_ids, top_lp = out[:5]
+            self._history[index, :len(request.prompt)] = request.prompt
+        else:
+            self._cache, token, logprob, top_ids, top_lp = program(*args)
         self._seen = self._seen.at[index].set(jnp.asarray(seen[0]))
         request.cached_tokens = reuse
         slot.request, slot.generated = request, []
@@ -509,6 +628,39 @@ class Engine:
         token, logprob, top_ids, top_lp = jax.device_get((token, logprob, top_ids, top_lp))
         self._take(index, int(token[0]), float(logprob[0]), top_ids[0], top_lp[0])
 
+    def _spec_step(self, live: np.ndarray, positions: np.ndarray) -> None:
+        """One speculative round: each live slot takes 1 to k + 1 tokens."""
+        rows = self._rows_for(live)
+        prev = np.array([s.cached[-1] if s.cached else 0 for s in self._slots], np.int32)
+        ints = jnp.asarray(np.stack([self._tokens, positions, self._seeds, self._counts, prev]))
+        history = self._history
+        for i in np.flatnonzero(live):  # the token not fed yet sits at its position
+            history[i, self._positions[i]] = self._tokens[i]
+        self._cache, out, self._seen, draft_cache = self._programs[f"step{rows}"](
+            self.params, self._cache, ints, jnp.asarray(history[:rows]), self._knobs_on_device, self._seen,
+            self.vocab_limit, self._draft_cache)
+        if self._draft is not None:
+            self._draft_cache = draft_cache
+        tokens, counts, logprobs, top_ids, top_lp = jax.device_get(out)
+        now = time.perf_counter()
+        for i in np.flatnonzero(live):
+            slot, n = self._slots[i], int(counts[i])
+            fed = [int(self._tokens[i]), *(int(t) for t in tokens[i, :n - 1])]  # their k/v are in the cache now
+            slot.cached += fed
+            history[i, self._positions[i]:self._positions[i] + n] = fed
+            self._positions[i] += n
+            self._counts[i] += n
+            self.drafted_tokens += self._k
+            self.accepted_tokens += n - 1
+            with self.metrics.lock:
+                for _ in range(n):
+                    self.metrics.per_token.observe((now - slot.last_token_at) / n)
+            slot.last_token_at = now
+            for j in range(n):
+                self._take(i, int(tokens[i, j]), float(logprobs[i, j]), top_ids[i, j], top_lp[i, j])
+                if slot.request is None:
+                    break
+
     def _step(self) -> None:
         live = np.array([s.request is not None for s in self._slots])
         positions = self._positions.copy()
@@ -520,6 +672,8 @@ class Engine:
             positions = np.minimum(positions, self.max_seq_len - 1)
         if self._knobs_on_device is None:  # changes only when a request is admitted
             self._knobs_on_device = {k: jnp.asarray(a) for k, a in self._knobs.items()}
+        if self.speculative:
+            return self._spec_step(live, positions)
         ints = jnp.asarray(np.stack([self._tokens, positions, self._seeds, self._counts]))
         rows = self._rows_for(live)
         self._cache, out, self._seen = self._programs[f"step{rows}"](

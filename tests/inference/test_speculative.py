@@ -74,6 +74,17 @@ def test_greedy_equals_plain_greedy_alone_and_for_any_k(model, k):
 
 
 @pytest.mark.slow
+def test_greedy_up_to_the_models_last_position(model):
+    """Prompt + max_new_tokens = n_positions: the verify pass feeds positions past the table
+    (the learned position embedding), for tokens that are never kept."""
+    prompt = prompts(4, (200,))
+    plain = generate(model, prompt, max_new_tokens=56, ignore_eos=True)
+    for draft in ("prompt-lookup", spec.first_layers(model, 2)):
+        fast = generate(model, prompt, max_new_tokens=56, ignore_eos=True, draft=draft, num_draft_tokens=7)
+        assert ids(fast) == ids(plain)
+
+
+@pytest.mark.slow
 def test_a_draft_that_is_the_model_is_always_kept_and_one_always_wrong_never(model):
     batch = prompts()
     plain = generate(model, batch, max_new_tokens=40, ignore_eos=True)

@@ -393,3 +393,62 @@ def test_the_engine_with_an_int8_cache_or_on_a_mesh_gives_generates_tokens(shipp
         assert got == [[t for t in w if t != tokenizer.eos_id] for w in want]
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_speculative_engine_gives_generates_tokens_and_compiles_nothing_after_warmup(shipped):
+    """Prompt lookup and a self-draft: greedy requests queued beyond the slots (some alone in
+    the step, some beside others) give `generate`'s tokens; the second wave compiles nothing."""
+    from starcoder_jax.inference.speculative import first_layers
+
+    model, tokenizer = shipped
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    want = [[t for t in g.ids if t != tokenizer.eos_id]
+            for g in sj.generate(model, prompts, tokenizer=tokenizer, max_new_tokens=16)]
+    for draft in ("prompt-lookup", first_layers(model, 3)):
+        engine = Engine(model, tokenizer, slots=4, max_seq_len=128, draft=draft, num_draft_tokens=3)
+        try:
+            engine.warmup()
+            compiled = engine.compilations()
+            for _ in range(2):
+                requests = [engine.submit(Request(p, max_tokens=16, stop_ids=(tokenizer.eos_id,))) for p in prompts]
+                assert [_collect(r) for r in requests] == want
+            assert engine.compilations() == compiled
+            assert 0 < engine.accepted_tokens <= engine.drafted_tokens
+            sampled = engine.submit(Request(prompts[0], max_tokens=16, sampling=sj.inference.sampling.SamplingParams(
+                temperature=0.8, top_k=20), seed=3))
+            again = engine.submit(Request(prompts[0], max_tokens=16, sampling=sampled.sampling, seed=3))
+            assert _collect(sampled) == _collect(again)  # seeded: the same text
+        finally:
+            engine.close()
+
+
+@pytest.mark.slow
+def test_speculative_server_over_http_and_a_ring_cache(shipped, tmp_path_factory):
+    model, tokenizer = shipped
+    engine = Engine(model, tokenizer, slots=2, max_seq_len=256, draft="prompt-lookup", num_draft_tokens=4)
+    server = Server(engine, tokenizer, model_name="tiny", port=0)
+    server.start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        prompt = PROMPTS[6] + " a + b\n\n" + PROMPTS[6]
+        want = _greedy(model, tokenizer, prompt, 24, stop=["\n\n"]).text
+        got = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=["\n\n"])
+        assert got.choices[0].text == want
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=["\n\n"], stream=True))
+        assert streamed == want
+    finally:
+        server.stop()
+    sc2, tok2 = _starcoder2_with_file_sep(tmp_path_factory)
+    engine = Engine(sc2, tok2, slots=2, max_seq_len=96, draft="prompt-lookup", num_draft_tokens=4)
+    try:
+        long = [20 + i % 7 for i in range(40)]  # repeats, so drafts are kept; past the window of 16
+        out = _collect(engine.submit(Request(long, max_tokens=6)))
+        assert out == sj.generate(sc2, [long], max_new_tokens=6, ignore_eos=True)[0].ids
+        typed = long + out[:5] + [7, 8, 9]
+        second = engine.submit(Request(typed, max_tokens=20))
+        assert _collect(second) == sj.generate(sc2, [typed], max_new_tokens=20, ignore_eos=True)[0].ids
+        assert second.cached_tokens == len(long) + 5
+    finally:
+        engine.close()
