@@ -101,7 +101,7 @@ def first_layers(model: StarCoder, n_layer: int) -> StarCoder:
 
     config = dataclasses.replace(model.config, n_layer=int(n_layer))
     target = nnx.state(abstract_model(config))
-    source = nnx.state(model, nnx.Not(Derived)).to_pure_dict()
+    source = nnx.to_pure_dict(nnx.state(model, nnx.Not(Derived)))
     source["blocks"] = {i: source["blocks"][i] for i in range(n_layer)}
     try:
         nnx.replace_by_pure_dict(target, source)
