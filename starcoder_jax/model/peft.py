@@ -203,14 +203,19 @@ def save_peft(model: StarCoder, out_dir: str, *, base_model_name_or_path: str | 
     adapter_model.safetensors) that `PeftModel.from_pretrained(base, out_dir)`
     loads; the base is not written. dtype: the tensors' dtype (default: the
     adapters' own). Both files are written in a temporary directory first and
-    moved into place when complete."""
+    moved into place when complete.
+
+    On several processes (jax.distributed) every process calls it: adapters
+    split across processes are gathered collectively, process 0 writes, and
+    each returns once the directory is complete.
+    """
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapters to save (add_lora, load_pretrained(adapter=...) or a "
                          "finetune run with a lora: section)")
     lora = model.lora_config
     tensors = {}
     for e in adapter_table(model, lora):
-        ours = [np.asarray(jax.device_get(_variable(model, p).get_value())) for p in e.paths]
+        ours = [_whole(_variable(model, p).get_value()) for p in e.paths]
         out = e.to_hf(*ours)
         tensors[e.hf_key] = np.ascontiguousarray(out.astype(jnp.dtype(dtype)) if dtype else out)
     config = peft_config_dict(lora, base_model_name_or_path)
@@ -220,8 +225,23 @@ def save_peft(model: StarCoder, out_dir: str, *, base_model_name_or_path: str | 
         with open(os.path.join(folder, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
 
-    _write_atomically(out_dir, write)
+    if jax.process_index() == 0:
+        _write_atomically(out_dir, write)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"save_peft {os.path.abspath(out_dir)}")
     return out_dir
+
+
+def _whole(x) -> np.ndarray:
+    """The whole array on this host; gathered from every process (a collective) where this
+    process holds only some of its shards."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def _write_atomically(out_dir: str, write) -> None:

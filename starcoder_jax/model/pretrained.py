@@ -121,4 +121,27 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
             from starcoder_jax.parallel.mesh import shard_model
 
             shard_model(model, mesh)
+        elif shardings is not None:
+            _place_adapters(model, shardings)
     return model.adapt_to_backend_(sharded=sharded)
+
+
+def _place_adapters(model: StarCoder, shardings: dict) -> None:
+    """Puts the LoRA adapters beside a base placed by `shardings=`: an adapter path the dict
+    names goes there; the others where the rules put them on the mesh of the dict's named
+    shardings, or, with none named, whole on a device of its first sharding."""
+    import jax
+    from flax import nnx
+
+    from starcoder_jax.parallel.mesh import param_shardings
+
+    lora = nnx.state(model, nnx.LoRAParam)
+    given = jax.tree.leaves(shardings)
+    named = [x for x in given if isinstance(x, jax.sharding.NamedSharding)]
+    rules = param_shardings(lora, named[0].mesh) if named else {}
+    for path, var in nnx.to_flat_state(lora):
+        target = shardings.get(path) or rules.get(path)
+        if target is None and given:
+            target = min(given[0].device_set, key=lambda d: d.id)
+        if target is not None:
+            var.set_value(jax.device_put(var.get_value(), target))

@@ -266,3 +266,27 @@ def test_adapter_gradients_are_the_same_under_the_projections_remat():
     # in each block the width, the MLP (4x) and the 13 keys
     terms = 2 * 13 + SHAPE["vocab_size"] + SHAPE["n_layer"] * (5 * SHAPE["n_embd"] + 13)
     assert_close_in_any_order(grads("projections"), grads("none"), terms)
+
+
+def test_adapters_follow_shardings(bases, tmp_path):
+    """load_pretrained(shardings=..., adapter=...): the adapters go beside the base, by the rules
+    on the mesh of the shardings given, or where the dict names them."""
+    from jax.sharding import NamedSharding
+
+    from starcoder_jax.parallel.mesh import mesh_from_spec, param_shardings
+
+    base, adapter = bases[True], str(tmp_path / "adapter")
+    model = sj.load_pretrained(base)
+    sj.add_lora(model, sj.LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]))
+    sj.save_peft(model, adapter)
+    mesh = mesh_from_spec("fsdp=1")
+    shardings = param_shardings(nnx.state(sj.abstract_model(model.config)), mesh)
+    loaded = sj.load_pretrained(base, shardings=shardings, adapter=adapter)
+    adapters = jax.tree.leaves(nnx.state(loaded, nnx.LoRAParam))
+    assert adapters and all(isinstance(a.sharding, NamedSharding) and a.sharding.mesh == mesh for a in adapters)
+    path = next(p for p, _ in nnx.to_flat_state(nnx.state(loaded, nnx.LoRAParam)))
+    named = NamedSharding(mesh, jax.P(None, None))
+    loaded = sj.load_pretrained(base, shardings=shardings | {path: named}, adapter=adapter)
+    by_path = dict(nnx.to_flat_state(nnx.state(loaded, nnx.LoRAParam)))
+    assert by_path[path].get_value().sharding == named
+    np.testing.assert_array_equal(ours(loaded), ours(sj.load_pretrained(base, adapter=adapter)))

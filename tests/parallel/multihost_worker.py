@@ -3,7 +3,9 @@
 Each process joins the cluster, builds the global mesh, loads the model
 sharded onto it, feeds its own rows of a fixed batch, computes the
 next-token loss and its gradients, and runs a greedy generation. Process 0
-writes the results (gradients gathered to the host) to --out.
+writes the results (gradients gathered to the host) to --out. With
+--adapter, each loads the model with that PEFT adapter on the mesh and
+exports it again (save_peft) to --peft-out.
 
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=N and
 JAX_PLATFORMS=cpu (CPU collectives go over gloo, JAX's default).
@@ -42,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model")
     parser.add_argument("--mesh", default="fsdp=2,tensor=2")
     parser.add_argument("--out")
+    parser.add_argument("--adapter", help="a PEFT directory: load it on the mesh and export it to --peft-out")
+    parser.add_argument("--peft-out")
     args = parser.parse_args(argv)
 
     from starcoder_jax.parallel import distributed
@@ -77,6 +81,11 @@ def main(argv=None) -> int:
     info = dict(process_count=jax.process_count(), device_count=jax.device_count(),
                 local_devices=jax.local_device_count(), rows=[rows.start, rows.stop],
                 loss=float(loss), gens=gens)  # a scalar is replicated: readable
+    if args.adapter:  # every process exports; adapters split across processes are gathered
+        tuned = sj.load_pretrained(args.model, mesh=mesh, adapter=args.adapter)
+        adapters = jax.tree.leaves(nnx.state(tuned, nnx.LoRAParam))
+        info["adapters_split"] = sum(not a.is_fully_addressable for a in adapters)
+        sj.save_peft(tuned, args.peft_out)
     print(json.dumps(info), flush=True)
     if args.process_id == 0 and args.out:
         np.savez(args.out, **leaves)

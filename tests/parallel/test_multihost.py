@@ -3,7 +3,8 @@
 The workers (multihost_worker.py) join through jax.distributed on a free
 localhost port, shard the model over a global fsdp=2,tensor=2 mesh (rows of
 the batch split across the processes) and compute loss, gradients and a
-greedy generation. Tolerances as in test_sharding: loss 1e-5 relative,
+greedy generation; each exports a PEFT adapter it loaded onto the mesh,
+byte for byte one process's export. Tolerances as in test_sharding: loss 1e-5 relative,
 gradients per parameter max|a - b| <= 5e-5 max|b| + 1e-6, tokens identical. A worker whose
 coordinator never answers must end with an error, not hang.
 """
@@ -58,7 +59,14 @@ def model_dir(tmp_path_factory):
 def test_two_processes_equal_one(model_dir, tmp_path):
     port = free_port()
     out = str(tmp_path / "result.npz")
-    procs = [_start(i, port, "--model", model_dir, "--out", out) for i in (0, 1)]
+    adapter, exported = str(tmp_path / "adapter"), str(tmp_path / "exported")
+    tuned = sj.load_pretrained(model_dir)
+    sj.add_lora(tuned, sj.LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"]))
+    nnx.update(tuned, jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(7).standard_normal(a.shape),
+                                                         a.dtype), nnx.state(tuned, nnx.LoRAParam)))
+    sj.save_peft(tuned, adapter)  # one process's export
+    procs = [_start(i, port, "--model", model_dir, "--out", out, "--adapter", adapter, "--peft-out", exported)
+             for i in (0, 1)]
     results = [finish_process(p, 240) for p in procs]
     for i, (code, stdout, stderr) in enumerate(results):
         assert code == 0, f"process {i} exited {code}:\n{stdout[-3000:]}\n{stderr[-5000:]}"
@@ -87,6 +95,12 @@ def test_two_processes_equal_one(model_dir, tmp_path):
     ref = [g.ids for g in generate(model, multihost_worker.prompts(), max_new_tokens=8, ignore_eos=True)]
     assert len({t for g in ref for t in g}) > 4
     assert infos[0]["gens"] == infos[1]["gens"] == ref
+    # save_peft on the 2-process mesh (adapters split across the processes) == one process's export
+    assert infos[0]["adapters_split"] > 0
+    assert sorted(os.listdir(exported)) == sorted(os.listdir(adapter))
+    for name in os.listdir(adapter):
+        with open(os.path.join(adapter, name), "rb") as a, open(os.path.join(exported, name), "rb") as b:
+            assert a.read() == b.read(), name
 
 
 def test_lost_coordinator_ends_in_an_error():
