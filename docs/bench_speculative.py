@@ -16,7 +16,7 @@ the figures are medians over the repeats of the summed wall time. ms/token is en
 (prefill included, the same for every method) divided by generated tokens. Every
 speculative output is checked to equal plain greedy output.
 
-    python docs/bench_speculative.py                      # all parts (about 15 minutes on 2 cores)
+    python docs/bench_speculative.py                      # all parts (about 40 minutes on 2 cores)
     python docs/bench_speculative.py --parts lookup --repeats 5
 """
 
