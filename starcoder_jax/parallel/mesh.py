@@ -208,6 +208,13 @@ def state_shardings(params: nnx.State, mesh: Mesh | str) -> nnx.State:
     return nnx.map_state(sharding, params)
 
 
+def map_placed(fn, tree, shardings):
+    """fn(leaf, its sharding) over every leaf of `tree`, the shardings given as a prefix
+    tree of it (as jax.jit's out_shardings: one sharding for a variable's arrays)."""
+    return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: fn(x, s), sub), shardings, tree,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
 def abstract_on_mesh(params: nnx.State, mesh: Mesh | str) -> nnx.State:
     """The state with each array a jax.ShapeDtypeStruct carrying its sharding per the rules:
     what a compile on abstract inputs takes for params placed by `shard_state`."""
@@ -262,6 +269,15 @@ def batch_rows_per_device(batch: int, mesh) -> int:
     return -(-batch // math.prod(sizes[a] for a in mesh_axes("batch", sizes)))
 
 
+def batch_sharding(mesh: Mesh | str, ndim: int, batch_dim: int = 0) -> NamedSharding:
+    """Where a batch of `ndim` dimensions lives: its rows (dimension batch_dim) over data and
+    fsdp, the rest whole. `place_batch`, `place_rows` and the train step's shardings use it."""
+    mesh = as_mesh(mesh)
+    logical = [None] * ndim
+    logical[batch_dim] = "batch"
+    return NamedSharding(mesh, logical_spec(logical, mesh))
+
+
 def place_batch(x, mesh: Mesh | str, *, batch_dim: int = 0) -> jax.Array:
     """Puts a batch on the mesh with its rows (dimension `batch_dim`) split over data and fsdp.
 
@@ -270,14 +286,12 @@ def place_batch(x, mesh: Mesh | str, *, batch_dim: int = 0) -> jax.Array:
     """
     mesh = as_mesh(mesh)
     x = np.asarray(x)
-    logical = [None] * x.ndim
-    logical[batch_dim] = "batch"
-    spec = logical_spec(logical, mesh)
-    split = math.prod(mesh.shape[a] for a in jax.tree.leaves(spec[batch_dim]))
+    sharding = batch_sharding(mesh, x.ndim, batch_dim)
+    split = math.prod(mesh.shape[a] for a in jax.tree.leaves(sharding.spec[batch_dim]))
     if x.shape[batch_dim] % split:
         raise ValueError(f"a batch of {x.shape[batch_dim]} rows is not divisible by the {split} row "
                          f"shards of mesh {dict(mesh.shape)} (data x fsdp); pad the batch")
-    return put(x, NamedSharding(mesh, spec))
+    return put(x, sharding)
 
 
 def place_rows(fetch, shape: tuple[int, ...], mesh: Mesh | str, *, batch_dim: int = 0) -> tuple[jax.Array, ...]:
@@ -290,14 +304,11 @@ def place_rows(fetch, shape: tuple[int, ...], mesh: Mesh | str, *, batch_dim: in
     same shape; each computes only its own rows (a pure function of the step).
     """
     mesh = as_mesh(mesh)
-    logical = [None] * len(shape)
-    logical[batch_dim] = "batch"
-    spec = logical_spec(logical, mesh)
-    split = math.prod(mesh.shape[a] for a in jax.tree.leaves(spec[batch_dim]))
+    sharding = batch_sharding(mesh, len(shape), batch_dim)
+    split = math.prod(mesh.shape[a] for a in jax.tree.leaves(sharding.spec[batch_dim]))
     if shape[batch_dim] % split:
         raise ValueError(f"a batch of {shape[batch_dim]} rows is not divisible by the {split} row "
                          f"shards of mesh {dict(mesh.shape)} (data x fsdp); pad the batch")
-    sharding = NamedSharding(mesh, spec)
     lead = shape[:batch_dim + 1]
     grid = np.arange(math.prod(lead)).reshape(lead)
     index_map = sharding.addressable_devices_indices_map(tuple(shape))

@@ -27,13 +27,12 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from starcoder_jax.config import StarCoderConfig
 from starcoder_jax.model.lora import LoRAConfig, add_lora
 from starcoder_jax.model.modules import Quantized, StarCoder, check_remat
-from starcoder_jax.parallel.mesh import abstract_on_mesh, mesh_from_spec, parse_mesh_spec
-from starcoder_jax.parallel.rules import logical_spec, mesh_sizes
+from starcoder_jax.parallel.mesh import map_placed, mesh_from_spec, parse_mesh_spec
+from starcoder_jax.parallel.rules import mesh_sizes
 from starcoder_jax.training.config import OptimConfig
 from starcoder_jax.training.losses import LOSS_CHUNK, check_loss_chunk
 from starcoder_jax.training.state import step_shardings
@@ -86,12 +85,6 @@ class TrainStepMemory:
         return "\n".join(lines)
 
 
-def _abstract_batch(shape, dtype, mesh) -> jax.ShapeDtypeStruct:
-    """ids or mask [A, b, T + 1]: rows over data and fsdp under a mesh (as Placement.batch)."""
-    sharding = None if mesh is None else NamedSharding(mesh, logical_spec((None, "batch", None), mesh))
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-
 def abstract_training_model(config: StarCoderConfig, *, remat: str | bool = "full", lora: LoRAConfig | None = None,
                             quantize: str | None = None) -> StarCoder:
     """The model a run trains, with ShapeDtypeStructs for arrays: `quantize` (int8, int4,
@@ -139,17 +132,19 @@ def lower_train_step(config: StarCoderConfig, *, batch: int = 1, seq_len: int | 
     graphdef, params, rest = nnx.split(model, trainable_filter(lora=lora is not None), ...)
     tx, _ = make_optimizer(optim or OptimConfig(), steps)
     opt_state = jax.eval_shape(tx.init, params)
-    out_shardings = None
-    if mesh is not None:
-        out_shardings = step_shardings(tx, params, opt_state, mesh)
-        params, rest = abstract_on_mesh(params, mesh), abstract_on_mesh(rest, mesh)
-        opt_state = with_shardings(opt_state, out_shardings[1])
+    out_shardings, ids, mask = None, None, None
+    shape = (grad_accum, batch // grad_accum, seq_len + 1)
+    ids, mask = jax.ShapeDtypeStruct(shape, jnp.int32), jax.ShapeDtypeStruct(shape, jnp.bool_)
+    if mesh is not None:  # exactly where a run puts them (training.state.Placement)
+        shardings = step_shardings(tx, params, rest, opt_state, mesh)
+        out_shardings = shardings.out
+        params, rest = with_shardings(params, shardings.params), with_shardings(rest, shardings.rest)
+        opt_state = with_shardings(opt_state, shardings.opt_state)
+        ids, mask = (with_shardings(x, shardings.batch()) for x in (ids, mask))
     dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop, lora.lora_dropout if lora else 0) > 0
     step_fn = make_train_step(graphdef, tx, seed=seed, dropout=dropout, skip_nonfinite=skip_nonfinite,
                               out_shardings=out_shardings, loss_chunk=loss_chunk)
-    shape = (grad_accum, batch // grad_accum, seq_len + 1)
-    args = (params, opt_state, rest, _abstract_batch(shape, jnp.int32, mesh), _abstract_batch(shape, jnp.bool_, mesh),
-            jax.ShapeDtypeStruct((), jnp.int32))
+    args = (params, opt_state, rest, ids, mask, jax.ShapeDtypeStruct((), jnp.int32))
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         lowered = step_fn.lower(*args)
     return LoweredTrainStep(lowered, params, rest, opt_state, mesh)
@@ -215,5 +210,6 @@ def _mesh(mesh):
 
 
 def with_shardings(tree, shardings):
-    """The ShapeDtypeStructs of `tree`, each carrying its sharding from `shardings` (same structure)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    """The ShapeDtypeStructs of `tree`, each carrying its sharding from `shardings` (a prefix
+    tree of it, as jit's out_shardings; one sharding: every leaf)."""
+    return map_placed(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

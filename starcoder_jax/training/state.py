@@ -229,17 +229,21 @@ class Placement:
 
         return shard_model(model, self.mesh)
 
-    def state(self, state: TrainState, tx) -> tuple[TrainState, tuple | None]:
-        """The state with its optimizer state on the mesh (tx: the optimizer that made it), and
-        the train step's out_shardings (step_shardings)."""
+    def state(self, state: TrainState, tx) -> tuple[TrainState, StepShardings | None]:
+        """The state with every array where the train step's shardings (step_shardings) put
+        it (tx: the optimizer that made it), and those shardings."""
         if self.mesh is None:
             return state, None
-        from starcoder_jax.parallel.mesh import put
+        from starcoder_jax.parallel.mesh import map_placed, put
 
-        shardings = step_shardings(tx, state.params, state.opt_state, self.mesh)
-        # put: a step count on one local device joins a sharding that spans every process
-        state = dataclasses.replace(state, opt_state=jax.tree.map(put, state.opt_state, shardings[1]))
-        return state, shardings
+        shardings = step_shardings(tx, state.params, state.rest, state.opt_state, self.mesh)
+
+        def place(tree, where):  # put: a step count on one local device joins a sharding that spans every process
+            return map_placed(lambda x, s: x if x.sharding == s else put(x, s), tree, where)
+
+        return dataclasses.replace(state, params=place(state.params, shardings.params),
+                                   rest=place(state.rest, shardings.rest),
+                                   opt_state=place(state.opt_state, shardings.opt_state)), shardings
 
     def batch(self, x: np.ndarray, batch_dim: int = 1) -> jax.Array:
         """x on the device(s), its rows (dimension batch_dim) over data and fsdp: a training
@@ -269,14 +273,39 @@ class Placement:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
 
-def step_shardings(tx, params: nnx.State, opt_state, mesh: jax.sharding.Mesh) -> tuple:
-    """The train step's out_shardings on `mesh`: (params, optimizer state, metrics).
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where every array of a train step lives on a mesh: the one source the run (Placement),
+    the memory report and the compiled plans (training.memory.lower_train_step) read.
 
-    Each param per the rules (parallel.mesh.state_shardings); the optimizer's
-    moments follow their params (optax finds them through the params' own
-    structure); its scalars (step counts) and the metrics live on every device.
-    params, opt_state: arrays or ShapeDtypeStructs (an abstract model's).
+    params: the trained variables (per the rules, parallel.mesh.state_shardings); rest: the
+    others (a LoRA run's frozen base, derived arrays), likewise; opt_state: the optimizer's
+    moments follow their params (optax finds them through the params' own structure), its
+    scalars (step counts) live on every device, as do the metrics; batches: rows over data
+    and fsdp (parallel.mesh.batch_sharding).
     """
+
+    mesh: jax.sharding.Mesh
+    params: nnx.State
+    rest: nnx.State
+    opt_state: Any
+    metrics: jax.sharding.NamedSharding
+
+    @property
+    def out(self) -> tuple:
+        """The train step's out_shardings: (params, optimizer state, metrics)."""
+        return self.params, self.opt_state, self.metrics
+
+    def batch(self, ndim: int = 3, batch_dim: int = 1) -> jax.sharding.NamedSharding:
+        """A training batch [A, b, T + 1] (the defaults), or held-out rows [E, T + 1] (2, 0)."""
+        from starcoder_jax.parallel.mesh import batch_sharding
+
+        return batch_sharding(self.mesh, ndim, batch_dim)
+
+
+def step_shardings(tx, params: nnx.State, rest: nnx.State, opt_state, mesh: jax.sharding.Mesh) -> StepShardings:
+    """The shardings of a train step on `mesh` (StepShardings). params, rest: the trained and
+    the other variables; opt_state: tx's state of params (arrays or ShapeDtypeStructs)."""
     import optax
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -287,7 +316,8 @@ def step_shardings(tx, params: nnx.State, opt_state, mesh: jax.sharding.Mesh) ->
     as_params = nnx.map_state(lambda path, var: var.replace(by_path[path]), params)
     opt_shardings = optax.tree_utils.tree_map_params(
         tx, lambda _, s: s, opt_state, as_params, transform_non_params=lambda _: replicated)
-    return state_shardings(params, mesh), opt_shardings, replicated
+    return StepShardings(mesh, state_shardings(params, mesh), state_shardings(rest, mesh), opt_shardings,
+                         replicated)
 
 
 @dataclasses.dataclass
@@ -331,13 +361,14 @@ def prepare(cfg: FinetuneConfig, *, progress: bool | None = None) -> Setup:
     train_data, eval_data = _data_sources(cfg, tokenizer, train_docs, held_docs)
     if start_step:
         state = state.restored(checkpoints)
-    state, out_shardings = placement.state(state, tx)
+    state, shardings = placement.state(state, tx)
     config = model.config
     dropout = max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop,
                   cfg.lora.dropout if cfg.lora is not None else 0) > 0
     separator = tokenizer.eos_id if cfg.data.separate_documents else None  # ends each packed document
     train_step = make_train_step(state.graphdef, tx, seed=loop.seed, dropout=dropout,
-                                 skip_nonfinite=loop.nan_policy == "skip", out_shardings=out_shardings,
+                                 skip_nonfinite=loop.nan_policy == "skip",
+                                 out_shardings=None if shardings is None else shardings.out,
                                  loss_chunk=loop.loss_chunk, separator=separator)
     return Setup(cfg, out_dir, train_data, eval_data, state, start_step, checkpoints, prints, placement,
                  schedule, train_step, make_eval_fn(state.graphdef, loop.loss_chunk, separator))

@@ -728,3 +728,52 @@ def test_mesh8_train_step_and_restore_onto_a_mesh(tmp_path):
         train.run(config(tmp_path / "moved", 6), progress=False, stop_after=3)
     train.run(config(tmp_path / "moved", 6, "data=2,fsdp=2,tensor=2"), progress=False)
     np.testing.assert_allclose(losses(tmp_path / "moved"), reference, rtol=1e-5)
+
+
+@mesh8
+@pytest.mark.parametrize("lora", [False, True])
+def test_mesh8_a_run_places_what_the_memory_report_compiled(tmp_path, lora):
+    """fsdp x tensor: the arrays a run places (params, frozen rest, optimizer state, the batch)
+    and the ones its step returns carry exactly the shardings of the program that
+    training.memory (the memory report, the compiled plans) lowers for the same run."""
+    from builders import CORPUS, make_tokenizer
+
+    from starcoder_jax.training import train
+    from starcoder_jax.training.memory import lower_train_step
+    from starcoder_jax.training.state import lora_config, prepare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"f{i}.py").write_text("\n".join(CORPUS[j % len(CORPUS)] for j in range(i, i + 4)))
+    raw = {"model": {"config": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}, "remat": "full"},
+           "tokenizer": make_tokenizer(str(tmp_path / "tok")),
+           "data": {"paths": [str(corpus)], "seq_len": 32, "eval_fraction": 0.0},
+           "train": {"steps": 4, "batch_size": 8, "grad_accum": 2, "output_dir": str(tmp_path / "run"),
+                     "mesh": "fsdp=4,tensor=2", "async_checkpoints": False}}
+    if lora:
+        raw["lora"] = {"rank": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"]}
+    cfg = train.parse_config(raw)
+    setup = prepare(cfg, progress=False)
+    state, loop = setup.state, cfg.train
+    lowered = lower_train_step(state.model().config, batch=loop.batch_size, seq_len=cfg.data.seq_len,
+                               remat="full", loss_chunk=loop.loss_chunk, grad_accum=loop.grad_accum,
+                               mesh=setup.placement.mesh, optim=cfg.optim, steps=loop.steps, seed=loop.seed,
+                               lora=lora_config(cfg) if lora else None)
+    compiled = lowered.lowered.compile()
+    shape = (loop.grad_accum, loop.batch_size // loop.grad_accum, cfg.data.seq_len + 1)
+    ids, mask = setup.placement.source_batch(setup.train_data, 0, shape)
+    args = (state.params, state.opt_state, state.rest, ids, mask)
+
+    def same(arrays, shardings):
+        arrays, shardings = jax.tree.leaves(arrays), jax.tree.leaves(shardings)
+        assert len(arrays) == len(shardings) > 0
+        for a, s in zip(arrays, shardings):
+            assert a.sharding.is_equivalent_to(s, a.ndim), (a.shape, a.sharding, s)
+
+    same(args, compiled.input_shardings[0][:5])
+    with setup.placement.context():
+        out = setup.train_step(*args, jnp.int32(0))
+    same(out[:2], compiled.output_shardings[:2])
+    kernel = (state.params if not lora else state.rest)["blocks"][0]["mlp"]["fc"]["kernel"]
+    assert kernel.get_value().sharding.spec != P()  # split: the check compares real splits
