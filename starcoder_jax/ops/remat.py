@@ -66,16 +66,25 @@ def _rerun_in_cond(f: Callable) -> Callable:
         return f(*args)
 
     def forward(*args):
+        # symbolic_zeros: each leaf comes as CustomVJPPrimal(value, perturbed). Only the
+        # leaves the caller differentiates are rerun for: a LoRA step's frozen base
+        # kernels get no cotangent (no x^T dy product each), which XLA could not drop
+        # from inside the conditional. The mask rides in the residuals' structure:
+        # () for a differentiated leaf, None for the others.
+        primal = jax.tree.map(lambda p: p.value, args, is_leaf=_is_primal)
+        mask = tuple(() if p.perturbed else None for p in jax.tree.leaves(args, is_leaf=_is_primal))
         # The block itself runs inside a conditional too, on a predicate read
         # from its float inputs: XLA:CPU schedules work that depends on
         # parameters only (casts of every block's kernels) at the start of
         # the program, which keeps all of them alive at once; inside the
         # conditional it can run only when the block does.
-        return _when_reached(f, args), args
+        return _when_reached(f, primal), (primal, mask)
 
-    def backward(args, cotangent):
+    def backward(residuals, cotangent):
+        args, mask = residuals
+        cotangent = jax.tree.map(_materialized, cotangent, is_leaf=_is_symbolic_zero)
         leaves, tree = jax.tree.flatten(args)
-        where = [_differentiable(leaf) for leaf in leaves]
+        where = [m is not None and _differentiable(leaf) for leaf, m in zip(leaves, mask)]
         floats = [leaf for leaf, d in zip(leaves, where) if d]
 
         def with_floats(new):
@@ -89,11 +98,24 @@ def _rerun_in_cond(f: Callable) -> Callable:
             return [jnp.zeros_like(leaf) for leaf in floats]
 
         grads = iter(jax.lax.cond(_always(cotangent), rerun, zeros, floats, cotangent))
-        # integer and key arguments (positions, segment ids, dropout keys) get no cotangent
+        # integer and key arguments (positions, segment ids, dropout keys) and what the
+        # caller does not differentiate get no cotangent
         return tuple(jax.tree.unflatten(tree, [next(grads) if d else None for d in where]))
 
-    g.defvjp(forward, backward)
+    g.defvjp(forward, backward, symbolic_zeros=True)
     return g
+
+
+def _is_primal(x) -> bool:
+    return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
+
+
+def _is_symbolic_zero(x) -> bool:
+    return isinstance(x, jax.custom_derivatives.SymbolicZero)
+
+
+def _materialized(c):
+    return jnp.zeros(c.shape, c.dtype) if _is_symbolic_zero(c) else c
 
 
 def _always(tree) -> jax.Array:
