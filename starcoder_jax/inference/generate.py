@@ -34,7 +34,7 @@ from flax import nnx
 from starcoder_jax.config import KV_CACHE_MODES, StarCoderConfig, check_quantization
 from starcoder_jax.inference.forward import same_arrays
 from starcoder_jax.inference.runner import MeshRunner
-from starcoder_jax.inference.sampling import SamplingParams, sample
+from starcoder_jax.inference.sampling import SamplingParams, row_keys, sample
 from starcoder_jax.model.kv_cache import KVCache
 from starcoder_jax.model.modules import Derived, StarCoder
 from starcoder_jax.tokenizer import Tokenizer
@@ -90,12 +90,6 @@ class DecodeState:
     step: jax.Array  # [] int32, decode steps taken (PRNG stream position)
 
 
-def _row_keys(seed: jax.Array, step: jax.Array, batch: int) -> jax.Array:
-    """Independent PRNG keys per row and step, [B]. seed [2]: (seed, first row's index)."""
-    base = jax.random.fold_in(jax.random.key(seed[0]), step)
-    return jax.vmap(lambda r: jax.random.fold_in(base, r))(seed[1] + jnp.arange(batch))
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeConsts:
@@ -129,7 +123,7 @@ def _choose(logits, seen, consts: DecodeConsts, step):
     """Masks padded vocab rows, samples, and returns (token [B], raw logprob [B])."""
     b, v = logits.shape
     logits = jnp.where(jnp.arange(v) < consts.vocab_limit, logits, -jnp.inf)
-    token = sample(logits, consts.knobs, _row_keys(consts.seed, step, b), seen)
+    token = sample(logits, consts.knobs, row_keys(consts.seed, step, b), seen)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), token[:, None], -1)[:, 0]
     return token, logprob
 
@@ -538,7 +532,7 @@ class Generator:
         return (self._draft[1], self._draft[2]) if drafting.model else (None, None)
 
     def _spec_prefill(self, batch: _Packed, consts: DecodeConsts, drafting):
-        from starcoder_jax.inference.speculative import spec_prefill
+        from starcoder_jax.inference.speculative import spec_start
 
         sharding = None if self._runner is None else self._runner.cache
         n = len(batch.lengths)
@@ -550,10 +544,11 @@ class Generator:
             draft_config = self._draft[4]
             draft_cache = KVCache.init(draft_config, n, min(batch.cache_len, draft_config.n_positions),
                                        quantize=self.kv_cache, lookahead=drafting.k)
-        return self._call(spec_prefill, ("cache", "draft_cache"), self.graphdef, self.params, draft_graphdef,
-                          draft_params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), cache, draft_cache,
-                          consts, out_len_like=jnp.zeros((batch.out_len,), jnp.int8),
-                          active=jnp.asarray(batch.active), static=("graphdef", "draft_graphdef"))
+        ids, lengths, active = jnp.asarray(batch.ids), jnp.asarray(batch.lengths), jnp.asarray(batch.active)
+        base = self._call(prefill, ("cache",), self.graphdef, self.params, ids, lengths, cache, consts,
+                          out_len_like=jnp.zeros((batch.out_len,), jnp.int8), active=active)
+        return self._call(spec_start, ("draft_cache",), draft_graphdef, draft_params, base, ids, lengths,
+                          draft_cache, active, static=("draft_graphdef",))
 
     def _speculate(self, state, consts: DecodeConsts, rows: _Rows, chunk: int, drafting):
         """`_decode` for speculative rounds (chunk: rounds per device call)."""

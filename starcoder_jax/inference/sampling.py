@@ -51,6 +51,12 @@ class SamplingParams:
         }
 
 
+def row_keys(seed: jax.Array, step: jax.Array, batch: int) -> jax.Array:
+    """Independent PRNG keys per row and step, [B]. seed [2]: (seed, first row's index)."""
+    base = jax.random.fold_in(jax.random.key(seed[0]), step)
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(seed[1] + jnp.arange(batch))
+
+
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
     """CTRL-style penalty (as in transformers): seen tokens' positive logits are
     divided by the penalty and negative ones multiplied. seen: bool [B, V]."""

@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from starcoder_jax.inference.generate import DecodeConsts, DecodeState, _row_keys, prefill
-from starcoder_jax.inference.sampling import apply_repetition_penalty, argmax, distribution, draw
+from starcoder_jax.inference.sampling import apply_repetition_penalty, argmax, distribution, draw, row_keys
 from starcoder_jax.model.kv_cache import KVCache
 from starcoder_jax.model.modules import StarCoder, abstract_model
 
@@ -116,19 +116,17 @@ def first_layers(model: StarCoder, n_layer: int) -> StarCoder:
 class SpecState:
     """The loop carry of speculative decoding."""
 
-    base: DecodeState  # what plain decoding carries (the model's cache, tokens, flags)
+    base: Any  # generate.DecodeState: what plain decoding carries (the model's cache, tokens, flags)
     draft_cache: KVCache | None  # the draft model's cache (None: prompt lookup)
     history: jax.Array  # [B, P] int32, the token at each position (prompt, then output)
     drafted: jax.Array  # [B] int32, draft tokens checked
     accepted: jax.Array  # [B] int32, draft tokens kept
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "draft_graphdef"),
-                   donate_argnames=("cache", "draft_cache"))
-def spec_prefill(graphdef, params, draft_graphdef, draft_params, ids, lengths, cache, draft_cache,
-                 consts: DecodeConsts, out_len_like, active) -> SpecState:
-    """`generate.prefill` for the model, the prompt into the draft's cache, and the history."""
-    base = prefill(graphdef, params, ids, lengths, cache, consts, out_len_like, active)
+@functools.partial(jax.jit, static_argnames=("draft_graphdef",), donate_argnames=("draft_cache",))
+def spec_start(draft_graphdef, draft_params, base, ids, lengths, draft_cache, active) -> SpecState:
+    """The carry after `generate.prefill` gave `base`: the prompt ids [B, T] (right-padded,
+    lengths [B]) run through the draft model into its cache, and the history of positions."""
     b, t = ids.shape
     if draft_graphdef is not None:
         draft: StarCoder = nnx.merge(draft_graphdef, draft_params)
@@ -136,7 +134,7 @@ def spec_prefill(graphdef, params, draft_graphdef, draft_params, ids, lengths, c
         if draft_cache.ring:
             positions = jnp.where(positions < lengths[:, None], positions, -1)
         _, draft_cache = draft.hidden(ids, positions, draft_cache, read_cache=False)
-    history = jnp.zeros((b, cache.capacity), jnp.int32).at[:, :t].set(ids)
+    history = jnp.zeros((b, base.cache.capacity), jnp.int32).at[:, :t].set(ids)
     history = _write_history(history, lengths - 1, base.token[:, None], active.astype(jnp.int32))
     zero = jnp.zeros((b,), jnp.int32)
     return SpecState(base, draft_cache, history, zero, zero)
@@ -145,7 +143,7 @@ def spec_prefill(graphdef, params, draft_graphdef, draft_params, ids, lengths, c
 @functools.partial(jax.jit, static_argnames=("graphdef", "draft_graphdef", "drafting"),
                    donate_argnames=("state",))
 def spec_loop(graphdef, params, draft_graphdef, draft_params, state: SpecState, n_rounds,
-              consts: DecodeConsts, drafting: Drafting) -> SpecState:
+              consts, drafting: Drafting) -> SpecState:
     """Up to n_rounds rounds on device; leaves early once every row is done."""
     model: StarCoder = nnx.merge(graphdef, params)
     draft = None if draft_graphdef is None else nnx.merge(draft_graphdef, draft_params)
@@ -157,11 +155,11 @@ def spec_loop(graphdef, params, draft_graphdef, draft_params, state: SpecState, 
     return jax.lax.while_loop(cond, lambda st: spec_round(model, draft, st, consts, drafting), state)
 
 
-def spec_round(model: StarCoder, draft: StarCoder | None, state: SpecState, consts: DecodeConsts,
+def spec_round(model: StarCoder, draft: StarCoder | None, state: SpecState, consts,
                drafting: Drafting) -> SpecState:
     """Drafts k tokens, verifies them in one pass of the model, records what is kept."""
     base = state.base
-    keys = _row_keys(consts.seed, base.step, base.token.shape[0])
+    keys = row_keys(consts.seed, base.step, base.token.shape[0])
     knobs, limit = consts.knobs, consts.vocab_limit
     if draft is None:
         drafts, q, draft_cache = lookup(state.history, base.position, drafting.k, drafting.max_ngram), None, None
@@ -294,7 +292,7 @@ def verify(model: StarCoder, cache: KVCache, token, position, seen, drafts, q, k
     return tokens, jax.nn.log_softmax(logits, axis=-1), kept + 1, cache
 
 
-def _record(state: DecodeState, tokens, logprobs, count, consts: DecodeConsts) -> tuple[DecodeState, jax.Array]:
+def _record(state, tokens, logprobs, count, consts) -> tuple:
     """Appends each live row's first `count` tokens [B, W], cut after a stop id and at the token
     budget; returns the state and how many tokens each row took [B]."""
     b, w = tokens.shape
