@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -394,6 +395,16 @@ def _weights(model: StarCoder) -> tuple[jax.Array, ...]:
     return tuple(jax.tree.leaves(nnx.state(model, nnx.Not(Derived))))
 
 
+class _PreparedDraft(NamedTuple):
+    """A draft model as a Generator runs it (split once, laid out for decoding)."""
+
+    model: weakref.ref  # the draft itself, not kept alive
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    source: tuple[jax.Array, ...]  # its arrays when prepared (`_weights`): a change prepares it again
+    config: StarCoderConfig
+
+
 class Generator:
     """Generation for one model: prepares prompts, runs prefill and the decode loop.
 
@@ -422,7 +433,7 @@ class Generator:
         self._eos = tokenizer.eos_id if tokenizer is not None else config.eos_token_id
         self._vocab_limit = tokenizer.vocab_size if tokenizer is not None else config.vocab_size
         self._mesh = mesh
-        self._draft = None  # (weakref to the draft model, its graphdef, params, source arrays)
+        self._draft: _PreparedDraft | None = None  # the draft model last run
 
     def prepared_for(self, model: StarCoder, tokenizer: Tokenizer | None) -> bool:
         """Whether this Generator still runs `model` as it is now (same config, the very same
@@ -461,7 +472,7 @@ class Generator:
         if drafting is None:
             state = self._decode(self._prefill(batch, consts), consts, rows, chunk)
             return rows.collect(state, encoded, self._eos, logprobs)
-        self._check_draft_fits(encoded, max_new_tokens)
+        self._check_draft_fits(encoded, max_new_tokens, drafting)
         state = self._speculate(self._spec_prefill(batch, consts, drafting), consts, rows, chunk, drafting)
         results = rows.collect(state.base, encoded, self._eos, logprobs)
         for result, drafted, accepted in zip(results, np.asarray(state.drafted), np.asarray(state.accepted)):
@@ -500,36 +511,29 @@ class Generator:
         """The static drafting settings for `draft` (None: plain decoding); prepares a draft model once."""
         from starcoder_jax.inference import speculative as spec
 
-        if draft is None:
-            if num_draft_tokens is not None:
-                raise ValueError("num_draft_tokens needs a draft (a draft model or 'prompt-lookup')")
-            return None
-        k = spec.check_draft_tokens(spec.DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens)
-        if isinstance(draft, str):
-            if draft != spec.PROMPT_LOOKUP:
-                raise ValueError(f"draft must be a StarCoder model or {spec.PROMPT_LOOKUP!r}, got {draft!r}")
-            return spec.Drafting(k, model=False)
-        spec.check_draft_model(draft, self.config)
+        drafting = spec.drafting(draft, num_draft_tokens, self.config)
+        if drafting is None or not drafting.model:
+            return drafting
         if self._mesh is not None:
             raise ValueError("a draft model runs on one device; with mesh=, draft='prompt-lookup' is supported")
         prepared = self._draft
-        if (prepared is None or prepared[0]() is not draft or draft.config != prepared[4]
-                or not same_arrays(_weights(draft), prepared[3])):
+        if (prepared is None or prepared.model() is not draft or draft.config != prepared.config
+                or not same_arrays(_weights(draft), prepared.source)):
             graphdef, params = nnx.split(draft.adapt_to_backend_(decode=True))
-            self._draft = (weakref.ref(draft), graphdef, params, _weights(draft), draft.config)
-        return spec.Drafting(k, model=True)
+            self._draft = _PreparedDraft(weakref.ref(draft), graphdef, params, _weights(draft), draft.config)
+        return drafting
 
-    def _check_draft_fits(self, encoded, max_new_tokens: int) -> None:
-        if self._draft is None:
+    def _check_draft_fits(self, encoded, max_new_tokens: int, drafting) -> None:
+        if not drafting.model:
             return
-        limit = self._draft[4].n_positions
+        limit = self._draft.config.n_positions
         longest = max(len(ids) for ids in encoded)
         if longest + max_new_tokens > limit:
             raise ValueError(f"prompt of {longest} tokens with max_new_tokens={max_new_tokens} needs "
                              f"{longest + max_new_tokens} positions but the draft model holds {limit}")
 
     def _draft_split(self, drafting):
-        return (self._draft[1], self._draft[2]) if drafting.model else (None, None)
+        return (self._draft.graphdef, self._draft.params) if drafting.model else (None, None)
 
     def _spec_prefill(self, batch: _Packed, consts: DecodeConsts, drafting):
         from starcoder_jax.inference.speculative import spec_start
@@ -541,7 +545,7 @@ class Generator:
         draft_graphdef, draft_params = self._draft_split(drafting)
         draft_cache = None
         if drafting.model:
-            draft_config = self._draft[4]
+            draft_config = self._draft.config
             draft_cache = KVCache.init(draft_config, n, min(batch.cache_len, draft_config.n_positions),
                                        quantize=self.kv_cache, lookahead=drafting.k)
         ids, lengths, active = jnp.asarray(batch.ids), jnp.asarray(batch.lengths), jnp.asarray(batch.active)

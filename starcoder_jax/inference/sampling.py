@@ -125,12 +125,17 @@ def sample(logits: jax.Array, knobs: dict[str, jax.Array], keys: jax.Array,
     temperature = knobs["temperature"]
 
     def drawn(logits):
-        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        needs_filter = jnp.any((knobs["top_k"] > 0) | (knobs["top_p"] < 1.0) | (knobs["min_p"] > 0))
-        scaled = jax.lax.cond(needs_filter, lambda x: filter_logits(x, knobs), lambda x: x, scaled)
-        return jnp.where(temperature > 0, draw(keys, scaled), greedy)
+        return jnp.where(temperature > 0, draw(keys, _tempered(logits, knobs)), greedy)
 
     return jax.lax.cond(jnp.any(temperature > 0), drawn, lambda _: greedy, logits)
+
+
+def _tempered(logits: jax.Array, knobs: dict[str, jax.Array]) -> jax.Array:
+    """Logits divided by each row's temperature, then cut to its top-k / top-p / min-p sets
+    (the filters skipped when no row sets one)."""
+    scaled = logits / jnp.maximum(knobs["temperature"], 1e-6)[:, None]
+    needs_filter = jnp.any((knobs["top_k"] > 0) | (knobs["top_p"] < 1.0) | (knobs["min_p"] > 0))
+    return jax.lax.cond(needs_filter, lambda x: filter_logits(x, knobs), lambda x: x, scaled)
 
 
 def distribution(logits: jax.Array, knobs: dict[str, jax.Array], seen: jax.Array | None = None) -> jax.Array:
@@ -148,9 +153,6 @@ def distribution(logits: jax.Array, knobs: dict[str, jax.Array], seen: jax.Array
     point = jnp.where(vocab == argmax(logits)[:, None], 0.0, NEG_INF)
 
     def tempered(logits):
-        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        needs_filter = jnp.any((knobs["top_k"] > 0) | (knobs["top_p"] < 1.0) | (knobs["min_p"] > 0))
-        scaled = jax.lax.cond(needs_filter, lambda x: filter_logits(x, knobs), lambda x: x, scaled)
-        return jnp.where(temperature[:, None] > 0, jax.nn.log_softmax(scaled, axis=-1), point)
+        return jnp.where(temperature[:, None] > 0, jax.nn.log_softmax(_tempered(logits, knobs), axis=-1), point)
 
     return jax.lax.cond(jnp.any(temperature > 0), tempered, lambda _: point, logits)

@@ -53,6 +53,7 @@ from starcoder_jax.model.modules import StarCoder, abstract_model
 PROMPT_LOOKUP = "prompt-lookup"
 MAX_DRAFT_TOKENS = 32
 DEFAULT_DRAFT_TOKENS = 4
+MAX_NGRAM = 3  # prompt lookup matches the longest suffix n-gram up to this n
 # Sub-streams of a row's PRNG key in one round (draft j uses _DRAFT + j).
 _ACCEPT, _FINAL, _DRAFT = 0, 1, 2
 
@@ -67,7 +68,24 @@ class Drafting:
 
     k: int
     model: bool
-    max_ngram: int = 3
+    max_ngram: int = MAX_NGRAM
+
+
+def drafting(draft, num_draft_tokens, config) -> Drafting | None:
+    """The drafting settings `generate(draft=..., num_draft_tokens=...)` asks for with a model of
+    `config` (None: plain decoding), or ValueError naming what is wrong: a draft model must
+    share the model's vocabulary (`check_draft_model`)."""
+    if draft is None:
+        if num_draft_tokens is not None:
+            raise ValueError("num_draft_tokens needs a draft (a draft model or 'prompt-lookup')")
+        return None
+    k = check_draft_tokens(DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens)
+    if isinstance(draft, str):
+        if draft != PROMPT_LOOKUP:
+            raise ValueError(f"draft must be a StarCoder model or {PROMPT_LOOKUP!r}, got {draft!r}")
+        return Drafting(k, model=False)
+    check_draft_model(draft, config)
+    return Drafting(k, model=True)
 
 
 def check_draft_tokens(k) -> int:
@@ -100,7 +118,7 @@ def first_layers(model: StarCoder, n_layer: int) -> StarCoder:
     from starcoder_jax.model.modules import Derived
 
     config = dataclasses.replace(model.config, n_layer=int(n_layer))
-    target = nnx.state(abstract_model(config))
+    graphdef, target = nnx.split(abstract_model(config))
     source = nnx.to_pure_dict(nnx.state(model, nnx.Not(Derived)))
     source["blocks"] = {i: source["blocks"][i] for i in range(n_layer)}
     try:
@@ -108,7 +126,7 @@ def first_layers(model: StarCoder, n_layer: int) -> StarCoder:
     except (KeyError, ValueError) as err:
         raise ValueError(f"first_layers: the model's parameters do not match a plain {config.model_type} "
                          f"of its config (merge LoRA adapters first): {err}") from err
-    return nnx.merge(nnx.graphdef(abstract_model(config)), target)
+    return nnx.merge(graphdef, target)
 
 
 @jax.tree_util.register_dataclass

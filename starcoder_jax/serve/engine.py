@@ -219,7 +219,7 @@ def _step(graphdef, params, cache: KVCache, ints, knobs, seen, vocab_limit, rows
     """
     n = seen.shape[0]
     rows = n if rows is None else rows
-    part = cache if rows == n else jax.tree.map(lambda a: a[:rows], cache)
+    part = _first_rows(cache, rows, n)
     tokens, positions, seeds, counts = ints[:, :rows]
     model: StarCoder = nnx.merge(graphdef, params)
     hidden, part = model.hidden(tokens[:, None], positions[:, None], part)
@@ -227,9 +227,19 @@ def _step(graphdef, params, cache: KVCache, ints, knobs, seen, vocab_limit, rows
     knobs = {k: v[:rows] for k, v in knobs.items()}
     token, logprob, top_ids, top_lp = _choose(logits, knobs, seeds, counts, seen[:rows], vocab_limit)
     seen = seen.at[jnp.arange(rows), token].set(True)
-    if rows < n:
-        part = jax.tree.map(lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, 0, axis=0), cache, part)
-    return part, (token, logprob, top_ids, top_lp), seen
+    return _with_first_rows(cache, part, rows, n), (token, logprob, top_ids, top_lp), seen
+
+
+def _first_rows(cache: KVCache, rows: int, n: int) -> KVCache:
+    """The first `rows` of a cache of n rows (the cache itself when that is all of them)."""
+    return cache if rows == n else jax.tree.map(lambda a: a[:rows], cache)
+
+
+def _with_first_rows(cache: KVCache, part: KVCache, rows: int, n: int) -> KVCache:
+    """The cache with its first `rows` rows replaced by `part` (written in place)."""
+    if rows == n:
+        return part
+    return jax.tree.map(lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, 0, axis=0), cache, part)
 
 
 # the same programs with a static graphdef, for MeshRunner.call (a mesh)
@@ -250,41 +260,38 @@ def _spec_step(graphdef, k: int, params, cache: KVCache, ints, history, knobs, s
 
     n = seen.shape[0]
     rows = n if rows is None else rows
-
-    def cut(c):
-        return c if rows == n else jax.tree.map(lambda a: a[:rows], c)
-
-    def put(c, part):
-        if rows == n:
-            return part
-        return jax.tree.map(lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, 0, axis=0), c, part)
-
     tokens, positions, seeds, counts, prev = ints[:, :rows]
     knobs = {name: v[:rows] for name, v in knobs.items()}
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+    keys = _request_keys(seeds, counts)
     model: StarCoder = nnx.merge(graphdef, params)
     if draft is None:
-        drafts, q = spec.lookup(history[:rows], positions, k, spec.Drafting(k, model=False).max_ngram), None
+        drafts, q = spec.lookup(history[:rows], positions, k, spec.MAX_NGRAM), None
         draft_cache = None
     else:
         draft_graphdef, draft_params, draft_cache = draft
-        drafts, q, part = spec.draft_tokens(nnx.merge(draft_graphdef, draft_params), cut(draft_cache), prev,
-                                            tokens, positions, seen[:rows], knobs, vocab_limit, k, keys)
-        draft_cache = put(draft_cache, part)
-    out, raw, count, part = spec.verify(model, cut(cache), tokens, positions, seen[:rows], drafts, q, knobs,
-                                        vocab_limit, keys)
+        drafts, q, part = spec.draft_tokens(nnx.merge(draft_graphdef, draft_params),
+                                            _first_rows(draft_cache, rows, n), prev, tokens, positions,
+                                            seen[:rows], knobs, vocab_limit, k, keys)
+        draft_cache = _with_first_rows(draft_cache, part, rows, n)
+    out, raw, count, part = spec.verify(model, _first_rows(cache, rows, n), tokens, positions, seen[:rows], drafts,
+                                        q, knobs, vocab_limit, keys)
     logprob = jnp.take_along_axis(raw, out[..., None], axis=-1)[..., 0]
     top_lp, top_ids = jax.lax.top_k(raw, TOP_LOGPROBS)
     taken = jnp.where(jnp.arange(k + 1) < count[:, None], out, seen.shape[1])
     seen = seen.at[jnp.arange(rows)[:, None], taken].set(True, mode="drop")
-    return put(cache, part), (out, count, logprob, top_ids.astype(jnp.int32), top_lp), seen, draft_cache
+    return _with_first_rows(cache, part, rows, n), (out, count, logprob, top_ids.astype(jnp.int32), top_lp), seen, \
+        draft_cache
+
+
+def _request_keys(seeds, counts) -> jax.Array:
+    """Each row's key for its next draw: fold_in(key(seed), tokens sampled so far), [rows]."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
 
 
 def _choose(logits, knobs, seeds, counts, seen, vocab_limit):
     v = logits.shape[-1]
     logits = jnp.where(jnp.arange(v) < vocab_limit, logits, -jnp.inf)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
-    token = sample(logits, knobs, keys, seen)
+    token = sample(logits, knobs, _request_keys(seeds, counts), seen)
     logp = jax.nn.log_softmax(logits, -1)
     logprob = jnp.take_along_axis(logp, token[:, None], -1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
@@ -363,23 +370,18 @@ class Engine:
         """(k, None or (draft graphdef, params, config)): 0 without speculative decoding."""
         from starcoder_jax.inference import speculative as spec
 
-        if draft is None:
-            if num_draft_tokens is not None:
-                raise ValueError("num_draft_tokens needs a draft (a draft model or 'prompt-lookup')")
+        drafting = spec.drafting(draft, num_draft_tokens, model.config)
+        if drafting is None:
             return 0, None
-        k = spec.check_draft_tokens(spec.DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens)
         if mesh is not None:
             raise ValueError("the server runs speculative decoding on one device; leave out mesh or draft")
-        if isinstance(draft, str):
-            if draft != spec.PROMPT_LOOKUP:
-                raise ValueError(f"draft must be a StarCoder model or {spec.PROMPT_LOOKUP!r}, got {draft!r}")
-            return k, None
-        spec.check_draft_model(draft, model.config)
+        if not drafting.model:
+            return drafting.k, None
         if draft.config.n_positions < self.max_seq_len:
             raise ValueError(f"the draft model holds {draft.config.n_positions} positions, fewer than "
                              f"max_seq_len={self.max_seq_len}")
         graphdef, params = nnx.split(draft.adapt_to_backend_(decode=True))
-        return k, (graphdef, params, draft.config)
+        return drafting.k, (graphdef, params, draft.config)
 
     @property
     def speculative(self) -> bool:

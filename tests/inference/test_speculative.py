@@ -194,6 +194,8 @@ def test_a_draft_must_share_the_vocabulary(model):
     short = sj.init_model(model.config.replace(n_positions=32, n_layer=1))
     with pytest.raises(ValueError, match="needs 43 positions but the draft model holds 32"):
         generate(model, [[1, 2, 3]], max_new_tokens=40, draft=short)
+    # prompt lookup after that call is not held to the draft model's positions
+    assert len(generate(model, [[1, 2, 3]], max_new_tokens=40, draft="prompt-lookup", ignore_eos=True)[0].ids) == 40
     with pytest.raises(ValueError, match="a draft model runs on one device"):
         generate(model, [[1, 2, 3]], max_new_tokens=4, draft=spec.first_layers(model, 1), mesh="data=1")
 
