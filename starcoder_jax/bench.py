@@ -20,6 +20,7 @@ same config and batch run beside it, in float32 and under bfloat16 autocast.
 from __future__ import annotations
 
 import inspect
+import os
 import statistics
 import time
 
@@ -30,17 +31,52 @@ import numpy as np
 
 def memory_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> list[float]:
     """Read bandwidth of the default device's memory in bytes/s, one sample per
-    run of an XLA reduction over a large array (host memory on the CPU, HBM
-    on a GPU)."""
-    x = jnp.ones((size_bytes // 4,), jnp.float32)
-    total = jax.jit(lambda a: jnp.sum(a))
-    total(x).block_until_ready()
+    run, read the way a decode step reads its weights: a matrix-vector
+    product of one float32 row with a [8192, size / 32 KiB] matrix (host
+    memory on the CPU, where XLA splits it over every core; HBM on a GPU)."""
+    k = 8192
+    w = jnp.ones((k, max(1, size_bytes // (4 * k))), jnp.float32)
+    x = jnp.ones((1, k), jnp.float32)
+    read = jax.jit(lambda x, w: x @ w)
+    read(x, w).block_until_ready()
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        total(x).block_until_ready()
-        samples.append(size_bytes / (time.perf_counter() - t0))
-    del x
+        read(x, w).block_until_ready()
+        samples.append(w.nbytes / (time.perf_counter() - t0))
+    del w
+    return samples
+
+
+def host_reference_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5,
+                             threads: int | None = None) -> list[float]:
+    """The host's read bandwidth in bytes/s by a reader outside XLA: one thread
+    per core (`threads`, default the cores this process may run on), each
+    summing its own contiguous part of one buffer with numpy (which releases
+    the GIL while it reduces); a sample is the whole buffer over the time
+    from a common start to the last thread's end."""
+    import threading
+
+    threads = threads or len(os.sched_getaffinity(0))
+    buf = np.ones(size_bytes // 4, np.float32)
+    parts = np.array_split(buf, threads)
+    for part in parts:  # fault every page in before timing
+        np.add.reduce(part)
+    def read(part, start):
+        start.wait()
+        np.add.reduce(part)
+
+    samples = []
+    for _ in range(repeats):
+        start = threading.Barrier(threads + 1)
+        workers = [threading.Thread(target=read, args=(part, start)) for part in parts]
+        for w in workers:
+            w.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for w in workers:
+            w.join()
+        samples.append(buf.nbytes / (time.perf_counter() - t0))
     return samples
 
 

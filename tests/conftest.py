@@ -147,7 +147,34 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+# A test whose pytest-xdist worker dies (a fatal signal in native code, with
+# faulthandler's stacks printed above the summary) runs once more in a fresh
+# worker; a second death fails it. Each rerun is listed at the end of the run.
+# The crashes this answers: rare segmentation faults inside jaxlib while the
+# persistent compilation cache serializes an executable, each in a different
+# test, none repeating on a rerun.
+CRASH_RERUNS = 1
+_CRASHES = defaultdict(int)  # test id -> worker deaths
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_handlecrashitem(crashitem, report, sched):
+    _CRASHES[crashitem] += 1
+    if _CRASHES[crashitem] <= CRASH_RERUNS:
+        sched.mark_test_pending(crashitem)
+        report.outcome = "rerun"  # neither passed nor failed: the rerun's report decides
+
+
+def pytest_report_teststatus(report, config):
+    if report.outcome == "rerun":
+        return "rerun", "R", ("RERUN", {"yellow": True})
+    return None
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for nodeid, deaths in _CRASHES.items():
+        verdict = "rerun in a new worker" if deaths <= CRASH_RERUNS else "failed"
+        terminalreporter.write_line(f"worker crashed {deaths}x running {nodeid}: {verdict}", yellow=True)
     if hasattr(config, "workerinput") or not _SECONDS:
         return
     slowest = sorted(_SECONDS.items(), key=lambda kv: -kv[1])[:SLOWEST_LISTED]

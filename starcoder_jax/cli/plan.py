@@ -7,6 +7,7 @@ import argparse
 import json
 
 from starcoder_jax.config import QUANTIZATION_MODES
+from starcoder_jax.model.modules import REMAT_POLICIES
 from starcoder_jax.model.plan import shard_plan
 from starcoder_jax.parallel.plan import format_shard_plan
 from starcoder_jax.parallel.rules import MESH_EXAMPLE
@@ -156,7 +157,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--step", default="train", choices=("train", "prefill", "decode"))
     c.add_argument("--layers", type=int, default=None, metavar="N",
                    help="compile N and N+1 layers (N >= 2) and extend the figures to the model's depth")
-    c.add_argument("--remat", default="full", choices=("none", "full", "projections"),
+    c.add_argument("--remat", default="full", choices=REMAT_POLICIES,
                    help="training's model.remat (default full)")
     c.add_argument("--lora", type=int, default=None, metavar="RANK",
                    help="train LoRA adapters of this rank on c_attn, c_proj and c_fc (a frozen base)")

@@ -38,15 +38,24 @@ from starcoder_jax.parallel.rules import ACTIVATION, constrain, kv_head_axis
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # What a block keeps for the backward pass (`StarCoder.remat`, fine-tuning's model.remat):
-#   "none"         every activation (fastest, most memory);
-#   "full"         only the block's input: the backward pass reruns the whole block
-#                  (ops.remat.recompute, in the form that holds on the backend);
+#   "none"         every activation, GELU's and LayerNorm's float32 intermediates
+#                  included (fastest, most memory: at T = 8192 and F 8192 the tanh
+#                  GELU alone keeps five [T, F] float32 arrays, 1.25 GiB a layer);
+#   "elementwise"  every activation but those: the backward pass recomputes GELU and
+#                  LayerNorm from their inputs, which the block keeps anyway (cheap
+#                  elementwise work);
 #   "projections"  the outputs of the dense projections the backward pass reads (q, k,
 #                  v, attention out, tagged PROJECTION; fc's, which GELU's own
 #                  checkpoint keeps): attention and GELU are rerun. Under
 #                  jax.checkpoint, whose reruns XLA:CPU merges with the forward pass
-#                  (ops/remat.py), so there it saves no memory.
-REMAT_POLICIES = ("none", "full", "projections")
+#                  (ops/remat.py), so there it saves no memory;
+#   "full"         only the block's input: the backward pass reruns the whole block
+#                  (ops.remat.recompute, in the form that holds on the backend).
+# Every policy but "none" recomputes GELU and LayerNorm. The default is "elementwise":
+# on XLA:CPU it is also the faster of the two at 2048 tokens (BENCHMARKS.md, "Remat
+# policies"), where keeping the intermediates costs more memory traffic than redoing them.
+REMAT_POLICIES = ("none", "elementwise", "projections", "full")
+DEFAULT_REMAT = "elementwise"
 PROJECTION = "projection"  # the checkpoint_name of every Dense output
 
 
@@ -158,11 +167,11 @@ class LayerNorm(nnx.Module):
         self.eps = config.layer_norm_epsilon
         self.dtype = jnp_dtype(config.dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        # Checkpointed: the backward pass renormalizes x, which the residual
-        # stream keeps anyway, where autodiff would keep four more [B, T, D]
-        # float32 intermediates per LayerNorm (three per block with the next one).
-        return jax.checkpoint(self._normalize)(x)
+    def __call__(self, x: jax.Array, *, recompute: bool = False) -> jax.Array:
+        # recompute (every remat policy but "none"): checkpointed, so the backward
+        # pass renormalizes x, which the residual stream keeps anyway, where autodiff
+        # keeps four more [B, T, D] float32 intermediates per LayerNorm.
+        return jax.checkpoint(self._normalize)(x) if recompute else self._normalize(x)
 
     def _normalize(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
@@ -358,14 +367,14 @@ class MLP(nnx.Module):
         self.approximate = config.gelu_approximate
         self.drop = nnx.Dropout(config.resid_pdrop)
 
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None, *, recompute: bool = False) -> jax.Array:
         h = self.fc(x, rngs=rngs)  # [B, T, F]
-        # Checkpointed: the backward pass recomputes GELU's derivative from its
-        # input. Left to autodiff, the tanh form keeps five [B, T, F] float32
-        # intermediates per layer (1.25 GiB at T = 8192 for starcoderbase-1b)
-        # for elementwise work that costs nothing to redo. (A custom VJP doing
-        # the same measured worse on XLA:CPU: its rerun merged with the forward.)
-        h = jax.checkpoint(self._gelu)(h)
+        # recompute (every remat policy but "none"): checkpointed, so the backward
+        # pass recomputes GELU's derivative from its input. Left to autodiff, the
+        # tanh form keeps five [B, T, F] float32 intermediates per layer (1.25 GiB at
+        # T = 8192 for starcoderbase-1b). (A custom VJP doing the same measured
+        # worse on XLA:CPU: its rerun merged with the forward.)
+        h = jax.checkpoint(self._gelu)(h) if recompute else self._gelu(h)
         return self.drop(self.proj(h, rngs=rngs), deterministic=rngs is None, rngs=rngs)
 
     def _gelu(self, h: jax.Array) -> jax.Array:
@@ -381,11 +390,15 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(config.n_embd, config=config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, cache=None, rngs=None, *, read_cache=True, segment_ids=None):
-        y, cache = self.attn(self.ln_1(x), positions, cache, rngs, read_cache=read_cache,
+    def __call__(self, x, positions, cache=None, rngs=None, *, read_cache=True, segment_ids=None,
+                 recompute_elementwise=False):
+        """recompute_elementwise: the backward pass recomputes GELU and the
+        LayerNorms from their inputs rather than keeping their intermediates."""
+        r = recompute_elementwise
+        y, cache = self.attn(self.ln_1(x, recompute=r), positions, cache, rngs, read_cache=read_cache,
                              segment_ids=segment_ids)
         x = x + y
-        x = x + self.mlp(self.ln_2(x), rngs)
+        x = x + self.mlp(self.ln_2(x, recompute=r), rngs, recompute=r)
         return x, cache
 
 
@@ -416,7 +429,7 @@ class StarCoder(nnx.Module):
                 self.lm_head = param(head, ("embed", "vocab"), decay=True)
         self.drop = nnx.Dropout(config.embd_pdrop)
         # What blocks keep for the backward pass: a name of REMAT_POLICIES (training memory).
-        self.remat = "none"
+        self.remat = DEFAULT_REMAT
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, *,
                  segment_ids: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -456,17 +469,19 @@ class StarCoder(nnx.Module):
             x = x + self.wpe(jnp.minimum(positions, self.config.n_positions - 1))
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
         layers = []
-        rematted = _rematted_block(self.remat)
+        policy = check_remat(self.remat, "StarCoder.remat")
+        elementwise = policy != "none"
+        rematted = _rematted_block(policy)
         for i, block in enumerate(self.blocks):
             x = constrain(x, ACTIVATION)  # sharding: block boundary (no-op without a mesh)
             if rematted is not None and cache is None:
                 x = rematted(block, x, positions, rngs, segment_ids)
                 continue
             x, layer = block(x, positions, None if cache is None else cache.layer(i), rngs,
-                             read_cache=read_cache, segment_ids=segment_ids)
+                             read_cache=read_cache, segment_ids=segment_ids, recompute_elementwise=elementwise)
             layers.append(layer)
         x = constrain(x, ACTIVATION)  # sharding: block boundary (no-op without a mesh)
-        x = self.ln_f(x)
+        x = self.ln_f(x, recompute=elementwise)
         if cache is not None:
             cache = cache.replace_layers(layers)
         return x, cache
@@ -575,7 +590,9 @@ class _Source:
 
 
 def _block_without_cache(block: Block, x, positions, rngs, segment_ids=None):
-    return block(x, positions, None, rngs, segment_ids=segment_ids)[0]
+    """A block's output without a cache, recomputing GELU and LayerNorm (the
+    remat policies that rerun blocks keep their intermediates neither)."""
+    return block(x, positions, None, rngs, segment_ids=segment_ids, recompute_elementwise=True)[0]
 
 
 def check_remat(remat: str | bool, argument: str = "remat") -> str:
@@ -588,12 +605,12 @@ def check_remat(remat: str | bool, argument: str = "remat") -> str:
     return remat
 
 
-def _rematted_block(remat: str | bool):
-    """`_block_without_cache` under the policy `remat` names, or None for "none"."""
-    name = check_remat(remat, "StarCoder.remat")
-    if name == "none":
+def _rematted_block(policy: str):
+    """`_block_without_cache` under a policy that reruns blocks, or None ("none"
+    and "elementwise" run blocks as they are)."""
+    if policy in ("none", "elementwise"):
         return None
-    if name == "full":
+    if policy == "full":
         return _block_recomputed
     # graph=False: in graph mode nnx.remat writes back to the caller's variables and refuses
     # those of another trace level (the frozen params of a split model: LoRA, train.frozen)

@@ -15,7 +15,7 @@ import re
 import yaml
 
 from starcoder_jax.config import check_quantization
-from starcoder_jax.model.modules import check_remat
+from starcoder_jax.model.modules import DEFAULT_REMAT, check_remat
 from starcoder_jax.training.data import DataConfig
 from starcoder_jax.training.losses import LOSS_CHUNK, check_loss_chunk
 
@@ -36,9 +36,12 @@ class ModelSection:
       of config.QUANTIZATION_MODES.
     compute_dtype: dtype of activations and matmuls; params stay float32.
     remat: what each block keeps for the backward pass (model.modules.REMAT_POLICIES):
-      "none" (everything), "full" (its input only: the backward pass reruns the
-      block) or "projections" (the dense projections' outputs: attention and
-      GELU are rerun); true / false (older configs) mean "full" / "none".
+      "none" (everything), "elementwise" (everything but GELU's and LayerNorm's
+      intermediates, recomputed from their inputs), "projections" (the dense
+      projections' outputs: attention and GELU are rerun), "full" (its input
+      only: the backward pass reruns the block); default "elementwise" (on
+      XLA:CPU also faster than "none"); true / false (older configs) mean
+      "full" / "none".
     """
 
     preset: str | None = None
@@ -46,7 +49,7 @@ class ModelSection:
     config: dict = dataclasses.field(default_factory=dict)
     quantize: str | None = None
     compute_dtype: str = "float32"
-    remat: str = "none"
+    remat: str = DEFAULT_REMAT
 
     def __post_init__(self):
         object.__setattr__(self, "remat", check_remat(self.remat, "model.remat"))

@@ -15,7 +15,7 @@ from flax import nnx
 from numerics import assert_close_in_any_order
 
 from starcoder_jax.config import StarCoderConfig
-from starcoder_jax.model.modules import REMAT_POLICIES, check_remat, init_model
+from starcoder_jax.model.modules import DEFAULT_REMAT, REMAT_POLICIES, check_remat, init_model
 from starcoder_jax.training import train
 from starcoder_jax.training.losses import chunked_nll, target_nll, token_nll_sum
 
@@ -130,9 +130,12 @@ def test_loss_chunk_setting_is_checked():
 
 def test_remat_names_and_the_booleans_of_older_configs():
     assert [train.parse_config({"model": {"remat": r}}).model.remat
-            for r in (True, False, "full", "none", "projections")] == ["full", "none", "full", "none", "projections"]
+            for r in (True, False, "full", "none", "projections", "elementwise")] == [
+        "full", "none", "full", "none", "projections", "elementwise"]
+    assert train.parse_config({}).model.remat == "elementwise" == DEFAULT_REMAT
     assert check_remat(True) == "full"
-    with pytest.raises(ValueError, match=r"model.remat must be one of none, full, projections .* got 'fast'"):
+    with pytest.raises(ValueError, match=r"model.remat must be one of none, elementwise, projections, full "
+                                         r".* got 'fast'"):
         train.parse_config({"model": {"remat": "fast"}})
     model = init_model(StarCoderConfig(**SHAPE))
     model.remat = "some"
@@ -174,12 +177,20 @@ def saved_residuals(policy: str) -> list[str]:
 
 
 def test_remat_policies_keep_what_they_say():
-    """none keeps attention's probabilities and the GELU's intermediates; full keeps
-    neither, nor any projection; projections keeps the outputs the backward pass
-    reads: q, k, v and attention out by their name (4 per block), fc's through
-    GELU's own checkpoint, which keeps its input (1 per block; proj's output is
-    never read), and recomputes attention and GELU."""
+    """none keeps attention's probabilities and GELU's and LayerNorm's float32
+    intermediates (five a GELU); elementwise keeps only their outputs (the next
+    product reads them: one a GELU, one a LayerNorm) and recomputes the rest;
+    full keeps nothing of a block, nor any projection; projections keeps the
+    outputs the backward pass reads: q, k, v and attention out by their name (4
+    per block), fc's through GELU's own checkpoint, which keeps its input (1 per
+    block; proj's output is never read), and recomputes attention and GELU. A
+    model keeps what elementwise keeps unless told otherwise."""
     kept = {policy: saved_residuals(policy) for policy in REMAT_POLICIES}
+    layers, norms = SHAPE["n_layer"], 2 * SHAPE["n_layer"] + 1
+
+    def count(policy, place):
+        return sum(place in line for line in kept[policy] if "from the argument" not in line)
+
     inside_blocks = ("attention.py", "MLP.__call__")
     assert any(place in line for line in kept["none"] for place in inside_blocks)
     assert not any(place in line for line in kept["full"] for place in inside_blocks)
@@ -187,8 +198,13 @@ def test_remat_policies_keep_what_they_say():
     assert sum("MLP.__call__" in line for line in kept["projections"]) == SHAPE["n_layer"]
     assert not any("named 'projection'" in line for line in kept["full"])
     assert sum("named 'projection'" in line for line in kept["projections"]) == 4 * SHAPE["n_layer"]
+    assert count("none", "MLP._gelu") >= 4 * layers and count("elementwise", "MLP._gelu") == layers
+    assert count("none", "LayerNorm._normalize") >= 3 * norms
+    assert count("elementwise", "LayerNorm._normalize") == norms
+    model = init_model(StarCoderConfig(**SHAPE, attention_impl="xla"))
+    assert model.remat == DEFAULT_REMAT == "elementwise"
     saved = {policy: residual_bytes(lines) for policy, lines in kept.items()}
-    assert saved["full"] < saved["projections"] < saved["none"], saved
+    assert saved["full"] < saved["projections"] < saved["elementwise"] < saved["none"], saved
 
 
 def residual_bytes(lines: list[str]) -> int:

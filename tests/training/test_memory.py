@@ -1,7 +1,8 @@
 """Training memory at 8192 tokens, from XLA's compiled memory analysis (compile only).
 
 The configuration: starcoderbase-1b width (D 2048, 16 heads of 128, multi-query,
-F 8192), 8192 positions, batch 1, T = 8192, float32, no remat; the gradient of
+F 8192), 8192 positions, batch 1, T = 8192, float32, the default remat
+("elementwise": GELU and LayerNorm recomputed); the gradient of
 a loss over the logits. With the reference attention (the [B, N, T, T] scores)
 one layer needed 16.5 GiB of temporaries and each further layer 13.4 GiB. The
 bounds: one layer at vocab 1024 <= 1.5 GiB (measured 1.39), each further layer
