@@ -33,7 +33,7 @@ def memory_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> list[float]
     """Read bandwidth of the default device's memory in bytes/s, one sample per
     run, read the way a decode step reads its weights: a matrix-vector
     product of one float32 row with a [8192, size / 32 KiB] matrix (host
-    memory on the CPU, where XLA splits it over every core; HBM on a GPU)."""
+    memory on the CPU, HBM on a GPU)."""
     k = 8192
     w = jnp.ones((k, max(1, size_bytes // (4 * k))), jnp.float32)
     x = jnp.ones((1, k), jnp.float32)
@@ -62,6 +62,7 @@ def host_reference_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5,
     parts = np.array_split(buf, threads)
     for part in parts:  # fault every page in before timing
         np.add.reduce(part)
+
     def read(part, start):
         start.wait()
         np.add.reduce(part)
