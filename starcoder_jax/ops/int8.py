@@ -18,11 +18,7 @@ The products (`int8_product`), each a named form that any backend can run:
   per row of x (XLA:CPU, up to ops.matmul.INT8_CPU_ROWS_MAX rows: 4 where the
   CPU has AVX512-BF16, 32 elsewhere);
 - "cpu_tiles": the same tiles converted to bfloat16 and one bfloat16
-  product with float32 sums per tile (XLA:CPU, more rows, where the CPU has
-  AVX512-BF16);
-- "cpu_tiles_f32": the same tiles converted to float32 and one float32
-  product per tile (XLA:CPU, more rows, on CPUs without AVX512-BF16, whose
-  bfloat16 products XLA:CPU runs several times slower than float32's);
+  product with float32 sums per tile (XLA:CPU, more rows);
 - "reduce": `sum(x * q) * scale` in float32 for one row, which XLA:GPU
   fuses into one pass over q;
 - "dot": `x @ q.astype(bfloat16).T * scale` as one expression (GPU with
@@ -50,7 +46,7 @@ import jax.numpy as jnp
 CPU_TILE_ROWS = 512  # output rows per converted tile (the largest divisor of the output size up to this)
 CPU_TILE_INPUTS = 2048  # inputs per converted tile (likewise)
 CPU_ROWS_ONE_BY_ONE = 4  # up to this many rows: a float32 matrix-vector product per row
-INT8_FORMS = ("cpu_rows", "cpu_tiles", "cpu_tiles_f32", "reduce", "dot")
+INT8_FORMS = ("cpu_rows", "cpu_tiles", "reduce", "dot")
 
 
 @jax.tree_util.register_dataclass
@@ -213,8 +209,8 @@ def int8_product(x: jax.Array, w: QuantizedWeight, form: str) -> jax.Array:
     """x [..., *in] @ dequantize(w) -> float32 [..., *out], computed by `form`
     (one of INT8_FORMS; every form reads either layout of w).
 
-    The CPU forms (cpu_rows, cpu_tiles, cpu_tiles_f32, reduce) round the
-    activations to bfloat16, so that every form computes the same sums. "dot", the accelerators' and
+    The CPU forms (cpu_rows, cpu_tiles, reduce) round the activations to
+    bfloat16, which XLA:CPU multiplies fastest. "dot", the accelerators' and
     training's form, multiplies in the activations' own dtype, as a float
     matmul does: bfloat16 activations give every form's result, float32 ones
     the dequantized product to float32 round-off."""
@@ -232,8 +228,6 @@ def int8_product(x: jax.Array, w: QuantizedWeight, form: str) -> jax.Array:
         y = _tiled(x2.astype(jnp.float32), q3, per_row=True)
     elif form == "cpu_tiles":
         y = _tiled(x2, q3, per_row=False)
-    elif form == "cpu_tiles_f32":
-        y = _tiled(x2.astype(jnp.float32), q3, per_row=False)
     elif form == "reduce":
         # one fused pass over q per row: each int8 weight read once, converted in registers
         xf = x2.astype(jnp.float32).reshape(m, c, 1, k)

@@ -11,8 +11,7 @@ float32 for a float kernel w [*in, *out] (or, with out_major, a table
 - "cpu": bfloat16 compute through `bfloat16_matmul` (its hand-written
   gradient; float32 compute is the plain dot), int8 weights through the
   CPU tile loop ("cpu_rows" up to INT8_CPU_ROWS_MAX rows: 4 on CPUs with
-  AVX512-BF16, 32 elsewhere; above, "cpu_tiles" with AVX512-BF16,
-  "cpu_tiles_f32" without), 4-bit
+  AVX512-BF16, 32 elsewhere; "cpu_tiles" above), 4-bit
   weights through the native kernel ("native", ops.native: int4 always,
   nf4 up to NF4_NATIVE_MAX_ROWS rows) or their tile loop ("cpu": nf4 above
   that, and both where the kernel cannot be built);
@@ -45,9 +44,7 @@ NF4_NATIVE_MAX_ROWS = 64
 # the bfloat16 tile products ("cpu_tiles"), which only CPUs with AVX512-BF16 run fast:
 # there the tiles won from 8 rows on; on an AVX2-only EPYC (one 2048 x 8192 weight,
 # ms, cpu_rows / cpu_tiles) 1 row 1.7 / 25.5, 8 rows 5.6 / 31.8, 16 rows 8.2 / 22.1,
-# 32 rows 14.1 / 30.3 (BENCHMARKS.md, "int8 product forms"). Past them such CPUs take
-# float32 tiles ("cpu_tiles_f32"): 512 rows 127.0 ms against the bfloat16 tiles' 222.3
-# (float32 x @ w: 125.2), 64 rows 23.5 / 50.0.
+# 32 rows 14.1 / 30.3 (BENCHMARKS.md, "int8 product forms").
 INT8_CPU_ROWS_MAX = {True: CPU_ROWS_ONE_BY_ONE, False: 32}
 
 
@@ -125,10 +122,7 @@ def _matrix(w: jax.Array, in_shape, out_major: bool) -> jax.Array:
 def _int8_form(form: str, rows: int) -> str:
     """The ops.int8 form of a resolved matmul form for a product of `rows` rows."""
     if form == "cpu":
-        bf16 = cpu_has_bfloat16()
-        if rows <= INT8_CPU_ROWS_MAX[bf16]:
-            return "cpu_rows"
-        return "cpu_tiles" if bf16 else "cpu_tiles_f32"
+        return "cpu_rows" if rows <= INT8_CPU_ROWS_MAX[cpu_has_bfloat16()] else "cpu_tiles"
     return "reduce" if rows == 1 and on_gpu() else "dot"
 
 
