@@ -29,7 +29,6 @@ It is not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -67,21 +66,28 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return done
 
 
+def source_tree(cache: Path, version: str) -> Path:
+    """The vendored llama.cpp tree of the sdist in cache: downloaded from PyPI and
+    unpacked the first time."""
+    src = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    if (src / "convert_hf_to_gguf.py").exists():
+        return src
+    cache.mkdir(parents=True, exist_ok=True)
+    archive = cache / f"llama_cpp_python-{version}.tar.gz"
+    if not archive.exists():
+        log(f"downloading the {SDIST} {version} sdist from PyPI")
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"{SDIST}=={version}", "-d", str(cache)])
+    with tarfile.open(archive) as tar:
+        tar.extractall(cache, filter="data")
+    return src
+
+
 def build_llamacpp(cache: Path, version: str) -> tuple[Path, Path, Path]:
     """(llama-bench, llama-quantize, source tree) built from the sdist into cache."""
-    cache.mkdir(parents=True, exist_ok=True)
-    src = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    src = source_tree(cache, version)
     bindir = src / "build" / "bin"
     if not (bindir / "llama-bench").exists():
-        archives = glob.glob(str(cache / f"llama_cpp_python-{version}.tar.gz"))
-        if not archives:
-            log(f"downloading the {SDIST} {version} sdist from PyPI")
-            run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                 f"{SDIST}=={version}", "-d", str(cache)])
-            archives = glob.glob(str(cache / f"llama_cpp_python-{version}.tar.gz"))
-        if not src.exists():
-            with tarfile.open(archives[0]) as tar:
-                tar.extractall(cache, filter="data")
         log(f"building llama-bench and llama-quantize in {src / 'build'} (minutes)")
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         run(["cmake", "-S", str(src), "-B", str(src / "build"), *generator, "-DCMAKE_BUILD_TYPE=Release",
@@ -90,18 +96,6 @@ def build_llamacpp(cache: Path, version: str) -> tuple[Path, Path, Path]:
         run(["cmake", "--build", str(src / "build"), "--target", "llama-bench", "llama-quantize",
              "-j", str(os.cpu_count())])
     return bindir / "llama-bench", bindir / "llama-quantize", src
-
-
-def converter_tree(cache: Path, version: str) -> Path:
-    """The llama.cpp tree holding convert_hf_to_gguf.py (unpacked from the sdist if needed)."""
-    src = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-    if not (src / "convert_hf_to_gguf.py").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             f"{SDIST}=={version}", "-d", str(cache)])
-        with tarfile.open(cache / f"llama_cpp_python-{version}.tar.gz") as tar:
-            tar.extractall(cache, filter="data")
-    return src
 
 
 def make_ggufs(model, work: Path, tokenizer: str, src: Path, quantize_bin: Path) -> dict[str, Path]:
@@ -165,7 +159,7 @@ def main() -> int:
         if not args.llama_quantize:
             raise SystemExit("--llama-bench needs --llama-quantize too")
         bench_bin, quantize_bin = Path(args.llama_bench), Path(args.llama_quantize)
-        src = converter_tree(cache, args.sdist_version)
+        src = source_tree(cache, args.sdist_version)
     else:
         bench_bin, quantize_bin, src = build_llamacpp(cache, args.sdist_version)
 
@@ -182,6 +176,7 @@ def main() -> int:
     models = {v: model if v == "none" else nnx.clone(model).quantize_(v) for v, _ in pairs}
     bandwidth = bench.memory_bandwidth() + bench.host_reference_bandwidth()
     rows: dict[str, dict[str, list[float]]] = {v: {} for v, _ in pairs}
+    step_bytes = {}  # ours: bytes a decode step reads (weights and the whole static cache)
     for r in range(args.rounds):
         for v, fmt in pairs:
             mine = ours(models[v], args)
@@ -191,7 +186,7 @@ def main() -> int:
             for key in ("prefill", "decode_b1"):
                 rows[v].setdefault(f"ours_{key}", []).append(mine[key])
                 rows[v].setdefault(f"llamacpp_{key}", []).append(theirs[key])
-            rows[v]["bytes_per_step"] = [mine["bytes_per_step"]]
+            step_bytes[v] = mine["bytes_per_step"]
     bandwidth += bench.memory_bandwidth() + bench.host_reference_bandwidth()
     limit = max(bandwidth)
 
@@ -208,12 +203,13 @@ def main() -> int:
             row = f"{label}, {fmt} / {OURS_NAME[v]}"
             line = f"{row:32s} {theirs_m:10.2f} {ours_m:10.2f} {ours_m / theirs_m:6.2f}x"
             if key == "decode_b1":
-                line += f" {100 * ours_m * rows[v]['bytes_per_step'][0] / limit:15.0f}%"
+                line += f" {100 * ours_m * step_bytes[v] / limit:15.0f}%"
             print(line)
             summary[f"{key}_{v}"] = {"llamacpp": theirs_m, "ours": ours_m, "ratio": ours_m / theirs_m}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": name, "threads": args.threads, "cpu": cpu, "rounds": rows, "medians": summary,
+                       "bytes_per_step": step_bytes,
                        "bandwidth_samples": bandwidth, "host": platform.node()}, f, indent=2)
     return 0
 

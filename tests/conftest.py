@@ -150,9 +150,10 @@ def pytest_sessionfinish(session, exitstatus):
 # A test whose pytest-xdist worker dies (a fatal signal in native code, with
 # faulthandler's stacks printed above the summary) runs once more in a fresh
 # worker; a second death fails it. Each rerun is listed at the end of the run.
-# The crashes this answers: rare segmentation faults inside jaxlib while the
-# persistent compilation cache serializes an executable, each in a different
-# test, none repeating on a rerun.
+# The crashes this answers: segmentation faults inside jaxlib's executable
+# serialization while the persistent compilation cache writes an entry, in the
+# full run only (twice in the held-out-loss test of tests/ops/test_int4.py,
+# once in tests/model/test_decode_head.py), none repeating on a rerun.
 CRASH_RERUNS = 1
 _CRASHES = defaultdict(int)  # test id -> worker deaths
 
